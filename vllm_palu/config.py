@@ -1,0 +1,122 @@
+"""The ``palu`` section of a converted checkpoint's config.json.
+
+A Palu checkpoint is the base model's HF checkpoint with, in every layer, ``k_proj`` and ``v_proj`` replaced by a
+down-projection (hidden -> latent, the part that is cached) and a per-group up-projection (latent -> the group's
+heads). This module only describes that format; it imports neither vLLM nor transformers, so the serving plugin,
+the converter and the GPU benchmarks can all read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from vllm_palu.errors import PaluError
+
+FORMAT_VERSION = 1
+
+# Base architecture -> the architecture name a converted checkpoint carries.
+PALU_ARCHITECTURES = {
+    "LlamaForCausalLM": "PaluLlamaForCausalLM",
+    "MistralForCausalLM": "PaluMistralForCausalLM",
+    "Qwen2ForCausalLM": "PaluQwen2ForCausalLM",
+}
+BASE_ARCHITECTURES = {palu: base for base, palu in PALU_ARCHITECTURES.items()}
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass
+class PaluConfig:
+    """Per-layer latent layout of a Palu checkpoint.
+
+    ``k_ranks[i]`` / ``v_ranks[i]`` are the latent widths of *each group* of layer ``i``; a layer caches
+    ``num_groups * (k_ranks[i] + v_ranks[i])`` values per token. All groups of a layer share one rank, which is
+    what the paged kernels need.
+    """
+
+    base_architecture: str
+    num_kv_heads: int
+    head_dim: int
+    group_size: int  # KV heads per latent group
+    k_ranks: list[int]
+    v_ranks: list[int]
+    latent_dtype: str = "bfloat16"
+    format_version: int = FORMAT_VERSION
+    # How the ranks were obtained (decomposition, allocation, kv_ratio, k_fraction, rank_multiple).
+    method: dict[str, Any] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    # Per-layer relative reconstruction error of k_proj / v_proj on the calibration activations.
+    reconstruction_error: dict[str, list[float]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_kv_heads // self.group_size
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k_ranks)
+
+    @property
+    def group_width(self) -> int:
+        """Output width of one group's up-projection (its heads' K or V dims): the largest useful rank."""
+        return self.group_size * self.head_dim
+
+    def latent_width(self, layer: int) -> int:
+        return self.num_groups * (self.k_ranks[layer] + self.v_ranks[layer])
+
+    def dense_kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        return self.num_layers * 2 * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    def latent_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
+        per_value = DTYPE_BYTES[self.latent_dtype] if dtype_bytes is None else dtype_bytes
+        return sum(self.latent_width(i) for i in range(self.num_layers)) * per_value
+
+    @property
+    def kv_ratio(self) -> float:
+        """Kept latent width / original K+V width, over all layers."""
+        kept = sum(self.latent_width(i) for i in range(self.num_layers))
+        return kept / (self.num_layers * 2 * self.num_kv_heads * self.head_dim)
+
+    def validate(self) -> None:
+        if self.format_version != FORMAT_VERSION:
+            raise PaluError(f"unsupported palu format_version {self.format_version} (this build reads {FORMAT_VERSION})")
+        if self.base_architecture not in PALU_ARCHITECTURES:
+            raise PaluError(f"unsupported base architecture {self.base_architecture!r}; "
+                            f"supported: {', '.join(PALU_ARCHITECTURES)}")
+        if self.group_size < 1 or self.num_kv_heads % self.group_size:
+            raise PaluError(f"group_size {self.group_size} must divide num_kv_heads {self.num_kv_heads}")
+        if len(self.k_ranks) != len(self.v_ranks) or not self.k_ranks:
+            raise PaluError(f"k_ranks ({len(self.k_ranks)}) and v_ranks ({len(self.v_ranks)}) "
+                            "must list one rank per layer")
+        for name, ranks in (("k", self.k_ranks), ("v", self.v_ranks)):
+            for layer, rank in enumerate(ranks):
+                if not 1 <= rank <= self.group_width:
+                    raise PaluError(f"layer {layer}: {name} rank {rank} outside [1, {self.group_width}]")
+        if self.latent_dtype not in DTYPE_BYTES:
+            raise PaluError(f"unsupported latent_dtype {self.latent_dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, section: dict[str, Any]) -> "PaluConfig":
+        try:
+            return cls(**section)
+        except TypeError as error:
+            raise PaluError(f"malformed palu config section: {error}") from None
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> "PaluConfig":
+        """Read the ``palu`` section of a config.json dict; PaluError if the checkpoint is not a Palu one."""
+        if "palu" not in config:
+            raise PaluError("not a Palu checkpoint: config.json has no 'palu' section "
+                            "(convert it with `python -m vllm_palu.convert`)")
+        return cls.from_dict(config["palu"])
+
+
+def is_palu_config(config: dict[str, Any]) -> bool:
+    return "palu" in config

@@ -1,0 +1,60 @@
+"""``python -m vllm_palu.convert``: convert an HF checkpoint into a Palu checkpoint for vLLM."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from vllm_palu.errors import PaluError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from vllm_palu.offline.converter import DEFAULT_K_FRACTION
+
+    parser = argparse.ArgumentParser(
+        prog="python -m vllm_palu.convert",
+        description="Factorize k_proj/v_proj per group of KV heads (whitened SVD) so that vLLM caches latents.")
+    parser.add_argument("--model", required=True,
+                        help="HF checkpoint directory (Llama, Mistral, Qwen2) or 'smollm2-135m' (embedded)")
+    parser.add_argument("--output", required=True, type=Path, help="output directory (written atomically)")
+    parser.add_argument("--kv-ratio", type=float, default=0.5,
+                        help="kept latent width / original K+V width, in (0, 1] (default 0.5)")
+    parser.add_argument("--k-fraction", type=float, default=DEFAULT_K_FRACTION,
+                        help=f"share of the latent budget given to keys (default {DEFAULT_K_FRACTION})")
+    parser.add_argument("--group-size", default="all",
+                        help="KV heads per latent group: 1 = per head, 'all' = joint (default); must divide "
+                             "the KV heads")
+    parser.add_argument("--rank-multiple", type=int, default=8, help="round ranks to this multiple (default 8)")
+    parser.add_argument("--rank-alloc", default="uniform", help="rank allocation strategy (default uniform)")
+    parser.add_argument("--decomposition", default="whitened_svd", help="whitened_svd (default) or svd")
+    parser.add_argument("--calib", help="plain-text calibration file (default: text sampled from the model)")
+    parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
+    parser.add_argument("--calib-seq-len", type=int, default=512, help="tokens per window (default 512)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] for calibration and SVD")
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from vllm_palu.offline.converter import ConvertOptions, convert
+
+    options = ConvertOptions(**{k: v for k, v in vars(args).items()})
+    try:
+        output = convert(options)
+    except PaluError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print((output / "PALU_SUMMARY.md").read_text())
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Uniform allocation: every layer gets the same K and V ranks."""
+
+from __future__ import annotations
+
+from vllm_palu.offline.allocation.base import LayerLayout, RankAllocation, RankBudget, round_rank, split_budget
+
+
+class UniformAllocation(RankAllocation):
+    name = "uniform"
+
+    def allocate(self, layout: LayerLayout, budget: RankBudget) -> tuple[list[int], list[int]]:
+        full = layout.group_width
+        k_width, v_width = split_budget(budget.kv_ratio * 2 * full, budget.k_fraction, full)
+        k_rank = round_rank(k_width, budget.multiple, full)
+        v_rank = round_rank(v_width, budget.multiple, full)
+        return [k_rank] * layout.num_layers, [v_rank] * layout.num_layers

@@ -1,0 +1,53 @@
+"""The factorized projection that replaces ``k_proj`` / ``v_proj`` in a Palu model.
+
+    latent = down(x)                                  hidden -> num_groups * rank   (what serving caches)
+    out[g] = up.weight[g] @ latent[g] (+ bias[g])     rank -> group_size * head_dim, per group
+
+The state-dict names (``down.weight``, ``up.weight``, ``up.bias``) are the checkpoint format.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+class GroupedUpProjection(nn.Module):
+    """Block-diagonal latent -> heads projection: one ``[group_width, rank]`` matrix per group."""
+
+    def __init__(self, num_groups: int, rank: int, group_width: int, bias: bool,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        self.num_groups, self.rank, self.group_width = num_groups, rank, group_width
+        self.weight = nn.Parameter(torch.empty(num_groups, group_width, rank, dtype=dtype, device=device))
+        self.bias = (nn.Parameter(torch.zeros(num_groups * group_width, dtype=dtype, device=device))
+                     if bias else None)
+
+    def forward(self, latent: torch.Tensor) -> torch.Tensor:
+        grouped = latent.unflatten(-1, (self.num_groups, self.rank))
+        out = torch.einsum("...gr,gor->...go", grouped, self.weight).flatten(-2)
+        return out if self.bias is None else out + self.bias
+
+
+class LowRankProjection(nn.Module):
+    """Drop-in replacement for an ``nn.Linear`` k/v projection, factorized per group of KV heads."""
+
+    def __init__(self, in_features: int, num_groups: int, rank: int, group_width: int, bias: bool,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None):
+        super().__init__()
+        self.down = nn.Linear(in_features, num_groups * rank, bias=False, dtype=dtype, device=device)
+        self.up = GroupedUpProjection(num_groups, rank, group_width, bias, dtype=dtype, device=device)
+        # Applied to the latent before reconstruction; the seam where latent quantization is simulated.
+        self.latent_hook: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @property
+    def rank(self) -> int:
+        return self.up.rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        latent = self.down(x)
+        if self.latent_hook is not None:
+            latent = self.latent_hook(latent)
+        return self.up(latent)
