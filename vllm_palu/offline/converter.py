@@ -113,9 +113,13 @@ def convert(options: ConvertOptions) -> Path:
                     "kv_ratio": options.kv_ratio, "k_fraction": options.k_fraction,
                     "rank_multiple": options.rank_multiple},
             calibration=calib.describe(options.seed), reconstruction_error=errors)
-        model.config.architectures = [PALU_ARCHITECTURES[architecture]]
-        model.config.palu = palu.to_dict()
         model.to(save_dtype).save_pretrained(staging)
+        # save_pretrained names the architecture after the Python class: rename it and add the palu section.
+        config_file = staging / "config.json"
+        saved = json.loads(config_file.read_text())
+        saved["architectures"] = [PALU_ARCHITECTURES[architecture]]
+        saved["palu"] = palu.to_dict()
+        config_file.write_text(json.dumps(saved, indent=2) + "\n")
         copy_auxiliary_files(source, staging)
         (staging / SUMMARY_FILE).write_text(summary(palu, source, time.monotonic() - started))
     return output

@@ -47,7 +47,7 @@ class RankAllocation(ABC):
 
 def round_rank(rank: float, multiple: int, full: int) -> int:
     """Nearest multiple of ``multiple`` in ``[multiple, full]`` (``full`` itself when it is smaller)."""
-    rounded = int(round(rank / multiple)) * multiple
+    rounded = int(rank / multiple + 0.5) * multiple  # half up, not to even
     return max(min(multiple, full), min(rounded, full))
 
 

@@ -10,7 +10,9 @@ class UniformAllocation(RankAllocation):
 
     def allocate(self, layout: LayerLayout, budget: RankBudget) -> tuple[list[int], list[int]]:
         full = layout.group_width
-        k_width, v_width = split_budget(budget.kv_ratio * 2 * full, budget.k_fraction, full)
+        total = budget.kv_ratio * 2 * full
+        k_width, _ = split_budget(total, budget.k_fraction, full)
         k_rank = round_rank(k_width, budget.multiple, full)
-        v_rank = round_rank(v_width, budget.multiple, full)
+        # V takes what rounding K left, so rounding errors do not add up.
+        v_rank = round_rank(min(total - k_rank, full), budget.multiple, full)
         return [k_rank] * layout.num_layers, [v_rank] * layout.num_layers

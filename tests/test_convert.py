@@ -1,0 +1,99 @@
+"""The converter on tiny real checkpoints: exactness at full rank, error vs ratio, the checkpoint format, the CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from helpers import convert_tiny, logits, relative_error
+from tiny_models import ARCHITECTURES
+from vllm_palu.config import PaluConfig
+from vllm_palu.offline.checkpoint import load_dense_model, load_palu_model
+
+
+@pytest.mark.parametrize("group_size", ["1", "all"])
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_full_rank_reproduces_original_logits(tiny_checkpoints, calib_file, tmp_path, arch, group_size):
+    source = tiny_checkpoints[arch]
+    output = convert_tiny(source, tmp_path / "palu", calib_file, kv_ratio=1.0, group_size=group_size)
+    ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(1))
+    dense, palu = load_dense_model(source), load_palu_model(output)
+    assert relative_error(logits(palu, ids), logits(dense, ids)) < 1e-4
+    config = PaluConfig.from_hf_config(json.loads((output / "config.json").read_text()))
+    assert config.kv_ratio == 1.0
+    assert max(config.reconstruction_error["k"] + config.reconstruction_error["v"]) < 1e-6
+
+
+def test_lossy_conversion_changes_logits(tiny_llama, calib_file, tmp_path):
+    """Canary for the test above: a reduced rank must not reproduce the logits."""
+    output = convert_tiny(tiny_llama, tmp_path / "palu", calib_file, kv_ratio=0.25)
+    ids = torch.randint(0, 300, (1, 32), generator=torch.Generator().manual_seed(1))
+    assert relative_error(logits(load_palu_model(output), ids), logits(load_dense_model(tiny_llama), ids)) > 1e-3
+
+
+def test_reconstruction_error_falls_as_ratio_rises(tiny_llama, calib_file, tmp_path):
+    means = []
+    for ratio in (0.25, 0.5, 0.75, 1.0):
+        output = convert_tiny(tiny_llama, tmp_path / f"palu-{ratio}", calib_file, kv_ratio=ratio, group_size="1")
+        config = PaluConfig.from_hf_config(json.loads((output / "config.json").read_text()))
+        errors = config.reconstruction_error["k"] + config.reconstruction_error["v"]
+        means.append(sum(errors) / len(errors))
+    assert means == sorted(means, reverse=True) and means[0] > means[-1] + 0.05
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_config_ranks_match_weight_shapes(tiny_checkpoints, calib_file, tmp_path, arch):
+    output = convert_tiny(tiny_checkpoints[arch], tmp_path / "palu", calib_file, kv_ratio=0.5, k_fraction=0.25,
+                          group_size="1")
+    config_json = json.loads((output / "config.json").read_text())
+    config = PaluConfig.from_hf_config(config_json)
+    assert config_json["architectures"] == [f"Palu{ARCHITECTURES[arch][1]}"]
+    assert config.num_groups == 2 and config.group_width == 16
+    assert config.k_ranks == [8, 8] and config.v_ranks == [8, 8]
+    with safe_open(str(output / "model.safetensors"), framework="pt") as weights:
+        names = set(weights.keys())
+        for layer in range(2):
+            prefix = f"model.layers.{layer}.self_attn"
+            for kind, rank in (("k", config.k_ranks[layer]), ("v", config.v_ranks[layer])):
+                assert weights.get_slice(f"{prefix}.{kind}_proj.down.weight").get_shape() == [2 * rank, 64]
+                assert weights.get_slice(f"{prefix}.{kind}_proj.up.weight").get_shape() == [2, 16, rank]
+                assert (f"{prefix}.{kind}_proj.up.bias" in names) == (arch == "qwen2")
+            assert f"{prefix}.k_proj.weight" not in names and f"{prefix}.q_proj.weight" in names
+
+
+def test_untouched_weights_are_bit_identical(tiny_llama, calib_file, tmp_path):
+    output = convert_tiny(tiny_llama, tmp_path / "palu", calib_file)
+    with safe_open(str(tiny_llama / "model.safetensors"), framework="pt") as dense, \
+            safe_open(str(output / "model.safetensors"), framework="pt") as palu:
+        shared = [k for k in dense.keys() if ".k_proj." not in k and ".v_proj." not in k]
+        assert shared and all(torch.equal(dense.get_tensor(k), palu.get_tensor(k)) for k in shared)
+
+
+def test_self_generated_calibration_is_deterministic(tiny_llama, tmp_path):
+    configs = []
+    for run in range(2):
+        output = convert_tiny(tiny_llama, tmp_path / f"palu-{run}", calib=None, seed=7)
+        configs.append(json.loads((output / "config.json").read_text())["palu"])
+    assert configs[0]["calibration"]["source"] == "self-generated"
+    assert configs[0]["reconstruction_error"] == configs[1]["reconstruction_error"]
+
+
+def test_cli_end_to_end(tiny_llama, calib_file, tmp_path):
+    output = tmp_path / "palu-cli"
+    result = subprocess.run(
+        [sys.executable, "-m", "vllm_palu.convert", "--model", str(tiny_llama), "--output", str(output),
+         "--kv-ratio", "0.5", "--group-size", "1", "--calib", str(calib_file), "--calib-samples", "4",
+         "--calib-seq-len", "32"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Palu latents" in result.stdout and f"wrote {output}" in result.stdout
+    names = {p.name for p in output.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "PALU_SUMMARY.md"} <= names
+    assert [p.name for p in tmp_path.iterdir()] == ["palu-cli"]  # no staging directory left behind
+    config = json.loads((output / "config.json").read_text())
+    assert config["palu"]["calibration"] == {"source": str(calib_file), "samples": 4, "seq_len": 32, "seed": 0,
+                                             "tokens": 128}

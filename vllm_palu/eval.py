@@ -1,0 +1,88 @@
+"""``python -m vllm_palu.eval ppl``: perplexity of dense and Palu checkpoints, with simulated dense KV quantization
+baselines, as a table (and optionally JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from vllm_palu.errors import PaluError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m vllm_palu.eval")
+    commands = parser.add_subparsers(dest="command", required=True)
+    ppl = commands.add_parser("ppl", help="token-level perplexity over non-overlapping windows")
+    ppl.add_argument("--model", action="append", required=True,
+                     help="HF or Palu checkpoint directory, or 'smollm2-135m' (repeat to compare models)")
+    ppl.add_argument("--data", required=True, help="plain-text evaluation file")
+    ppl.add_argument("--seq-len", type=int, default=1024)
+    ppl.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens of the text")
+    ppl.add_argument("--kv-quant", default="none",
+                     help="comma list of simulated dense K/V quantizations: none,int8,int4,int3,int2,fp8 "
+                          "(applied to dense models only)")
+    ppl.add_argument("--device", default="cpu")
+    ppl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ppl.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
+    return parser
+
+
+def run_ppl(args: argparse.Namespace) -> list[dict]:
+    import torch
+    from transformers import AutoTokenizer
+
+    from vllm_palu.config import DTYPE_BYTES, PaluConfig
+    from vllm_palu.offline.checkpoint import load_model, read_config
+    from vllm_palu.offline.converter import resolve_device
+    from vllm_palu.offline.kv_quant import bytes_vs_bf16, set_kv_quant
+    from vllm_palu.offline.perplexity import perplexity, tokenize_file
+    from vllm_palu.offline.smollm2 import resolve_model
+
+    modes = [mode.strip() for mode in args.kv_quant.split(",") if mode.strip()]
+    device = resolve_device(args.device)
+    rows = []
+    for name in args.model:
+        path = resolve_model(name)
+        config = read_config(path)
+        model = load_model(path, getattr(torch, args.dtype))
+        ids = tokenize_file(AutoTokenizer.from_pretrained(path), args.data, args.max_tokens)
+        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+        if "palu" in config:
+            palu = PaluConfig.from_hf_config(config)
+            variants = [("none", palu.kv_ratio * DTYPE_BYTES[palu.latent_dtype] / 2)]
+        else:
+            variants = [(mode, bytes_vs_bf16(mode, head_dim)) for mode in modes]
+        for mode, kv_bytes in variants:
+            set_kv_quant(model, mode)
+            result = perplexity(model, ids, args.seq_len, device, desc=f"{path.name} kv={mode}")
+            rows.append({"model": str(path), "kv_quant": mode, "kv_bytes_vs_bf16": round(kv_bytes, 4),
+                         "ppl": round(result.ppl, 3), "scored_tokens": result.scored_tokens,
+                         "windows": result.windows, "seq_len": args.seq_len})
+        del model
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = ["| model | kv quant | KV bytes vs bf16 | ppl | tokens scored |", "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['kv_quant']} | {r['kv_bytes_vs_bf16']:.3f} | {r['ppl']:.2f} | "
+              f"{r['scored_tokens']} |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        rows = run_ppl(args)
+    except PaluError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
