@@ -1,0 +1,86 @@
+"""Perplexity and the simulated dense KV-quantization baselines."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from helpers import convert_tiny
+from vllm_palu.offline.checkpoint import load_dense_model
+from vllm_palu.offline.kv_quant import bytes_vs_bf16, fake_quant, set_kv_quant
+from vllm_palu.offline.perplexity import perplexity, tokenize_file
+
+
+def test_perplexity_matches_transformers_loss(tiny_llama, calib_file):
+    model = load_dense_model(tiny_llama)
+    ids = tokenize_file(AutoTokenizer.from_pretrained(tiny_llama), calib_file, max_tokens=128)
+    result = perplexity(model, ids, seq_len=64)
+    with torch.no_grad():
+        losses = [float(model(ids[i * 64:(i + 1) * 64][None], labels=ids[i * 64:(i + 1) * 64][None]).loss)
+                  for i in range(2)]
+    assert result.windows == 2 and result.scored_tokens == 126
+    assert result.ppl == pytest.approx(math.exp(sum(losses) / 2), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode, max_error", [("int8", 0.01), ("fp8", 0.07), ("int4", 0.15), ("int2", 0.7)])
+def test_fake_quant_error_per_vector(mode, max_error):
+    x = torch.randn(64, 8, 64, generator=torch.Generator().manual_seed(0))
+    error = float(((fake_quant(x, mode) - x).norm(dim=-1) / x.norm(dim=-1)).max())
+    assert 0 < error < max_error
+
+
+def test_quantized_values_lie_on_the_grid():
+    x = torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    assert all(len(torch.unique(row)) <= 16 for row in fake_quant(x, "int4"))
+
+
+def test_bytes_include_scales():
+    assert bytes_vs_bf16("int8", 64) == pytest.approx(0.53125)
+    assert bytes_vs_bf16("int4", 64) == pytest.approx(0.28125)
+    assert bytes_vs_bf16("fp8", 64) == pytest.approx(0.515625)
+
+
+def test_kv_quant_changes_attention(tiny_llama):
+    model = load_dense_model(tiny_llama)
+    ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids).logits
+        set_kv_quant(model, "int8")
+        int8 = model(ids).logits
+        set_kv_quant(model, "int2")
+        int2 = model(ids).logits
+        set_kv_quant(model, "none")
+        again = model(ids).logits
+    assert torch.allclose(again, reference, atol=1e-5)
+    error8, error2 = float((int8 - reference).norm()), float((int2 - reference).norm())
+    assert 0 < error8 < error2
+
+
+def test_ppl_cli(tiny_llama, calib_file, tmp_path):
+    palu = convert_tiny(tiny_llama, tmp_path / "palu", calib_file, kv_ratio=0.5)
+    out = tmp_path / "ppl.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "vllm_palu.eval", "ppl", "--model", str(tiny_llama), "--model", str(palu),
+         "--data", str(calib_file), "--seq-len", "64", "--max-tokens", "256", "--kv-quant", "none,int4",
+         "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    # head_dim 16: int4 = (16*4 + 32 scale bits) / (16*16); the tiny checkpoint is fp32, so are its latents.
+    assert [(r["kv_quant"], r["kv_bytes_vs_bf16"]) for r in rows] == [("none", 1.0), ("int4", 0.375),
+                                                                      ("none", 1.0)]
+    assert all(r["windows"] == 4 and r["ppl"] > 1 for r in rows)
+    assert "| kv quant |" in result.stdout and str(palu) in result.stdout
+
+
+def test_ppl_cli_text_too_short(tiny_llama, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words")
+    result = subprocess.run([sys.executable, "-m", "vllm_palu.eval", "ppl", "--model", str(tiny_llama),
+                             "--data", str(short), "--seq-len", "64"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "evaluation text too short" in result.stderr.strip().splitlines()[-1]
