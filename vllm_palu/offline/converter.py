@@ -21,7 +21,7 @@ from vllm_palu.offline.lowrank import LowRankProjection
 from vllm_palu.offline.smollm2 import resolve_model
 
 # Share of the latent budget given to keys. Keys compress better than values (docs/RESULTS.md, k-fraction sweep).
-DEFAULT_K_FRACTION = 0.375
+DEFAULT_K_FRACTION = 0.3125
 SUMMARY_FILE = "PALU_SUMMARY.md"
 
 

