@@ -16,12 +16,15 @@ _registered = False
 def register() -> None:
     """vLLM general-plugin entry point (group ``vllm.general_plugins``, name ``palu``).
 
-    Idempotent and free of CUDA initialisation. The Palu model classes and the ``PALU`` attention backend are
-    registered here once they exist (serving issue); for now it only announces the plugin.
+    Idempotent and free of CUDA initialisation: registers the Palu model architectures, the ``PALU`` attention
+    backend and the start-up checks (see :mod:`vllm_palu.plugin`).
     """
     global _registered
     if _registered:
         return
+    from vllm_palu.plugin import register_all
+
+    register_all()
     _registered = True
     logger.info("vllm-palu %s plugin registered", __version__)
 

@@ -41,6 +41,7 @@ class PaluConfig:
     group_size: int  # KV heads per latent group
     k_ranks: list[int]
     v_ranks: list[int]
+    kv_bias: bool = False  # q/k/v projections carry biases (Qwen2); k/v biases live on the up-projections
     latent_dtype: str = "bfloat16"
     format_version: int = FORMAT_VERSION
     # How the ranks were obtained (decomposition, allocation, kv_ratio, k_fraction, rank_multiple).

@@ -123,11 +123,10 @@ def load_palu_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     for file in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
             tensors.update({k: handle.get_tensor(k) for k in handle.keys() if _is_kv_key(k)})
-    bias = bool(getattr(hf_config, "attention_bias", False)) or palu.base_architecture == "Qwen2ForCausalLM"
     for index, layer in enumerate(layers):
         for kind, rank in (("k", palu.k_ranks[index]), ("v", palu.v_ranks[index])):
             dense = getattr(layer.self_attn, f"{kind}_proj")
-            projection = LowRankProjection(dense.in_features, palu.num_groups, rank, palu.group_width, bias,
+            projection = LowRankProjection(dense.in_features, palu.num_groups, rank, palu.group_width, palu.kv_bias,
                                            dtype=dtype)
             prefix = f"{LAYER_PREFIX}.{index}.self_attn.{kind}_proj."
             for name, param in projection.named_parameters():

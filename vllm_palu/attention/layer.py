@@ -1,0 +1,48 @@
+"""The attention layer of a Palu model inside vLLM: it owns the key up-projection and the rotary tables the
+backend needs, and declares a KV-cache spec whose page holds ``rank_k + rank_v`` values per group and token."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from vllm.config import VllmConfig
+from vllm.model_executor.layers.attention.attention import Attention, unified_attention_with_output
+from vllm.utils.torch_utils import _encode_layer_name
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
+
+from vllm_palu.attention.backend import PaluAttentionBackend
+
+
+class PaluAttentionLayer(Attention):
+    """``forward(query [T, H*head_dim] rotated, k_latent [T, G*rank_k], v_latent [T, G*rank_v])``
+    -> ``[T, H*rank_v]``: each head's attention output in its group's V-latent space."""
+
+    def __init__(self, num_heads: int, head_dim: int, num_groups: int, group_size: int, rank_k: int, rank_v: int,
+                 rotary_emb: nn.Module, key_bias: bool, cache_config, prefix: str) -> None:
+        # num_kv_heads = latent groups: vLLM allocates one cache slot per group, of width rank_k + rank_v.
+        super().__init__(num_heads, head_dim, head_dim ** -0.5, num_kv_heads=num_groups, cache_config=cache_config,
+                         prefix=prefix, attn_backend=PaluAttentionBackend, head_size_v=rank_v)
+        self.num_groups, self.group_size, self.rank_k, self.rank_v = num_groups, group_size, rank_k, rank_v
+        self.rotary_emb = rotary_emb
+        group_width = group_size * head_dim
+        self.k_up = nn.Parameter(torch.empty(num_groups, group_width, rank_k), requires_grad=False)
+        self.k_up_bias = (nn.Parameter(torch.empty(num_groups * group_width), requires_grad=False)
+                          if key_bias else None)
+
+    def get_kv_cache_spec(self, vllm_config: VllmConfig) -> KVCacheSpec:
+        return FullAttentionSpec(block_size=vllm_config.cache_config.block_size, num_kv_heads=self.num_kv_heads,
+                                 head_size=self.rank_k, head_size_v=self.rank_v, dtype=self.kv_cache_torch_dtype)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,  # type: ignore[override]
+                output_shape: torch.Size | None = None, output_dtype: torch.dtype | None = None) -> torch.Tensor:
+        tokens = query.shape[0]
+        output = torch.empty(tokens, self.num_heads * self.rank_v, dtype=output_dtype or query.dtype,
+                             device=query.device)
+        args = (query.view(tokens, self.num_heads, self.head_size), key.view(tokens, self.num_groups, self.rank_k),
+                value.view(tokens, self.num_groups, self.rank_v), output.view(tokens, self.num_heads, self.rank_v))
+        # The same registered op as vLLM's Attention: torch.compile treats it as an opaque splitting op.
+        if self.use_direct_call:
+            unified_attention_with_output(*args, self.layer_name)
+        else:
+            torch.ops.vllm.unified_attention_with_output(*args, _encode_layer_name(self.layer_name))
+        return output
