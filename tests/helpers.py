@@ -21,3 +21,34 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
+
+
+def run_vllm(spec: dict, timeout: int = 600) -> dict:
+    """Run tests/vllm_runner.py in a fresh process; its JSON result."""
+    import json
+    import subprocess
+    import sys
+
+    runner = Path(__file__).with_name("vllm_runner.py")
+    result = subprocess.run([sys.executable, str(runner), json.dumps(spec)], capture_output=True, text=True,
+                            timeout=timeout)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert result.returncode == 0 and lines, f"vLLM run failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return json.loads(lines[-1].removeprefix("RESULT "))
+
+
+def reference_greedy(model, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    """Greedy continuations from the PyTorch reference model (no vLLM)."""
+    outputs = []
+    with torch.no_grad():
+        for ids in prompts:
+            out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                                 do_sample=False)
+            outputs.append(out[0, len(ids):].tolist())
+    return outputs
+
+
+def reference_prompt_logprobs(model, ids: list[int]) -> list[float]:
+    with torch.no_grad():
+        logprobs = model(torch.tensor([ids]), use_cache=False).logits[0, :-1].float().log_softmax(-1)
+    return logprobs.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()

@@ -53,15 +53,15 @@ def test_config_ranks_match_weight_shapes(tiny_checkpoints, calib_file, tmp_path
     config_json = json.loads((output / "config.json").read_text())
     config = PaluConfig.from_hf_config(config_json)
     assert config_json["architectures"] == [f"Palu{ARCHITECTURES[arch][1]}"]
-    assert config.num_groups == 2 and config.group_width == 16
-    assert config.k_ranks == [8, 8] and config.v_ranks == [8, 8]
+    assert config.num_groups == 2 and config.group_width == 32
+    assert config.k_ranks == [8, 8] and config.v_ranks == [24, 24]
     with safe_open(str(output / "model.safetensors"), framework="pt") as weights:
         names = set(weights.keys())
         for layer in range(2):
             prefix = f"model.layers.{layer}.self_attn"
             for kind, rank in (("k", config.k_ranks[layer]), ("v", config.v_ranks[layer])):
-                assert weights.get_slice(f"{prefix}.{kind}_proj.down.weight").get_shape() == [2 * rank, 64]
-                assert weights.get_slice(f"{prefix}.{kind}_proj.up.weight").get_shape() == [2, 16, rank]
+                assert weights.get_slice(f"{prefix}.{kind}_proj.down.weight").get_shape() == [2 * rank, 128]
+                assert weights.get_slice(f"{prefix}.{kind}_proj.up.weight").get_shape() == [2, 32, rank]
                 assert (f"{prefix}.{kind}_proj.up.bias" in names) == (arch == "qwen2")
             assert f"{prefix}.k_proj.weight" not in names and f"{prefix}.q_proj.weight" in names
 

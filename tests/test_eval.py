@@ -71,8 +71,8 @@ def test_ppl_cli(tiny_llama, calib_file, tmp_path):
          "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
-    # head_dim 16: int4 = (16*4 + 32 scale bits) / (16*16); the tiny checkpoint is fp32, so are its latents.
-    assert [(r["kv_quant"], r["kv_bytes_vs_bf16"]) for r in rows] == [("none", 1.0), ("int4", 0.375),
+    # head_dim 32: int4 = (32*4 + 32 scale bits) / (32*16); the tiny checkpoint is fp32, so are its latents.
+    assert [(r["kv_quant"], r["kv_bytes_vs_bf16"]) for r in rows] == [("none", 1.0), ("int4", 0.3125),
                                                                       ("none", 1.0)]
     assert all(r["windows"] == 4 and r["ppl"] > 1 for r in rows)
     assert "| kv quant |" in result.stdout and str(palu) in result.stdout

@@ -47,14 +47,15 @@ def build_tokenizer(directory: Path):
 
 
 def build_checkpoint(directory: Path, name: str = "llama", seed: int = 0, **overrides) -> Path:
-    """A 2-layer model with 4 query heads, 2 KV heads of dim 16 (Qwen2: k/v biases), float32 safetensors."""
+    """A 2-layer model with 4 query heads, 2 KV heads of dim 32 (vLLM's CPU attention needs >= 32; Qwen2: k/v
+    biases), float32 safetensors."""
     import transformers
 
     config_class, architecture, extra = ARCHITECTURES[name]
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(directory)
-    settings = dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+    settings = dict(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512,
                     bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
     settings.update(extra)

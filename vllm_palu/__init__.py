@@ -9,7 +9,7 @@ import logging
 
 __version__ = "0.1.0"
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.palu")
 _registered = False
 
 

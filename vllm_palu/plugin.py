@@ -18,7 +18,7 @@ import logging
 
 from vllm_palu.config import PALU_ARCHITECTURES, PaluConfig
 
-logger = logging.getLogger("vllm_palu")
+logger = logging.getLogger("vllm.palu")  # a child of vLLM's logger: its handlers and format
 
 BACKEND_NAME = "PALU"
 BACKEND_PATH = "vllm_palu.attention.backend.PaluAttentionBackend"
