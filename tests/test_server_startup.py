@@ -1,0 +1,47 @@
+"""Bad serving configurations: `vllm serve` refuses to start, with a clear message, and never serves."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from helpers import convert_tiny
+from server import failed_start
+
+ARGS = ("--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--block-size", "32")
+
+
+@pytest.fixture(scope="module")
+def joint_palu(tiny_llama, calib_file, tmp_path_factory):
+    return convert_tiny(tiny_llama, tmp_path_factory.mktemp("startup") / "palu-joint", calib_file, kv_ratio=0.5)
+
+
+def test_dense_model_with_palu_backend(tiny_llama):
+    code, output = failed_start(tiny_llama, "--attention-backend", "PALU", *ARGS)
+    assert code != 0 and "the PALU attention backend serves Palu checkpoints only" in output
+
+
+def test_palu_model_with_another_backend(joint_palu):
+    code, output = failed_start(joint_palu, "--attention-backend", "FLEX_ATTENTION", *ARGS)
+    assert code != 0 and "a Palu checkpoint caches latents and needs the PALU backend" in output
+
+
+def test_unsupported_kv_cache_dtype(joint_palu):
+    code, output = failed_start(joint_palu, "--kv-cache-dtype", "fp8", *ARGS)
+    assert code != 0 and "--kv-cache-dtype fp8 is not supported with Palu latents" in output
+
+
+def test_tensor_parallel_must_divide_groups(joint_palu):
+    code, output = failed_start(joint_palu, "--tensor-parallel-size", "2", *ARGS)
+    assert code != 0 and "tensor parallel size 2 does not divide the checkpoint's 1 latent group(s)" in output
+
+
+def test_palu_section_disagreeing_with_weights(joint_palu, tmp_path):
+    broken = shutil.copytree(joint_palu, tmp_path / "broken")
+    config = json.loads((broken / "config.json").read_text())
+    config["palu"]["k_ranks"][1] += 8
+    (broken / "config.json").write_text(json.dumps(config))
+    code, output = failed_start(broken, *ARGS)
+    assert code != 0 and "does not match its palu config: layer 1: self_attn.k_proj.down.weight has shape" in output
