@@ -24,10 +24,11 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def vllm_server(model: Path, *args: str, log: Path, timeout: float = 300) -> Iterator[str]:
+def vllm_server(model: Path, *args: str, log: Path, timeout: float = 300,
+                env: dict[str, str] | None = None) -> Iterator[str]:
     """Yield the base URL of a healthy server; stop it (its whole process group) afterwards."""
     port = free_port()
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **(env or {})}
     with open(log, "w") as log_file:
         process = subprocess.Popen([VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", str(port), *args],
                                    stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)

@@ -86,6 +86,17 @@ def test_chat_completions(server, tiny_palu):
     assert body["choices"][0]["message"]["role"] == "assistant" and body["usage"]["completion_tokens"] == 12
 
 
+def test_metrics_carry_palu_gauges(server, tiny_palu):
+    url, _ = server
+    text = requests.get(f"{url}/metrics", timeout=30).text
+    values = {line.split("{")[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith("palu:")}
+    # tiny model, fp32: 2 layers x 2 groups x (8 + 24) latents x 4 bytes vs 2 layers x 2 x 2 heads x 32 x 4 bytes
+    assert values == {"palu:latent_bytes_per_token": 512.0, "palu:dense_kv_bytes_per_token": 1024.0,
+                      "palu:kv_compression_ratio": 2.0}
+    assert "vllm:kv_cache_usage_perc" in text  # beside vLLM's own metrics
+
+
 def test_eight_concurrent_requests(server, tiny_palu):
     url, _ = server
     prompts = [f"{PROMPTS[i % 4]} {i}" for i in range(8)]
@@ -94,3 +105,17 @@ def test_eight_concurrent_requests(server, tiny_palu):
         together = list(pool.map(lambda p: complete(url, tiny_palu, prompt=p, max_tokens=24)["choices"][0]["text"],
                                  prompts))
     assert together == alone
+
+
+def test_tensor_parallel_two_ranks(tiny_palu, tmp_path):
+    """vLLM's own distributed engine, TP=2: each rank caches one of the two latent groups per layer. The build
+    machine has one NUMA node and two cores, so the ranks' OpenMP threads are bound by hand."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_palu)
+    prompts = [tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS]
+    with vllm_server(tiny_palu, "--tensor-parallel-size", "2", "--dtype", "float32", "--enforce-eager",
+                     "--max-model-len", "512", "--block-size", "32", log=tmp_path / "tp2.log",
+                     env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) as url:
+        body = complete(url, tiny_palu, prompt=prompts, max_tokens=MAX_TOKENS, return_token_ids=True)
+    served = [c["token_ids"] for c in sorted(body["choices"], key=lambda c: c["index"])]
+    assert served == reference_greedy(load_palu_model(tiny_palu), prompts, MAX_TOKENS)
+    assert "tensor_parallel_size=2" in (tmp_path / "tp2.log").read_text()

@@ -112,11 +112,16 @@ class PaluCheckpointChecks:
         if window is not None and window < vllm_config.model_config.max_model_len:
             raise ValueError(f"sliding-window attention ({window} tokens) is not supported by PALU; "
                              f"set --max-model-len {window} or less")
+        dtype_bytes = vllm_config.model_config.dtype.itemsize  # the cache holds latents in the model dtype
         logger.info("Palu checkpoint (%s, kv-ratio %.3f, %d latent group(s)/layer): attention backend %s "
                     "(selected by the model%s); KV cache holds %d latent bytes/token vs %d dense",
                     palu.base_architecture, palu.kv_ratio, palu.num_groups, BACKEND_NAME,
-                    "" if selected else ", no --attention-backend given", palu.latent_bytes_per_token(),
-                    palu.dense_kv_bytes_per_token(2))
+                    "" if selected else ", no --attention-backend given", palu.latent_bytes_per_token(dtype_bytes),
+                    palu.dense_kv_bytes_per_token(dtype_bytes))
+        from vllm_palu import metrics
+
+        served = vllm_config.model_config.served_model_name
+        metrics.publish(palu, dtype_bytes, served if isinstance(served, str) else served[0])
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
