@@ -95,3 +95,21 @@ def test_chunked_prefill_and_preemption_keep_outputs(palu_models):
     tight = run_vllm({"model": str(model_dir), "prompts": prompts, "max_tokens": MAX_TOKENS,
                       "llm": {**ENGINE, "num_gpu_blocks_override": 12, "max_model_len": 256}})
     assert tight["tokens"] == expected and tight["preemptions"] > 0
+
+
+def test_perplexity_through_vllm_equals_reference(palu_models, calib_file, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    rows = {}
+    for engine in ("reference", "vllm"):
+        out = tmp_path / f"{engine}.json"
+        result = subprocess.run([sys.executable, "-m", "vllm_palu.eval", "ppl", "--model",
+                                 str(palu_models["qwen2"]), "--data", str(calib_file), "--seq-len", "128",
+                                 "--max-tokens", "512", "--engine", engine, "--json", str(out)],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        rows[engine] = json.loads(out.read_text())[0]
+    assert rows["vllm"]["scored_tokens"] == rows["reference"]["scored_tokens"] == 4 * 127
+    assert abs(rows["vllm"]["ppl"] / rows["reference"]["ppl"] - 1) < 1e-3

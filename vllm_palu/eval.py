@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--kv-quant", default="none",
                      help="comma list of simulated dense K/V quantizations: none,int8,int4,int3,int2,fp8 "
                           "(applied to dense models only)")
+    ppl.add_argument("--engine", default="reference", choices=["reference", "vllm"],
+                     help="reference: the PyTorch model (no vLLM needed); vllm: vLLM's engine via prompt logprobs")
     ppl.add_argument("--device", default="cpu")
     ppl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ppl.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
@@ -33,11 +35,10 @@ def run_ppl(args: argparse.Namespace) -> list[dict]:
     import torch
     from transformers import AutoTokenizer
 
-    from vllm_palu.config import DTYPE_BYTES, PaluConfig
     from vllm_palu.offline.checkpoint import load_model, read_config
     from vllm_palu.offline.converter import resolve_device
     from vllm_palu.offline.kv_quant import bytes_vs_bf16, set_kv_quant
-    from vllm_palu.offline.perplexity import perplexity, tokenize_file
+    from vllm_palu.offline.perplexity import perplexity, perplexity_vllm, tokenize_file
     from vllm_palu.offline.smollm2 import resolve_model
 
     modes = [mode.strip() for mode in args.kv_quant.split(",") if mode.strip()]
@@ -46,27 +47,42 @@ def run_ppl(args: argparse.Namespace) -> list[dict]:
     for name in args.model:
         path = resolve_model(name)
         config = read_config(path)
-        model = load_model(path, getattr(torch, args.dtype))
         ids = tokenize_file(AutoTokenizer.from_pretrained(path), args.data, args.max_tokens)
+        if args.engine == "vllm":
+            result = perplexity_vllm(path, ids, args.seq_len, args.dtype)
+            rows.append({"model": str(path), "engine": "vllm", "kv_quant": "none",
+                         "kv_bytes_vs_bf16": round(_kv_bytes(config), 4), "ppl": round(result.ppl, 3),
+                         "scored_tokens": result.scored_tokens, "windows": result.windows, "seq_len": args.seq_len})
+            continue
+        model = load_model(path, getattr(torch, args.dtype))
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         if "palu" in config:
-            palu = PaluConfig.from_hf_config(config)
-            variants = [("none", palu.kv_ratio * DTYPE_BYTES[palu.latent_dtype] / 2)]
+            variants = [("none", _kv_bytes(config))]
         else:
             variants = [(mode, bytes_vs_bf16(mode, head_dim)) for mode in modes]
         for mode, kv_bytes in variants:
             set_kv_quant(model, mode)
             result = perplexity(model, ids, args.seq_len, device, desc=f"{path.name} kv={mode}")
-            rows.append({"model": str(path), "kv_quant": mode, "kv_bytes_vs_bf16": round(kv_bytes, 4),
+            rows.append({"model": str(path), "engine": "reference", "kv_quant": mode, "kv_bytes_vs_bf16": round(kv_bytes, 4),
                          "ppl": round(result.ppl, 3), "scored_tokens": result.scored_tokens,
                          "windows": result.windows, "seq_len": args.seq_len})
         del model
     return rows
 
 
+def _kv_bytes(config: dict) -> float:
+    """KV bytes per token relative to bf16 dense K/V (1.0 for a dense checkpoint)."""
+    from vllm_palu.config import DTYPE_BYTES, PaluConfig
+
+    if "palu" not in config:
+        return 1.0
+    palu = PaluConfig.from_hf_config(config)
+    return palu.kv_ratio * DTYPE_BYTES[palu.latent_dtype] / 2
+
+
 def format_table(rows: list[dict]) -> str:
-    lines = ["| model | kv quant | KV bytes vs bf16 | ppl | tokens scored |", "|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['kv_quant']} | {r['kv_bytes_vs_bf16']:.3f} | {r['ppl']:.2f} | "
+    lines = ["| model | engine | kv quant | KV bytes vs bf16 | ppl | tokens scored |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['engine']} | {r['kv_quant']} | {r['kv_bytes_vs_bf16']:.3f} | {r['ppl']:.2f} | "
               f"{r['scored_tokens']} |" for r in rows]
     return "\n".join(lines)
 

