@@ -11,6 +11,9 @@ CALIB ?=
 # Perplexity text for `make serve`: WikiText-2 where the project's shared data is present, else a licence text.
 EVAL_DATA ?= $(firstword $(wildcard ../shared/data/wikitext2/eval.txt) /usr/share/common-licenses/GPL-3)
 EVAL_TOKENS ?= 16384
+SERVE_HOST ?= 127.0.0.1
+SERVE_PORT ?= 8000
+SERVE_ARGS ?= --max-model-len 4096
 
 .PHONY: install reinstall test serve convert ppl clean
 
@@ -35,8 +38,12 @@ ppl: convert
 	$(PY) -m vllm_palu.eval ppl --model smollm2-135m --model $(PALU_MODEL) --data $(EVAL_DATA) \
 		--seq-len 1024 --max-tokens $(EVAL_TOKENS)
 
-# Serving through vLLM lands with the PALU attention backend; until then `make serve` converts and evaluates.
-serve: ppl
+# Convert (once), then serve the OpenAI-compatible API. The CPU build runs eager: compiling 30 layers on two
+# cores takes longer than it saves.
+serve: convert
+	@grep -A4 '^| KV cache per token' $(PALU_MODEL)/PALU_SUMMARY.md
+	$(VENV)/bin/vllm serve $(PALU_MODEL) --attention-backend PALU --host $(SERVE_HOST) --port $(SERVE_PORT) \
+		$$(grep -qx cpu $(VENV)/.palu-stack && echo --enforce-eager) $(SERVE_ARGS)
 
 clean:
 	rm -rf $(PALU_MODEL) results
