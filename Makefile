@@ -8,7 +8,7 @@ export VLLM_CPU_KVCACHE_SPACE ?= 1
 PALU_MODEL ?= models/palu-smollm2
 KV_RATIO ?= 0.5
 CALIB ?=
-# Perplexity text for `make serve`: WikiText-2 where the project's shared data is present, else a licence text.
+# Perplexity text for `make ppl`: WikiText-2 where the project's shared data is present, else a licence text.
 EVAL_DATA ?= $(firstword $(wildcard ../shared/data/wikitext2/eval.txt) /usr/share/common-licenses/GPL-3)
 EVAL_TOKENS ?= 16384
 SERVE_HOST ?= 127.0.0.1
