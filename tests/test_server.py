@@ -34,8 +34,9 @@ def server(tiny_palu, tmp_path_factory):
 
 
 def complete(url: str, model, **body) -> dict:
-    response = requests.post(f"{url}/v1/completions", json={"model": str(model), "temperature": 0, **body},
-                             timeout=120)
+    # Greedy and past EOS, as the reference generates.
+    body = {"model": str(model), "temperature": 0, "ignore_eos": True, **body}
+    response = requests.post(f"{url}/v1/completions", json=body, timeout=120)
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -68,7 +69,8 @@ def test_streaming_and_logprobs(server, tiny_palu):
     assert len(plain["logprobs"]["token_logprobs"]) == 16
     assert all(math.isfinite(lp) and lp <= 0 for lp in plain["logprobs"]["token_logprobs"])
     with requests.post(f"{url}/v1/completions", json={"model": str(tiny_palu), "prompt": PROMPTS[0],
-                                                      "max_tokens": 16, "temperature": 0, "stream": True},
+                                                      "max_tokens": 16, "temperature": 0, "stream": True,
+                                                      "ignore_eos": True},
                        stream=True, timeout=120) as response:
         events = [line.removeprefix(b"data: ") for line in response.iter_lines() if line.startswith(b"data: ")]
     assert events[-1] == b"[DONE]"

@@ -62,7 +62,7 @@ def test_vllm_serve_matches_reference(smollm2_palu, tmp_path):
                      log=log) as url:
         response = requests.post(f"{url}/v1/completions", timeout=300, json={
             "model": str(smollm2_palu), "prompt": prompts, "max_tokens": 32, "temperature": 0,
-            "return_token_ids": True, "prompt_logprobs": 0})
+            "return_token_ids": True, "prompt_logprobs": 0, "ignore_eos": True})
     assert response.status_code == 200, response.text
     choices = sorted(response.json()["choices"], key=lambda c: c["index"])
     reference = load_palu_model(smollm2_palu)

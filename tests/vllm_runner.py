@@ -49,7 +49,7 @@ def main(spec: dict) -> dict:
 
     llm = LLM(model=spec["model"], **{"disable_log_stats": False, **spec.get("llm", {})})
     prompts = [TokensPrompt(prompt_token_ids=p) if isinstance(p, list) else p for p in spec["prompts"]]
-    params = SamplingParams(max_tokens=spec.get("max_tokens", 16), temperature=0.0,
+    params = SamplingParams(max_tokens=spec.get("max_tokens", 16), temperature=0.0, ignore_eos=True,
                             prompt_logprobs=spec.get("prompt_logprobs"), logprobs=spec.get("logprobs"))
 
     def generate():
