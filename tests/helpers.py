@@ -38,13 +38,17 @@ def run_vllm(spec: dict, timeout: int = 600) -> dict:
 
 
 def reference_greedy(model, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
-    """Greedy continuations from the PyTorch reference model (no vLLM)."""
+    """Argmax continuations from the PyTorch reference model (no vLLM), past EOS like ``ignore_eos``."""
     outputs = []
     with torch.no_grad():
         for ids in prompts:
-            out = model.generate(torch.tensor([ids]), max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                                 do_sample=False)
-            outputs.append(out[0, len(ids):].tolist())
+            tokens, past, step_input = [], None, torch.tensor([ids])
+            for _ in range(max_tokens):
+                out = model(step_input, past_key_values=past, use_cache=True)
+                past, token = out.past_key_values, int(out.logits[0, -1].argmax())
+                tokens.append(token)
+                step_input = torch.tensor([[token]])
+            outputs.append(tokens)
     return outputs
 
 
