@@ -32,3 +32,81 @@ def test_import_is_cheap():
     code = "import sys, vllm_palu; print(sorted({'torch', 'vllm'} & set(sys.modules)))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.stdout.strip() == "[]", result.stderr
+
+
+def _signature_params(obj) -> set[str]:
+    import inspect
+
+    return set(inspect.signature(obj).parameters)
+
+
+def test_model_registry_hook():
+    import vllm_palu
+    from vllm import ModelRegistry
+
+    vllm_palu.register()
+    for arch in ("PaluLlamaForCausalLM", "PaluMistralForCausalLM", "PaluQwen2ForCausalLM"):
+        assert arch in ModelRegistry.get_supported_archs()
+
+
+def test_backend_enum_member_survives_spawned_unpickling():
+    """The PALU member crosses into engine processes by pickle; a fresh interpreter that never loaded the plugin
+    must unpickle it (the copyreg reducer re-registers it), and built-in members must still pickle by value."""
+    import pickle
+
+    import vllm_palu
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    vllm_palu.register()
+    blob = pickle.dumps([AttentionBackendEnum.PALU, AttentionBackendEnum.TORCH_SDPA])
+    code = ("import pickle, sys\n"
+            "palu, sdpa = pickle.loads(sys.stdin.buffer.read())\n"
+            "print(palu.name, palu.value, sdpa.name)")
+    result = subprocess.run([sys.executable, "-c", code], input=blob, capture_output=True, timeout=300)
+    assert result.stdout.decode().split() == ["PALU", "vllm_palu.attention.backend.PaluAttentionBackend",
+                                              "TORCH_SDPA"], result.stderr.decode()[-2000:]
+    assert AttentionBackendEnum.PALU.get_class().get_name() == "PALU"
+
+
+def test_config_check_hook():
+    import vllm_palu
+    from vllm.model_executor.models.config import MODELS_CONFIG_MAP
+
+    vllm_palu.register()
+    vllm_palu.register()
+    assert MODELS_CONFIG_MAP["PaluLlamaForCausalLM"].__name__ == "PaluCheckpointChecks"
+    for dense in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
+        assert getattr(MODELS_CONFIG_MAP[dense], "palu_dense_check", False)
+        assert hasattr(MODELS_CONFIG_MAP[dense], "verify_and_update_model_config")
+
+
+def test_attention_layer_hooks():
+    """What PaluAttentionLayer relies on: Attention's backend/head_size_v arguments, the registered attention op,
+    layer-name encoding, and FullAttentionSpec with a distinct V width."""
+    import torch
+    from vllm.model_executor.layers.attention.attention import Attention, unified_attention_with_output
+    from vllm.utils.torch_utils import _encode_layer_name
+    from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+    assert {"attn_backend", "head_size_v", "num_kv_heads", "cache_config", "prefix"} <= _signature_params(Attention)
+    assert {"query", "key", "value", "output", "layer_name"} <= _signature_params(unified_attention_with_output)
+    assert hasattr(torch.ops.vllm, "unified_attention_with_output") and _encode_layer_name("x") is not None
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=3, head_size=24, head_size_v=40, dtype=torch.bfloat16)
+    assert spec.page_size_bytes == 3 * 16 * (24 + 40) * 2
+
+
+def test_backend_interface_hooks():
+    from vllm.v1.attention.backend import AttentionBackend, CommonAttentionMetadata
+
+    fields = set(CommonAttentionMetadata.__dataclass_fields__)
+    assert {"query_start_loc", "seq_lens", "block_table_tensor", "slot_mapping", "num_actual_tokens",
+            "max_query_len", "max_seq_len"} <= fields
+    assert {"get_name", "get_impl_cls", "get_builder_cls", "validate_configuration",
+            "supported_kv_cache_layouts"} <= set(dir(AttentionBackend))
+
+
+def test_llama_injection_hooks():
+    from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+
+    assert "attn_layer_type" in _signature_params(LlamaDecoderLayer)
+    assert "layer_type" in _signature_params(LlamaForCausalLM)

@@ -25,6 +25,9 @@ BASE_ARCHITECTURES = {palu: base for base, palu in PALU_ARCHITECTURES.items()}
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
+# Name of the attention backend (``--attention-backend PALU``).
+BACKEND_NAME = "PALU"
+
 
 @dataclass
 class PaluConfig:

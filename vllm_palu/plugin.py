@@ -16,11 +16,10 @@ from __future__ import annotations
 import copyreg
 import logging
 
-from vllm_palu.config import PALU_ARCHITECTURES, PaluConfig
+from vllm_palu.config import BACKEND_NAME, PALU_ARCHITECTURES, PaluConfig
 
 logger = logging.getLogger("vllm.palu")  # a child of vLLM's logger: its handlers and format
 
-BACKEND_NAME = "PALU"
 BACKEND_PATH = "vllm_palu.attention.backend.PaluAttentionBackend"
 SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
 
@@ -44,14 +43,14 @@ def register_backend_member():
     return AttentionBackendEnum[BACKEND_NAME]
 
 
-def restore_backend(name: str):
+def restore_backend():
     """Unpickling target of the PALU enum member in a freshly spawned process."""
-    return register_backend_member() if name == BACKEND_NAME else None
+    return register_backend_member()
 
 
 def _reduce_backend(member):
     if member.name == BACKEND_NAME:
-        return restore_backend, (member.name,)
+        return restore_backend, ()
     return type(member), (member.value,)
 
 

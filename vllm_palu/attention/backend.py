@@ -14,8 +14,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from vllm_palu.attention.reference import paged_latent_attention, write_latents
-
-BACKEND_NAME = "PALU"
+from vllm_palu.config import BACKEND_NAME
 NOT_A_PALU_MODEL = ("the PALU attention backend serves Palu checkpoints only (their k/v projections are "
                     "low-rank); convert this model with `python -m vllm_palu.convert` first")
 
