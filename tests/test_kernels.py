@@ -1,0 +1,103 @@
+"""Triton kernels vs the PyTorch oracle on fresh random inputs over a parameter matrix. On the build machine they
+run under TRITON_INTERPRET=1 (small shapes, fp32: the interpreter miscomputes bf16 dots); on a GPU at full size
+with PALU_KERNEL_TESTS_DEVICE=cuda."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+DEVICE = os.environ.get("PALU_KERNEL_TESTS_DEVICE", "cpu")
+if DEVICE == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is imported
+
+triton = pytest.importorskip("triton")
+
+from vllm_palu.attention import ops, reference  # noqa: E402
+
+DTYPES = [torch.float32] if DEVICE == "cpu" else [torch.bfloat16, torch.float16]
+TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def rope_cache(max_position: int, head_dim: int, base: float = 10000.0) -> torch.Tensor:
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.arange(max_position, dtype=torch.float32)[:, None] * inv_freq[None, :]
+    return torch.cat([angles.cos(), angles.sin()], dim=-1)
+
+
+def make_case(seq_lens, query_lens, num_heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size, dtype,
+              extra_blocks=0, bias=False, seed=0):
+    """A paged latent cache holding every request's context, its block table shuffled, plus poisoned padding."""
+    generator = torch.Generator().manual_seed(seed)
+    groups = kv_heads // group_size
+    blocks_per_req = [-(-s // block_size) for s in seq_lens]
+    num_blocks = sum(blocks_per_req) + extra_blocks + 1
+    cache = torch.randn(num_blocks, groups, block_size, rank_k + rank_v, generator=generator)
+    order = torch.randperm(num_blocks, generator=generator)[:sum(blocks_per_req)]
+    block_table = torch.zeros(len(seq_lens), max(blocks_per_req), dtype=torch.int32)
+    start = 0
+    for i, count in enumerate(blocks_per_req):
+        block_table[i, :count] = order[start:start + count]
+        start += count
+    query_start = torch.tensor([0] + list(torch.tensor(query_lens).cumsum(0)), dtype=torch.int32)
+    query = torch.randn(int(query_start[-1]), num_heads, head_dim, generator=generator)
+    k_up = torch.randn(groups, group_size * head_dim, rank_k, generator=generator) / rank_k ** 0.5
+    k_bias = torch.randn(kv_heads * head_dim, generator=generator) * 0.1 if bias else None
+    cos_sin = rope_cache(max(seq_lens) + 1, head_dim)
+    to = dict(device=DEVICE)
+    return dict(query=query.to(dtype=dtype, **to), kv_cache=cache.to(dtype=dtype, **to),
+                k_up=k_up.to(dtype=dtype, **to), k_bias=None if k_bias is None else k_bias.to(dtype=dtype, **to),
+                cos_sin_cache=cos_sin.to(**to), query_start_loc=query_start.to(**to),
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, **to), block_table=block_table.to(**to),
+                scale=head_dim ** -0.5)
+
+
+def check(case, is_neox_style=True, **kwargs):
+    expected = reference.paged_latent_attention(**case, is_neox_style=is_neox_style)
+    out = torch.full_like(expected, float("nan"), dtype=case["query"].dtype)  # poisoned: every row must be written
+    ops.paged_latent_attention(**case, is_neox_style=is_neox_style, out=out, **kwargs)
+    assert torch.isfinite(out).all()
+    error = float((out.float() - expected).norm() / expected.norm())
+    assert error < TOLERANCE[case["query"].dtype], error
+
+
+SMALL = [  # seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size
+    ([5], [1], 4, 2, 1, 32, 16, 24, 16),                      # decode, GQA 2, per head
+    ([37, 64, 3], [1, 1, 1], 8, 2, 2, 32, 24, 40, 16),        # batch decode, groups of 2 heads
+    ([40, 70], [7, 70], 4, 4, 4, 32, 8, 48, 32),              # chunked prefill + full prefill, MHA, joint group
+    ([130], [128], 2, 1, 1, 64, 40, 72, 16),                   # long prefill, head_dim 64, ranks not x16
+    ([9, 90, 33], [1, 7, 33], 6, 3, 3, 32, 16, 16, 64),        # mixed batch, SmolLM2-like joint group
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SMALL)
+def test_attention_matches_reference(shape, dtype):
+    seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size = shape
+    check(make_case(seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size,
+                    dtype, seed=len(seq_lens)))
+
+
+@pytest.mark.parametrize("num_splits", [2, 4])
+def test_split_kv_matches_reference(num_splits):
+    case = make_case([100, 7], [1, 1], 4, 2, 1, 32, 16, 24, 16, DTYPES[0])
+    check(case, num_splits=num_splits)
+
+
+def test_gptj_rotary_and_key_bias():
+    case = make_case([50], [4], 4, 2, 1, 32, 16, 24, 16, DTYPES[0], bias=True, seed=3)
+    check(case, is_neox_style=False)
+
+
+def test_write_latents_scatters_by_slot():
+    generator = torch.Generator().manual_seed(0)
+    cache = torch.randn(6, 2, 16, 40, generator=generator).to(DEVICE)
+    expected = cache.clone()
+    slots = torch.tensor([3, -1, 17, 95], dtype=torch.int64, device=DEVICE)
+    k_latent = torch.randn(4, 2, 16, generator=generator).to(DEVICE)
+    v_latent = torch.randn(4, 2, 24, generator=generator).to(DEVICE)
+    reference.write_latents(expected, slots, k_latent, v_latent)
+    ops.write_latents(cache, slots, k_latent, v_latent)
+    assert torch.equal(cache, expected)

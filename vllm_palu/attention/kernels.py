@@ -1,0 +1,188 @@
+"""Triton kernels of the PALU backend (launchers, shapes and grids: :mod:`vllm_palu.attention.ops`; fp32 oracle:
+:mod:`vllm_palu.attention.reference`).
+
+``paged_latent_attention_kernel`` handles one (query tile, KV head, KV split): it walks the request's block table,
+loads latent tiles, rebuilds that KV head's keys on tensor cores (``latent @ k_up``), rotates them with the model's
+cos/sin table at each key's position, scores the query rows of that KV head, and accumulates ``P @ v_latent`` with
+an online softmax. Keys are rebuilt in two rotary halves (``lo``, ``hi``) so rotation needs no register shuffles;
+GPT-J-style rotary is handled by the launcher permuting k_up rows and query columns the same way.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def write_latents_kernel(
+    k_ptr, v_ptr, cache_ptr, slot_ptr,
+    stride_kt, stride_kg, stride_vt, stride_vg,
+    stride_cb, stride_cg, stride_cn,
+    BLOCK_SIZE: tl.constexpr, RANK_K: tl.constexpr, RANK_V: tl.constexpr,
+    PAD_K: tl.constexpr, PAD_V: tl.constexpr,
+):
+    token = tl.program_id(0)
+    group = tl.program_id(1)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot < 0:  # padding token
+        return
+    base = cache_ptr + (slot // BLOCK_SIZE) * stride_cb + group * stride_cg + (slot % BLOCK_SIZE) * stride_cn
+    rk = tl.arange(0, PAD_K)
+    k = tl.load(k_ptr + token * stride_kt + group * stride_kg + rk, mask=rk < RANK_K)
+    tl.store(base + rk, k.to(cache_ptr.dtype.element_ty), mask=rk < RANK_K)
+    rv = tl.arange(0, PAD_V)
+    v = tl.load(v_ptr + token * stride_vt + group * stride_vg + rv, mask=rv < RANK_V)
+    tl.store(base + RANK_K + rv, v.to(cache_ptr.dtype.element_ty), mask=rv < RANK_V)
+
+
+@triton.jit
+def _find_request(cu_qblocks_ptr, num_reqs, tile):
+    """Largest request index i with cu_qblocks[i] <= tile (binary search; cu_qblocks has num_reqs + 1 entries)."""
+    lo = 0
+    hi = num_reqs
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if tl.load(cu_qblocks_ptr + mid) <= tile:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+@triton.jit
+def paged_latent_attention_kernel(
+    q_ptr, cache_ptr, k_up_ptr, k_bias_ptr, cos_sin_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr,
+    cu_qblocks_ptr, out_ptr, partial_ptr, stats_ptr,
+    num_reqs, num_heads, scale,
+    stride_qt, stride_qh,
+    stride_cb, stride_cg, stride_cn,
+    stride_bt, stride_cs,
+    stride_ot, stride_oh,
+    stride_pt, stride_ph, stride_ps,
+    HEADS_PER_KV: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+    RANK_K: tl.constexpr, RANK_V: tl.constexpr, PAD_V: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLITS: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    request = _find_request(cu_qblocks_ptr, num_reqs, tile)
+    q_start = tl.load(query_start_ptr + request)
+    q_len = tl.load(query_start_ptr + request + 1) - q_start
+    local_tile = tile - tl.load(cu_qblocks_ptr + request)
+    if local_tile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + request)
+    group = kv_head // GROUP_SIZE
+
+    # Query rows: BLOCK_Q tokens x HEADS_PER_KV heads of this KV head.
+    rows = tl.arange(0, BLOCK_M)
+    row_token = local_tile * BLOCK_Q + rows // HEADS_PER_KV
+    row_head = kv_head * HEADS_PER_KV + rows % HEADS_PER_KV
+    row_valid = (rows < BLOCK_Q * HEADS_PER_KV) & (row_token < q_len)
+    row_pos = seq_len - q_len + row_token  # causal limit of each row
+    dims = tl.arange(0, HALF)
+    q_rows = q_ptr + (q_start + row_token).to(tl.int64)[:, None] * stride_qt + row_head[:, None] * stride_qh
+    q_lo = tl.load(q_rows + dims[None, :], mask=row_valid[:, None], other=0.0)
+    q_hi = tl.load(q_rows + HALF + dims[None, :], mask=row_valid[:, None], other=0.0)
+
+    # This KV head's rows of the key up-projection, as [rank, half] operands.
+    up_base = k_up_ptr + kv_head.to(tl.int64) * HEAD_DIM * RANK_K
+    if HAS_BIAS:
+        bias_lo = tl.load(k_bias_ptr + kv_head * HEAD_DIM + dims).to(tl.float32)
+        bias_hi = tl.load(k_bias_ptr + kv_head * HEAD_DIM + HALF + dims).to(tl.float32)
+
+    # KV range: causal end of this tile, split into NUM_SPLITS contiguous chunks of whole BLOCK_N tiles.
+    kv_end = tl.minimum(seq_len, seq_len - q_len + tl.minimum(local_tile * BLOCK_Q + BLOCK_Q, q_len))
+    num_tiles = tl.cdiv(kv_end, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, num_tiles)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, PAD_V], tl.float32)
+    rv = tl.arange(0, PAD_V)
+    cols = tl.arange(0, BLOCK_N)
+    ranks = tl.arange(0, BLOCK_R)
+    cache_group = cache_ptr + group.to(tl.int64) * stride_cg
+    for kv_tile in range(first, last):
+        positions = kv_tile * BLOCK_N + cols
+        in_range = positions < kv_end
+        pages = tl.load(block_table_ptr + request.to(tl.int64) * stride_bt + positions // BLOCK_SIZE,
+                        mask=in_range, other=0).to(tl.int64)
+        token_ptrs = cache_group + pages * stride_cb + (positions % BLOCK_SIZE) * stride_cn  # [BLOCK_N]
+
+        key_lo = tl.zeros([BLOCK_N, HALF], tl.float32)
+        key_hi = tl.zeros([BLOCK_N, HALF], tl.float32)
+        for r0 in range(0, RANK_K, BLOCK_R):
+            r = r0 + ranks
+            latent = tl.load(token_ptrs[:, None] + r[None, :], mask=in_range[:, None] & (r[None, :] < RANK_K),
+                             other=0.0)
+            up_lo = tl.load(up_base + dims[None, :] * RANK_K + r[:, None], mask=r[:, None] < RANK_K, other=0.0)
+            up_hi = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + r[:, None], mask=r[:, None] < RANK_K,
+                            other=0.0)
+            key_lo = tl.dot(latent, up_lo.to(latent.dtype), key_lo)
+            key_hi = tl.dot(latent, up_hi.to(latent.dtype), key_hi)
+        if HAS_BIAS:
+            key_lo += bias_lo[None, :]
+            key_hi += bias_hi[None, :]
+        rope = cos_sin_ptr + positions.to(tl.int64)[:, None] * stride_cs + dims[None, :]
+        cos = tl.load(rope, mask=in_range[:, None], other=0.0).to(tl.float32)
+        sin = tl.load(rope + HALF, mask=in_range[:, None], other=0.0).to(tl.float32)
+        rot_lo = (key_lo * cos - key_hi * sin).to(q_lo.dtype)
+        rot_hi = (key_hi * cos + key_lo * sin).to(q_lo.dtype)
+
+        scores = tl.dot(q_lo, tl.trans(rot_lo)) + tl.dot(q_hi, tl.trans(rot_hi))
+        scores = scores * scale
+        visible = in_range[None, :] & (positions[None, :] <= row_pos[:, None]) & row_valid[:, None]
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(scores - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_latent = tl.load(token_ptrs[:, None] + RANK_K + rv[None, :],
+                           mask=in_range[:, None] & (rv[None, :] < RANK_V), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_latent.dtype), v_latent)
+        m_i = m_new
+
+    out_token = (q_start + row_token).to(tl.int64)
+    if USE_SPLITS:
+        partial = partial_ptr + out_token[:, None] * stride_pt + row_head[:, None] * stride_ph + split * stride_ps
+        tl.store(partial + rv[None, :], acc, mask=row_valid[:, None] & (rv[None, :] < RANK_V))
+        stat_index = (out_token * num_heads + row_head) * NUM_SPLITS + split  # stats: [T, H, splits, (m, l)]
+        tl.store(stats_ptr + stat_index * 2, m_i, mask=row_valid)
+        tl.store(stats_ptr + stat_index * 2 + 1, l_i, mask=row_valid)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        out_rows = out_ptr + out_token[:, None] * stride_ot + row_head[:, None] * stride_oh
+        tl.store(out_rows + rv[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=row_valid[:, None] & (rv[None, :] < RANK_V))
+
+
+@triton.jit
+def reduce_splits_kernel(
+    partial_ptr, stats_ptr, out_ptr,
+    stride_pt, stride_ph, stride_ps, stride_ot, stride_oh, num_heads,
+    RANK_V: tl.constexpr, PAD_V: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):
+    """Combine the splits of one (token, head): out = sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, NUM_SPLITS)
+    stat_index = (token * num_heads + head) * NUM_SPLITS + splits
+    m_s = tl.load(stats_ptr + stat_index * 2)
+    l_s = tl.load(stats_ptr + stat_index * 2 + 1)
+    m = tl.max(m_s, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    weight = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - m_safe))
+    denominator = tl.sum(weight * l_s, axis=0)
+    rv = tl.arange(0, PAD_V)
+    partial = partial_ptr + token * stride_pt + head * stride_ph + splits[:, None] * stride_ps + rv[None, :]
+    acc = tl.load(partial, mask=rv[None, :] < RANK_V, other=0.0)
+    out = tl.sum(acc * weight[:, None], axis=0) / tl.where(denominator == 0.0, 1.0, denominator)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + rv, out.to(out_ptr.dtype.element_ty),
+             mask=rv < RANK_V)

@@ -1,0 +1,119 @@
+"""Launchers of the Triton kernels: shapes, strides, tile sizes, grids and the split-KV choice. Same signatures and
+shape contract as :mod:`vllm_palu.attention.reference` (the fp32 oracle); the kernels are in
+:mod:`vllm_palu.attention.kernels`. Imports no vLLM; runs on CPU tensors under ``TRITON_INTERPRET=1``."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from vllm_palu.attention.kernels import paged_latent_attention_kernel, reduce_splits_kernel, write_latents_kernel
+
+LOG2E = 1.4426950408889634
+
+
+def _pow2(value: int, minimum: int = 16) -> int:
+    return max(minimum, triton.next_power_of_2(value))
+
+
+def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: torch.Tensor,
+                  v_latent: torch.Tensor) -> None:
+    """kv_cache ``[blocks, G, block_size, rank_k + rank_v]`` (last dim contiguous), latents ``[T, G, rank]``."""
+    tokens, groups, rank_k = k_latent.shape
+    rank_v = v_latent.shape[-1]
+    assert kv_cache.shape[1] == groups and kv_cache.shape[-1] == rank_k + rank_v and kv_cache.stride(-1) == 1
+    assert k_latent.stride(-1) == 1 and v_latent.stride(-1) == 1 and slot_mapping.shape[0] >= tokens
+    if tokens == 0:
+        return
+    write_latents_kernel[(tokens, groups)](
+        k_latent, v_latent, kv_cache, slot_mapping,
+        k_latent.stride(0), k_latent.stride(1), v_latent.stride(0), v_latent.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        BLOCK_SIZE=kv_cache.shape[2], RANK_K=rank_k, RANK_V=rank_v, PAD_K=_pow2(rank_k, 1),
+        PAD_V=_pow2(rank_v, 1))
+
+
+def rotary_permutation(head_dim: int, is_neox_style: bool, device) -> torch.Tensor | None:
+    """GPT-J rotates pairs (2i, 2i+1); reordering dims to [evens | odds] turns them into NeoX halves. Applied to
+    both queries and key up-projection rows, it leaves every q.k unchanged."""
+    if is_neox_style:
+        return None
+    return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)]).to(device)
+
+
+def choose_num_splits(programs: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
+    """Split the KV walk when the grid alone would not fill the GPU (few long sequences): aim for ~2 waves."""
+    if device.type != "cuda":
+        return 1
+    multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+    wanted = math.ceil(2 * multiprocessors / max(programs, 1))
+    most = max(1, max_seq_len // (4 * block_n))  # keep >= 4 tiles per split
+    return int(min(triton.next_power_of_2(wanted), triton.next_power_of_2(most) // 2 or 1, 64))
+
+
+def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: torch.Tensor,
+                           k_bias: torch.Tensor | None, cos_sin_cache: torch.Tensor, is_neox_style: bool,
+                           query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                           scale: float, *, max_query_len: int | None = None, max_seq_len: int | None = None,
+                           num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Triton version of :func:`vllm_palu.attention.reference.paged_latent_attention`; output in query dtype."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_groups, group_width, rank_k = k_up.shape
+    group_size = group_width // head_dim
+    kv_heads = num_groups * group_size
+    rank_v = kv_cache.shape[-1] - rank_k
+    num_reqs = seq_lens.shape[0]
+    if cos_sin_cache.shape[-1] != head_dim:
+        raise NotImplementedError("partial rotary embeddings are not supported by the Triton PALU kernels")
+    assert kv_cache.stride(-1) == 1 and num_heads % kv_heads == 0
+    if out is None:
+        out = query.new_empty(num_tokens, num_heads, rank_v)
+    if num_tokens == 0:
+        return out
+
+    k_up_heads = k_up.reshape(kv_heads, head_dim, rank_k)
+    permutation = rotary_permutation(head_dim, is_neox_style, query.device)
+    if permutation is not None:
+        query = query[..., permutation]
+        k_up_heads = k_up_heads[:, permutation]
+        k_bias = None if k_bias is None else k_bias.view(kv_heads, head_dim)[:, permutation]
+    k_up_heads = k_up_heads.contiguous()
+    query = query if query.stride(-1) == 1 else query.contiguous()
+
+    heads_per_kv = num_heads // kv_heads
+    max_query_len = int(query_start_loc.diff().max()) if max_query_len is None else max_query_len
+    max_seq_len = int(seq_lens.max()) if max_seq_len is None else max_seq_len
+    block_m = _pow2(heads_per_kv) if max_query_len == 1 else max(64, _pow2(heads_per_kv))
+    block_q = max(1, block_m // heads_per_kv)
+    block_n = 64 if query.device.type == "cuda" else 32
+    cu_qblocks = (query_start_loc // block_q + torch.arange(num_reqs + 1, device=query.device)).to(torch.int32)
+    tiles = num_tokens // block_q + num_reqs  # upper bound; programs past their request's last tile exit
+    if num_splits is None:
+        num_splits = choose_num_splits(tiles * kv_heads, max_seq_len, block_n, query.device)
+    use_splits = num_splits > 1
+    pad_v = _pow2(rank_v)
+    if use_splits:
+        partial = torch.empty(num_tokens, num_heads, num_splits, pad_v, dtype=torch.float32, device=query.device)
+        stats = torch.empty(num_tokens, num_heads, num_splits, 2, dtype=torch.float32, device=query.device)
+    else:
+        partial = stats = out  # unused
+    paged_latent_attention_kernel[(tiles, kv_heads, num_splits)](
+        query, kv_cache, k_up_heads, k_bias if k_bias is not None else k_up_heads, cos_sin_cache, block_table,
+        seq_lens, query_start_loc, cu_qblocks, out, partial, stats,
+        num_reqs, num_heads, scale * LOG2E,
+        query.stride(0), query.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+        block_table.stride(0), cos_sin_cache.stride(0),
+        out.stride(0), out.stride(1),
+        partial.stride(0), partial.stride(1), partial.stride(2) if use_splits else 0,
+        HEADS_PER_KV=heads_per_kv, GROUP_SIZE=group_size, HEAD_DIM=head_dim, HALF=head_dim // 2,
+        RANK_K=rank_k, RANK_V=rank_v, PAD_V=pad_v, BLOCK_R=16, BLOCK_Q=block_q, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2], NUM_SPLITS=num_splits, HAS_BIAS=k_bias is not None,
+        USE_SPLITS=use_splits)
+    if use_splits:
+        reduce_splits_kernel[(num_tokens, num_heads)](
+            partial, stats, out, partial.stride(0), partial.stride(1), partial.stride(2), out.stride(0),
+            out.stride(1), num_heads, RANK_V=rank_v, PAD_V=pad_v, NUM_SPLITS=num_splits)
+    return out
