@@ -30,27 +30,28 @@ def rope_cache(max_position: int, head_dim: int, base: float = 10000.0) -> torch
 def make_case(seq_lens, query_lens, num_heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size, dtype,
               extra_blocks=0, bias=False, seed=0):
     """A paged latent cache holding every request's context, its block table shuffled, plus poisoned padding."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=DEVICE).manual_seed(seed)
     groups = kv_heads // group_size
     blocks_per_req = [-(-s // block_size) for s in seq_lens]
     num_blocks = sum(blocks_per_req) + extra_blocks + 1
-    cache = torch.randn(num_blocks, groups, block_size, rank_k + rank_v, generator=generator)
-    order = torch.randperm(num_blocks, generator=generator)[:sum(blocks_per_req)]
-    block_table = torch.zeros(len(seq_lens), max(blocks_per_req), dtype=torch.int32)
+    cache = torch.randn(num_blocks, groups, block_size, rank_k + rank_v, generator=generator, device=DEVICE,
+                        dtype=dtype)
+    order = torch.randperm(num_blocks, generator=generator, device=DEVICE)[:sum(blocks_per_req)]
+    block_table = torch.zeros(len(seq_lens), max(blocks_per_req), dtype=torch.int32, device=DEVICE)
     start = 0
     for i, count in enumerate(blocks_per_req):
         block_table[i, :count] = order[start:start + count]
         start += count
     query_start = torch.tensor([0] + list(torch.tensor(query_lens).cumsum(0)), dtype=torch.int32)
-    query = torch.randn(int(query_start[-1]), num_heads, head_dim, generator=generator)
-    k_up = torch.randn(groups, group_size * head_dim, rank_k, generator=generator) / rank_k ** 0.5
-    k_bias = torch.randn(kv_heads * head_dim, generator=generator) * 0.1 if bias else None
-    cos_sin = rope_cache(max(seq_lens) + 1, head_dim)
-    to = dict(device=DEVICE)
-    return dict(query=query.to(dtype=dtype, **to), kv_cache=cache.to(dtype=dtype, **to),
-                k_up=k_up.to(dtype=dtype, **to), k_bias=None if k_bias is None else k_bias.to(dtype=dtype, **to),
-                cos_sin_cache=cos_sin.to(**to), query_start_loc=query_start.to(**to),
-                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, **to), block_table=block_table.to(**to),
+    random = dict(generator=generator, device=DEVICE)
+    query = torch.randn(int(query_start[-1]), num_heads, head_dim, **random)
+    k_up = torch.randn(groups, group_size * head_dim, rank_k, **random) / rank_k ** 0.5
+    k_bias = torch.randn(kv_heads * head_dim, **random) * 0.1 if bias else None
+    return dict(query=query.to(dtype), kv_cache=cache, k_up=k_up.to(dtype),
+                k_bias=None if k_bias is None else k_bias.to(dtype),
+                cos_sin_cache=rope_cache(max(seq_lens) + 1, head_dim).to(DEVICE),
+                query_start_loc=query_start.to(DEVICE),
+                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), block_table=block_table,
                 scale=head_dim ** -0.5)
 
 
@@ -72,8 +73,16 @@ SMALL = [  # seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k
 ]
 
 
+FULL = [  # GPU only: real head sizes and context lengths
+    ([3000, 1, 4500, 2049], [1, 1, 1, 1], 32, 8, 1, 128, 80, 176, 16),     # Llama-3-8B decode, kv-ratio 0.5
+    ([4096, 3000], [128, 7], 32, 8, 2, 128, 96, 160, 64),                   # chunked prefill + decode, groups of 2
+    ([2048, 700], [1, 700], 32, 32, 4, 128, 128, 256, 128),                 # Llama-2-7B MHA, groups of 4
+    ([5000], [2048], 9, 3, 3, 64, 64, 128, 32),                              # SmolLM2 joint group, long chunk
+]
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SMALL)
+@pytest.mark.parametrize("shape", SMALL + (FULL if DEVICE == "cuda" else []))
 def test_attention_matches_reference(shape, dtype):
     seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size = shape
     check(make_case(seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size,
@@ -84,6 +93,15 @@ def test_attention_matches_reference(shape, dtype):
 def test_split_kv_matches_reference(num_splits):
     case = make_case([100, 7], [1, 1], 4, 2, 1, 32, 16, 24, 16, DTYPES[0])
     check(case, num_splits=num_splits)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs > 2^31 cache elements: GPU only")
+def test_huge_cache_indexing():
+    """Blocks beyond 2^31 elements (8.7 GB bf16 cache; the shuffled block table lands mostly past it): 32-bit
+    offsets would wrap."""
+    case = make_case([300, 77], [1, 5], 8, 2, 1, 128, 64, 192, 16, torch.bfloat16, extra_blocks=530_000)
+    assert case["kv_cache"].numel() > 2 ** 31 and int(case["block_table"].max()) * 2 * 16 * 256 > 2 ** 31
+    check(case)
 
 
 def test_gptj_rotary_and_key_bias():

@@ -1,0 +1,224 @@
+"""``python -m vllm_palu.bench kernels``: Palu's paged latent attention vs dense attention on identical shapes.
+
+Runs on an NVIDIA GPU without vLLM. Per case: median time (CUDA events, ``triton.testing.do_bench``), effective
+bandwidth, and the roofline floor ``max(bytes / 4.3 TB/s, FLOPs / 790 TFLOP/s)`` (the H200's measured ceilings;
+FLOPs include key reconstruction). Baselines: torch SDPA with the flash and cuDNN backends on contiguous K/V, and the
+public Palu approach (rebuild all keys, then attend). Writes JSON, a markdown table and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+BANDWIDTH = 4.3e12  # bytes/s, measured device copy on the H200
+MATMUL = 790e12  # bf16 FLOP/s, measured
+
+
+@dataclass
+class Case:
+    model: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    kv_ratio: float
+    group_size: int
+    batch: int
+    context: int
+    query_len: int = 1
+    k_fraction: float = 0.3125
+
+    @property
+    def ranks(self) -> tuple[int, int]:
+        width = self.group_size * self.head_dim
+        total = self.kv_ratio * 2 * width
+        rank_k = max(16, int(total * self.k_fraction / 16 + 0.5) * 16)
+        return rank_k, int(total - rank_k)
+
+    def palu_bytes(self) -> float:
+        rank_k, rank_v = self.ranks
+        groups = self.kv_heads // self.group_size
+        cached = self.batch * self.context * groups * (rank_k + rank_v) * 2
+        up = self.kv_heads * self.head_dim * rank_k * 2
+        return cached + up + 2 * self.batch * self.query_len * self.heads * (self.head_dim + rank_v) * 2
+
+    def palu_flops(self) -> float:
+        rank_k, rank_v = self.ranks
+        tokens = self.batch * self.context
+        rebuild = 2 * tokens * self.kv_heads * self.head_dim * rank_k
+        attend = 2 * tokens * self.heads * self.query_len * (self.head_dim + rank_v)
+        return rebuild + attend
+
+    def dense_bytes(self) -> float:
+        return self.batch * self.context * self.kv_heads * self.head_dim * 2 * 2
+
+    def dense_flops(self) -> float:
+        return 4 * self.batch * self.context * self.heads * self.query_len * self.head_dim
+
+
+def floor_us(nbytes: float, flops: float) -> float:
+    return max(nbytes / BANDWIDTH, flops / MATMUL) * 1e6
+
+
+def build_inputs(case: Case, dtype, device):
+    import torch
+
+    rank_k, rank_v = case.ranks
+    groups = case.kv_heads // case.group_size
+    block_size = 16
+    blocks_per_seq = case.context // block_size
+    generator = torch.Generator(device=device).manual_seed(0)
+    cache = torch.randn(case.batch * blocks_per_seq, groups, block_size, rank_k + rank_v, device=device,
+                        dtype=dtype, generator=generator)
+    block_table = torch.randperm(case.batch * blocks_per_seq, device=device, generator=generator
+                                 ).view(case.batch, blocks_per_seq).to(torch.int32)
+    query = torch.randn(case.batch * case.query_len, case.heads, case.head_dim, device=device, dtype=dtype,
+                        generator=generator)
+    k_up = (torch.randn(groups, case.group_size * case.head_dim, rank_k, device=device, dtype=torch.float32,
+                        generator=generator) / math.sqrt(rank_k)).to(dtype)
+    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, case.head_dim, 2, device=device) / case.head_dim)
+    angles = torch.arange(case.context, device=device)[:, None] * inv_freq[None, :]
+    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    query_start = torch.arange(case.batch + 1, device=device, dtype=torch.int32) * case.query_len
+    seq_lens = torch.full((case.batch,), case.context, device=device, dtype=torch.int32)
+    return dict(query=query, kv_cache=cache, k_up=k_up, k_bias=None, cos_sin_cache=cos_sin, is_neox_style=True,
+                query_start_loc=query_start, seq_lens=seq_lens, block_table=block_table,
+                scale=case.head_dim ** -0.5)
+
+
+def refcheck(case: Case, device) -> float:
+    """Relative error of the bf16 kernel vs the fp32 reference on a cut-down copy of the case."""
+    import torch
+
+    from vllm_palu.attention import ops, reference
+
+    small = Case(**{**asdict(case), "batch": min(case.batch, 2), "context": min(case.context, 4096)})
+    inputs = build_inputs(small, torch.bfloat16, device)
+    expected = reference.paged_latent_attention(**inputs)
+    got = ops.paged_latent_attention(**inputs).float()
+    return float((got - expected).norm() / expected.norm())
+
+
+def time_case(case: Case, device) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+    from triton.testing import do_bench
+
+    from vllm_palu.attention import ops
+
+    inputs = build_inputs(case, torch.bfloat16, device)
+    palu_us = do_bench(lambda: ops.paged_latent_attention(**inputs, max_query_len=case.query_len,
+                                                          max_seq_len=case.context), return_mode="median") * 1e3
+    row = {**asdict(case), "rank_k": case.ranks[0], "rank_v": case.ranks[1], "palu_us": palu_us,
+           "palu_floor_us": floor_us(case.palu_bytes(), case.palu_flops()),
+           "dense_floor_us": floor_us(case.dense_bytes(), case.dense_flops())}
+    row["palu_roofline_fraction"] = row["palu_floor_us"] / palu_us
+    row["palu_bandwidth_tbs"] = case.palu_bytes() / palu_us / 1e6
+    del inputs
+
+    q = torch.randn(case.batch, case.heads, case.query_len, case.head_dim, device=device, dtype=torch.bfloat16)
+    k = torch.randn(case.batch, case.kv_heads, case.context, case.head_dim, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+    # A prefill chunk sits at the end of its context: causal, aligned bottom-right.
+    mask = causal_lower_right(case.query_len, case.context) if case.query_len > 1 else None
+    for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
+        try:
+            with sdpa_kernel(backend):
+                row[f"{name}_us"] = do_bench(lambda: F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, enable_gqa=True), return_mode="median") * 1e3
+        except RuntimeError as error:
+            row[f"{name}_us"] = None
+            row[f"{name}_error"] = str(error).splitlines()[0][:120]
+    dense = [row[key] for key in ("flash_us", "cudnn_us") if row.get(key)]
+    row["best_dense_us"] = min(dense) if dense else None
+    row["speedup_vs_best_dense"] = row["best_dense_us"] / palu_us if dense else None
+    del k, v
+    torch.cuda.empty_cache()
+    return row
+
+
+def default_cases() -> list[Case]:
+    cases = []
+    for model, heads, kv_heads in (("llama3-8b", 32, 8), ("llama2-7b", 32, 32)):
+        for kv_ratio in (0.5, 0.25):
+            for batch, context in ((1, 4096), (1, 16384), (1, 65536), (1, 131072), (16, 4096), (16, 16384),
+                                   (16, 32768), (16, 65536), (64, 4096), (64, 16384)):
+                if kv_heads == 32 and batch * context > 16 * 32768:
+                    continue  # dense MHA K/V of that size does not fit beside the rest
+                cases.append(Case(model, heads, kv_heads, 128, kv_ratio, 1, batch, context))
+    cases.append(Case("llama3-8b", 32, 8, 128, 0.5, 2, 16, 32768))  # groups of 2 KV heads
+    cases.append(Case("llama2-7b", 32, 32, 128, 0.5, 2, 16, 16384))
+    cases.append(Case("llama3-8b", 32, 8, 128, 0.5, 1, 1, 32768, query_len=2048))  # prefill chunk
+    return cases
+
+
+def write_outputs(rows: list[dict], out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "kernels.json").write_text(json.dumps(rows, indent=1))
+    lines = ["| model | kv ratio | gs | batch | ctx | q | ranks k/v | palu µs | floor µs | of floor | flash µs | "
+             "cudnn µs | speed-up vs best dense | dense floor µs |", "|" + "---|" * 14]
+    for r in rows:
+        fmt = lambda x: "–" if x is None else f"{x:.0f}"  # noqa: E731
+        lines.append(f"| {r['model']} | {r['kv_ratio']} | {r['group_size']} | {r['batch']} | {r['context']} | "
+                     f"{r['query_len']} | {r['rank_k']}/{r['rank_v']} | {r['palu_us']:.0f} | "
+                     f"{r['palu_floor_us']:.0f} | {r['palu_roofline_fraction']:.0%} | {fmt(r['flash_us'])} | "
+                     f"{fmt(r['cudnn_us'])} | {'–' if r['speedup_vs_best_dense'] is None else f'{r['speedup_vs_best_dense']:.2f}x'}"
+                     f" | {r['dense_floor_us']:.0f} |")
+    (out_dir / "kernels.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    labels = [f"{r['model']}\nr{r['kv_ratio']} b{r['batch']}\n{r['context'] // 1024}K" for r in rows]
+    x = range(len(rows))
+    ax.bar([i - 0.2 for i in x], [r["palu_us"] for r in rows], 0.4, label="Palu (Triton)")
+    ax.bar([i + 0.2 for i in x], [r["best_dense_us"] or 0 for r in rows], 0.4, label="best dense SDPA")
+    ax.scatter(list(x), [r["palu_floor_us"] for r in rows], color="k", marker="_", s=200, label="Palu floor")
+    ax.set_yscale("log")
+    ax.set_xticks(list(x), labels, fontsize=5)
+    ax.set_ylabel("µs per layer")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "kernels.png", dpi=130)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vllm_palu.bench")
+    parser.add_argument("what", choices=["kernels"])
+    parser.add_argument("--out", type=Path, default=Path("results/bench"))
+    parser.add_argument("--quick", action="store_true", help="only the headline cases")
+    args = parser.parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("error: the kernel benchmark needs an NVIDIA GPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    cases = default_cases()
+    if args.quick:
+        cases = [c for c in cases if c.context == 32768]
+    rows = []
+    for case in cases:
+        error = refcheck(case, device)
+        if not error < 2e-2:
+            print(f"error: refcheck failed for {case}: relative error {error:.3g}", file=sys.stderr)
+            return 1
+        rows.append({**time_case(case, device), "refcheck_error": error})
+        print(json.dumps(rows[-1]), flush=True)
+    write_outputs(rows, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
