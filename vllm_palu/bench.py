@@ -165,10 +165,11 @@ def write_outputs(rows: list[dict], out_dir: Path) -> None:
              "cudnn µs | speed-up vs best dense | dense floor µs |", "|" + "---|" * 14]
     for r in rows:
         fmt = lambda x: "–" if x is None else f"{x:.0f}"  # noqa: E731
+        speedup = r["speedup_vs_best_dense"]
         lines.append(f"| {r['model']} | {r['kv_ratio']} | {r['group_size']} | {r['batch']} | {r['context']} | "
                      f"{r['query_len']} | {r['rank_k']}/{r['rank_v']} | {r['palu_us']:.0f} | "
                      f"{r['palu_floor_us']:.0f} | {r['palu_roofline_fraction']:.0%} | {fmt(r['flash_us'])} | "
-                     f"{fmt(r['cudnn_us'])} | {'–' if r['speedup_vs_best_dense'] is None else f'{r['speedup_vs_best_dense']:.2f}x'}"
+                     f"{fmt(r['cudnn_us'])} | {'–' if speedup is None else f'{speedup:.2f}x'}"
                      f" | {r['dense_floor_us']:.0f} |")
     (out_dir / "kernels.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
