@@ -143,6 +143,39 @@ def time_case(case: Case, device) -> dict:
     return row
 
 
+def tune(device) -> list[dict]:
+    """Time tile/warp/stage/split variants of the decode kernel on the headline shapes (prints the best first)."""
+    import itertools
+
+    import torch
+    from triton.testing import do_bench
+
+    from vllm_palu.attention import ops
+
+    rows = []
+    for case in (Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768), Case("llama3-8b", 32, 8, 128, 0.5, 2, 16, 32768),
+                 Case("llama3-8b", 32, 8, 128, 0.5, 1, 1, 65536)):
+        inputs = build_inputs(case, torch.bfloat16, device)
+        floor = floor_us(case.palu_bytes(), case.palu_flops())
+        for block_n, warps, stages, per_sm in itertools.product((32, 64, 128), (4, 8), (1, 2, 3), (4, 16)):
+            tuning = dict(block_n=block_n, num_warps=warps, num_stages=stages, programs_per_sm=per_sm)
+            try:
+                us = do_bench(lambda: ops.paged_latent_attention(**inputs, max_query_len=1, max_seq_len=case.context,
+                                                                 tuning=tuning), return_mode="median") * 1e3
+            except Exception as error:  # noqa: BLE001 - out of resources etc.: record and go on
+                rows.append({"case": asdict(case), **tuning, "error": str(error).splitlines()[0][:100]})
+                continue
+            rows.append({"case": asdict(case), **tuning, "us": us, "of_floor": floor / us})
+        del inputs
+        torch.cuda.empty_cache()
+    for row in sorted((r for r in rows if "us" in r), key=lambda r: (r["case"]["group_size"], r["case"]["batch"],
+                                                                       r["us"]))[:60]:
+        print(f"gs{row['case']['group_size']} b{row['case']['batch']} ctx{row['case']['context']} "
+              f"N{row['block_n']} w{row['num_warps']} s{row['num_stages']} ps{row['programs_per_sm']}: "
+              f"{row['us']:.0f} us ({row['of_floor']:.0%} of floor)")
+    return rows
+
+
 def default_cases() -> list[Case]:
     cases = []
     for model, heads, kv_heads in (("llama3-8b", 32, 8), ("llama2-7b", 32, 32)):
@@ -196,7 +229,7 @@ def write_outputs(rows: list[dict], out_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vllm_palu.bench")
-    parser.add_argument("what", choices=["kernels"])
+    parser.add_argument("what", choices=["kernels", "tune"])
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     parser.add_argument("--quick", action="store_true", help="only the headline cases")
     args = parser.parse_args(argv)
@@ -206,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the kernel benchmark needs an NVIDIA GPU", file=sys.stderr)
         return 2
     device = torch.device("cuda")
+    if args.what == "tune":
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "tune.json").write_text(json.dumps(tune(device), indent=1))
+        return 0
     cases = default_cases()
     if args.quick:
         cases = [c for c in cases if c.context == 32768]

@@ -61,7 +61,7 @@ def paged_latent_attention_kernel(
     stride_ot, stride_oh,
     stride_pt, stride_ph, stride_ps,
     HEADS_PER_KV: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-    RANK_K: tl.constexpr, RANK_V: tl.constexpr, PAD_V: tl.constexpr, BLOCK_R: tl.constexpr,
+    RANK_K: tl.constexpr, RANK_V: tl.constexpr, PAD_K: tl.constexpr, PAD_V: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLITS: tl.constexpr,
 ):
@@ -88,8 +88,11 @@ def paged_latent_attention_kernel(
     q_lo = tl.load(q_rows + dims[None, :], mask=row_valid[:, None], other=0.0)
     q_hi = tl.load(q_rows + HALF + dims[None, :], mask=row_valid[:, None], other=0.0)
 
-    # This KV head's rows of the key up-projection, as [rank, half] operands.
+    # This KV head's rows of the key up-projection, as [rank, half] operands, loaded once per program.
     up_base = k_up_ptr + kv_head.to(tl.int64) * HEAD_DIM * RANK_K
+    rk = tl.arange(0, PAD_K)
+    up_lo = tl.load(up_base + dims[None, :] * RANK_K + rk[:, None], mask=rk[:, None] < RANK_K, other=0.0)
+    up_hi = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk[:, None], mask=rk[:, None] < RANK_K, other=0.0)
     if HAS_BIAS:
         bias_lo = tl.load(k_bias_ptr + kv_head * HEAD_DIM + dims).to(tl.float32)
         bias_hi = tl.load(k_bias_ptr + kv_head * HEAD_DIM + HALF + dims).to(tl.float32)
@@ -106,7 +109,6 @@ def paged_latent_attention_kernel(
     acc = tl.zeros([BLOCK_M, PAD_V], tl.float32)
     rv = tl.arange(0, PAD_V)
     cols = tl.arange(0, BLOCK_N)
-    ranks = tl.arange(0, BLOCK_R)
     cache_group = cache_ptr + group.to(tl.int64) * stride_cg
     for kv_tile in range(first, last):
         positions = kv_tile * BLOCK_N + cols
@@ -115,17 +117,10 @@ def paged_latent_attention_kernel(
                         mask=in_range, other=0).to(tl.int64)
         token_ptrs = cache_group + pages * stride_cb + (positions % BLOCK_SIZE) * stride_cn  # [BLOCK_N]
 
-        key_lo = tl.zeros([BLOCK_N, HALF], tl.float32)
-        key_hi = tl.zeros([BLOCK_N, HALF], tl.float32)
-        for r0 in range(0, RANK_K, BLOCK_R):
-            r = r0 + ranks
-            latent = tl.load(token_ptrs[:, None] + r[None, :], mask=in_range[:, None] & (r[None, :] < RANK_K),
-                             other=0.0)
-            up_lo = tl.load(up_base + dims[None, :] * RANK_K + r[:, None], mask=r[:, None] < RANK_K, other=0.0)
-            up_hi = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + r[:, None], mask=r[:, None] < RANK_K,
-                            other=0.0)
-            key_lo = tl.dot(latent, up_lo.to(latent.dtype), key_lo)
-            key_hi = tl.dot(latent, up_hi.to(latent.dtype), key_hi)
+        latent = tl.load(token_ptrs[:, None] + rk[None, :], mask=in_range[:, None] & (rk[None, :] < RANK_K),
+                         other=0.0)
+        key_lo = tl.dot(latent, up_lo.to(latent.dtype))  # [BLOCK_N, HALF], fp32 accumulate
+        key_hi = tl.dot(latent, up_hi.to(latent.dtype))
         if HAS_BIAS:
             key_lo += bias_lo[None, :]
             key_hi += bias_hi[None, :]

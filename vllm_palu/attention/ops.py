@@ -43,12 +43,14 @@ def rotary_permutation(head_dim: int, is_neox_style: bool, device) -> torch.Tens
     return torch.cat([torch.arange(0, head_dim, 2), torch.arange(1, head_dim, 2)]).to(device)
 
 
-def choose_num_splits(programs: int, max_seq_len: int, block_n: int, device: torch.device) -> int:
-    """Split the KV walk when the grid alone would not fill the GPU (few long sequences): aim for ~2 waves."""
+def choose_num_splits(programs: int, max_seq_len: int, block_n: int, device: torch.device,
+                      programs_per_sm: int = 8) -> int:
+    """Split the KV walk until the grid gives every multiprocessor several programs (latency hiding), keeping at
+    least 4 KV tiles per split."""
     if device.type != "cuda":
         return 1
     multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = math.ceil(2 * multiprocessors / max(programs, 1))
+    wanted = math.ceil(programs_per_sm * multiprocessors / max(programs, 1))
     most = max(1, max_seq_len // (4 * block_n))  # keep >= 4 tiles per split
     return int(min(triton.next_power_of_2(wanted), triton.next_power_of_2(most) // 2 or 1, 64))
 
@@ -57,7 +59,8 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
                            k_bias: torch.Tensor | None, cos_sin_cache: torch.Tensor, is_neox_style: bool,
                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
                            scale: float, *, max_query_len: int | None = None, max_seq_len: int | None = None,
-                           num_splits: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                           num_splits: int | None = None, out: torch.Tensor | None = None,
+                           tuning: dict | None = None) -> torch.Tensor:
     """Triton version of :func:`vllm_palu.attention.reference.paged_latent_attention`; output in query dtype."""
     num_tokens, num_heads, head_dim = query.shape
     num_groups, group_width, rank_k = k_up.shape
@@ -87,11 +90,13 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     max_seq_len = int(seq_lens.max()) if max_seq_len is None else max_seq_len
     block_m = _pow2(heads_per_kv) if max_query_len == 1 else max(64, _pow2(heads_per_kv))
     block_q = max(1, block_m // heads_per_kv)
-    block_n = 64 if query.device.type == "cuda" else 32
+    tuning = dict(tuning or {})
+    block_n = tuning.pop("block_n", 64 if query.device.type == "cuda" else 32)
     cu_qblocks = (query_start_loc // block_q + torch.arange(num_reqs + 1, device=query.device)).to(torch.int32)
     tiles = num_tokens // block_q + num_reqs  # upper bound; programs past their request's last tile exit
     if num_splits is None:
-        num_splits = choose_num_splits(tiles * kv_heads, max_seq_len, block_n, query.device)
+        num_splits = choose_num_splits(tiles * kv_heads, max_seq_len, block_n, query.device,
+                                       tuning.pop("programs_per_sm", 8))
     use_splits = num_splits > 1
     pad_v = _pow2(rank_v)
     if use_splits:
@@ -109,9 +114,9 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
         out.stride(0), out.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2) if use_splits else 0,
         HEADS_PER_KV=heads_per_kv, GROUP_SIZE=group_size, HEAD_DIM=head_dim, HALF=head_dim // 2,
-        RANK_K=rank_k, RANK_V=rank_v, PAD_V=pad_v, BLOCK_R=16, BLOCK_Q=block_q, BLOCK_M=block_m,
+        RANK_K=rank_k, RANK_V=rank_v, PAD_K=_pow2(rank_k), PAD_V=pad_v, BLOCK_Q=block_q, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2], NUM_SPLITS=num_splits, HAS_BIAS=k_bias is not None,
-        USE_SPLITS=use_splits)
+        USE_SPLITS=use_splits, **tuning)  # remaining tuning keys: num_warps, num_stages
     if use_splits:
         reduce_splits_kernel[(num_tokens, num_heads)](
             partial, stats, out, partial.stride(0), partial.stride(1), partial.stride(2), out.stride(0),
