@@ -23,15 +23,16 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
 
 
-def run_vllm(spec: dict, timeout: int = 600) -> dict:
+def run_vllm(spec: dict, timeout: int = 600, env: dict[str, str] | None = None) -> dict:
     """Run tests/vllm_runner.py in a fresh process; its JSON result."""
     import json
+    import os
     import subprocess
     import sys
 
     runner = Path(__file__).with_name("vllm_runner.py")
     result = subprocess.run([sys.executable, str(runner), json.dumps(spec)], capture_output=True, text=True,
-                            timeout=timeout)
+                            timeout=timeout, env={**os.environ, **(env or {})})
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert result.returncode == 0 and lines, f"vLLM run failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
     return json.loads(lines[-1].removeprefix("RESULT "))

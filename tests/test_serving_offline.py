@@ -113,3 +113,13 @@ def test_perplexity_through_vllm_equals_reference(palu_models, calib_file, tmp_p
         rows[engine] = json.loads(out.read_text())[0]
     assert rows["vllm"]["scored_tokens"] == rows["reference"]["scored_tokens"] == 4 * 127
     assert abs(rows["vllm"]["ppl"] / rows["reference"]["ppl"] - 1) < 1e-3
+
+
+def test_triton_kernels_in_vllm_match_the_pytorch_path(palu_models):
+    """The backend forced onto the Triton kernels (interpreted on CPU, fp32) serves the same greedy tokens."""
+    model_dir = palu_models["qwen2"]
+    prompts = token_prompts(model_dir, PROMPTS[:2])
+    spec = {"model": str(model_dir), "llm": ENGINE, "prompts": prompts, "max_tokens": 12}
+    triton = run_vllm(spec, env={"PALU_ATTENTION_KERNELS": "triton", "TRITON_INTERPRET": "1"})
+    torch_path = run_vllm(spec, env={"PALU_ATTENTION_KERNELS": "torch"})
+    assert triton["tokens"] == torch_path["tokens"] == reference_greedy(load_palu_model(model_dir), prompts, 12)

