@@ -4,7 +4,12 @@ import os
 import sys
 from pathlib import Path
 
-import pytest
+# The Triton kernel tests run under the interpreter on machines without a GPU. The switch must be on before the
+# first `import triton` anywhere in the session (triton.language's own jit helpers are decorated at import).
+if os.environ.get("PALU_KERNEL_TESTS_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -9,9 +9,7 @@ import os
 import pytest
 import torch
 
-DEVICE = os.environ.get("PALU_KERNEL_TESTS_DEVICE", "cpu")
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"  # must be set before triton is imported
+DEVICE = os.environ.get("PALU_KERNEL_TESTS_DEVICE", "cpu")  # cpu: TRITON_INTERPRET=1, set by conftest.py
 
 triton = pytest.importorskip("triton")
 

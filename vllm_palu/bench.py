@@ -82,7 +82,8 @@ def build_inputs(case: Case, dtype, device):
                         generator=generator) / math.sqrt(rank_k)).to(dtype)
     inv_freq = 1.0 / 500000.0 ** (torch.arange(0, case.head_dim, 2, device=device) / case.head_dim)
     angles = torch.arange(case.context, device=device)[:, None] * inv_freq[None, :]
-    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    # In serving, vLLM's rotary module casts its cos/sin table to the model dtype on first use: time that.
+    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1).to(dtype)
     query_start = torch.arange(case.batch + 1, device=device, dtype=torch.int32) * case.query_len
     seq_lens = torch.full((case.batch,), case.context, device=device, dtype=torch.int32)
     return dict(query=query, kv_cache=cache, k_up=k_up, k_bias=None, cos_sin_cache=cos_sin, is_neox_style=True,
