@@ -158,7 +158,7 @@ def tune(device) -> list[dict]:
                  Case("llama3-8b", 32, 8, 128, 0.5, 1, 1, 65536)):
         inputs = build_inputs(case, torch.bfloat16, device)
         floor = floor_us(case.palu_bytes(), case.palu_flops())
-        for block_n, warps, stages, per_sm in itertools.product((32, 64, 128), (4, 8), (1, 2, 3), (4, 16)):
+        for block_n, warps, stages, per_sm in itertools.product((16, 32, 64), (2, 4), (2, 3, 4), (4, 16)):
             tuning = dict(block_n=block_n, num_warps=warps, num_stages=stages, programs_per_sm=per_sm)
             try:
                 us = do_bench(lambda: ops.paged_latent_attention(**inputs, max_query_len=1, max_seq_len=case.context,
