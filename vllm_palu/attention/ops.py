@@ -90,7 +90,9 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     max_seq_len = int(seq_lens.max()) if max_seq_len is None else max_seq_len
     block_m = _pow2(heads_per_kv) if max_query_len == 1 else max(64, _pow2(heads_per_kv))
     block_q = max(1, block_m // heads_per_kv)
-    tuning = dict(tuning or {})
+    # Defaults from `python -m vllm_palu.bench tune` on the H200 (docs/KERNEL_NOTES.md): decode is latency-bound,
+    # and 2 warps per program beat 4 and 8.
+    tuning = {"num_warps": 2 if max_query_len == 1 else 4, "num_stages": 3, **(tuning or {})}
     block_n = tuning.pop("block_n", 64 if query.device.type == "cuda" else 32)
     cu_qblocks = (query_start_loc // block_q + torch.arange(num_reqs + 1, device=query.device)).to(torch.int32)
     tiles = num_tokens // block_q + num_reqs  # upper bound; programs past their request's last tile exit
