@@ -64,10 +64,22 @@ def _quiet_transformers() -> Iterator[None]:
         transformers.logging.set_verbosity(verbosity)
 
 
-def _model_class(architecture: str) -> type[nn.Module]:
+def _from_pretrained(path, architecture: str, dtype: torch.dtype, what: str,
+                     allowed_missing=lambda key: False, **kwargs) -> nn.Module:
+    """transformers' loader for ``architecture``, with load failures and missing weights as one-line errors;
+    ``allowed_missing(key)`` marks weights the caller supplies itself (the factorized k/v projections)."""
     import transformers
 
-    return getattr(transformers, architecture)
+    with _quiet_transformers():
+        try:
+            model, info = getattr(transformers, architecture).from_pretrained(
+                path, dtype=dtype, output_loading_info=True, low_cpu_mem_usage=True, **kwargs)
+        except Exception as error:  # noqa: BLE001 - any loader failure means a broken checkpoint
+            raise PaluError(f"cannot load {what} {path}: {_first_line(error)}") from None
+    missing = [key for key in info.get("missing_keys", []) if not allowed_missing(key)]
+    if missing:
+        raise PaluError(f"corrupt {what} {path}: missing weights {sorted(missing)[:4]}")
+    return model
 
 
 def check_finite(model: nn.Module, what: str) -> None:
@@ -84,14 +96,7 @@ def load_dense_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32
         raise PaluError(f"{path} is already a Palu checkpoint")
     if not any(p.suffix == ".safetensors" for p in Path(path).iterdir()):
         raise PaluError(f"no *.safetensors weights in {path}")
-    with _quiet_transformers():
-        try:
-            model, info = _model_class(architecture).from_pretrained(
-                path, dtype=dtype, output_loading_info=True, low_cpu_mem_usage=True)
-        except Exception as error:  # noqa: BLE001 - any loader failure means a broken checkpoint
-            raise PaluError(f"cannot load checkpoint {path}: {_first_line(error)}") from None
-    if info.get("missing_keys"):
-        raise PaluError(f"corrupt checkpoint {path}: missing weights {sorted(info['missing_keys'])[:4]}")
+    model = _from_pretrained(path, architecture, dtype, "checkpoint")
     check_finite(model, f"checkpoint {path}")
     return model.eval()
 
@@ -106,15 +111,8 @@ def load_palu_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
     palu = PaluConfig.from_hf_config(config)
     hf_config = AutoConfig.from_pretrained(path)
     hf_config.architectures = [palu.base_architecture]
-    with _quiet_transformers():
-        try:
-            model, info = _model_class(palu.base_architecture).from_pretrained(
-                path, config=hf_config, dtype=dtype, output_loading_info=True, low_cpu_mem_usage=True)
-        except Exception as error:  # noqa: BLE001
-            raise PaluError(f"cannot load Palu checkpoint {path}: {_first_line(error)}") from None
-    missing = [k for k in info.get("missing_keys", []) if not _is_kv_key(k)]
-    if missing:
-        raise PaluError(f"corrupt Palu checkpoint {path}: missing weights {sorted(missing)[:4]}")
+    model = _from_pretrained(path, palu.base_architecture, dtype, "Palu checkpoint", config=hf_config,
+                             allowed_missing=_is_kv_key)
     layers = decoder_layers(model)
     if len(layers) != palu.num_layers:
         raise PaluError(f"palu section lists {palu.num_layers} layers, the model has {len(layers)}")
