@@ -44,7 +44,7 @@ def rotary_permutation(head_dim: int, is_neox_style: bool, device) -> torch.Tens
 
 
 def choose_num_splits(programs: int, max_seq_len: int, block_n: int, device: torch.device,
-                      programs_per_sm: int = 8) -> int:
+                      programs_per_sm: int = 16) -> int:
     """Split the KV walk until the grid gives every multiprocessor several programs (latency hiding), keeping at
     least 4 KV tiles per split."""
     if device.type != "cuda":
@@ -98,7 +98,7 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     tiles = num_tokens // block_q + num_reqs  # upper bound; programs past their request's last tile exit
     if num_splits is None:
         num_splits = choose_num_splits(tiles * kv_heads, max_seq_len, block_n, query.device,
-                                       tuning.pop("programs_per_sm", 8))
+                                       tuning.pop("programs_per_sm", 16))
     use_splits = num_splits > 1
     pad_v = _pow2(rank_v)
     if use_splits:
