@@ -107,11 +107,14 @@ class PaluAttention(nn.Module):
             param = getattr(self.q_proj, name.removeprefix("q_proj."))
             param.weight_loader(param, tensor)
             return name
-        kind, part = name.split(".", 1)[0][0], name.split(".", 1)[1]  # "k"/"v", "down.weight" / "up.weight" / ...
+        projection, part = name.split(".", 1)  # "k_proj" / "v_proj", "down.weight" / "up.weight" / "up.bias"
+        kind = projection[0]
         rank = self.rank_k if kind == "k" else self.rank_v
         width = self.palu.group_width
         expected = {"down.weight": (full_groups * rank, self.kv_down.input_size),
-                    "up.weight": (full_groups, width, rank), "up.bias": (full_groups * width,)}.get(part)
+                    "up.weight": (full_groups, width, rank)}.get(part)
+        if part == "up.bias" and self.palu.kv_bias:
+            expected = (full_groups * width,)
         if expected is None or tuple(tensor.shape) != expected:
             raise ValueError(f"Palu checkpoint does not match its palu config: layer {self.layer_index}: "
                              f"self_attn.{name} has shape {tuple(tensor.shape)}, the palu section ({kind} rank "
