@@ -23,19 +23,14 @@ def test_dense_model_with_palu_backend(tiny_llama):
     assert code != 0 and "the PALU attention backend serves Palu checkpoints only" in output
 
 
-def test_palu_model_with_another_backend(joint_palu):
-    code, output = failed_start(joint_palu, "--attention-backend", "FLEX_ATTENTION", *ARGS)
-    assert code != 0 and "a Palu checkpoint caches latents and needs the PALU backend" in output
-
-
-def test_unsupported_kv_cache_dtype(joint_palu):
-    code, output = failed_start(joint_palu, "--kv-cache-dtype", "fp8", *ARGS)
-    assert code != 0 and "--kv-cache-dtype fp8 is not supported with Palu latents" in output
-
-
-def test_tensor_parallel_must_divide_groups(joint_palu):
-    code, output = failed_start(joint_palu, "--tensor-parallel-size", "2", *ARGS)
-    assert code != 0 and "tensor parallel size 2 does not divide the checkpoint's 1 latent group(s)" in output
+@pytest.mark.parametrize("flags, message", [
+    (("--attention-backend", "FLEX_ATTENTION"), "a Palu checkpoint caches latents and needs the PALU backend"),
+    (("--kv-cache-dtype", "fp8"), "--kv-cache-dtype fp8 is not supported with Palu latents"),
+    (("--tensor-parallel-size", "2"), "tensor parallel size 2 does not divide the checkpoint's 1 latent group(s)"),
+])
+def test_palu_model_with_unsupported_settings(joint_palu, flags, message):
+    code, output = failed_start(joint_palu, *flags, *ARGS)
+    assert code != 0 and message in output
 
 
 def test_palu_section_disagreeing_with_weights(joint_palu, tmp_path):
