@@ -25,6 +25,9 @@ BASE_ARCHITECTURES = {palu: base for base, palu in PALU_ARCHITECTURES.items()}
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
+# Orthogonal rotations the converter can fold into each group's latent space (vllm_palu/offline/rotation.py).
+LATENT_ROTATIONS = ("none", "hadamard", "random")
+
 # Name of the attention backend (``--attention-backend PALU``).
 BACKEND_NAME = "PALU"
 
@@ -46,6 +49,8 @@ class PaluConfig:
     v_ranks: list[int]
     kv_bias: bool = False  # q/k/v projections carry biases (Qwen2); k/v biases live on the up-projections
     latent_dtype: str = "bfloat16"
+    # Orthogonal rotation folded into every group's down/up projections (exact; helps quantized latents).
+    rotation: str = "none"
     format_version: int = FORMAT_VERSION
     # How the ranks were obtained (decomposition, allocation, kv_ratio, k_fraction, rank_multiple).
     method: dict[str, Any] = field(default_factory=dict)
@@ -75,9 +80,23 @@ class PaluConfig:
     def dense_kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * dtype_bytes
 
-    def latent_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
+    def latent_bytes_per_token(self, dtype_bytes: int | None = None, latent_quant: str = "auto") -> int:
+        """Cache bytes per token over all layers; quantized latents (fp8, int4) count their inline scales."""
+        from vllm_palu.attention.latent_quant import row_bytes  # imports torch: not at module level
+
         per_value = DTYPE_BYTES[self.latent_dtype] if dtype_bytes is None else dtype_bytes
-        return sum(self.latent_width(i) for i in range(self.num_layers)) * per_value
+        return sum(self.num_groups * row_bytes(self.k_ranks[i], self.v_ranks[i], latent_quant, per_value)
+                   for i in range(self.num_layers))
+
+    def latent_quant_problem(self, latent_quant: str) -> str | None:
+        """Why this checkpoint's ranks cannot be cached as ``latent_quant``, or None."""
+        from vllm_palu.attention.latent_quant import check_ranks
+
+        for layer in range(self.num_layers):
+            problem = check_ranks(self.k_ranks[layer], self.v_ranks[layer], latent_quant)
+            if problem:
+                return f"layer {layer}: {problem}"
+        return None
 
     @property
     def kv_ratio(self) -> float:
@@ -102,6 +121,8 @@ class PaluConfig:
                     raise PaluError(f"layer {layer}: {name} rank {rank} outside [1, {self.group_width}]")
         if self.latent_dtype not in DTYPE_BYTES:
             raise PaluError(f"unsupported latent_dtype {self.latent_dtype!r}")
+        if self.rotation not in LATENT_ROTATIONS:
+            raise PaluError(f"unknown rotation {self.rotation!r}; this build knows {', '.join(LATENT_ROTATIONS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
