@@ -4,6 +4,19 @@ A Palu checkpoint is the base model's HF checkpoint with, in every layer, ``k_pr
 down-projection (hidden -> latent, the part that is cached) and a per-group up-projection (latent -> the group's
 heads). This module only describes that format; it imports neither vLLM nor transformers, so the serving plugin,
 the converter and the GPU benchmarks can all read it.
+
+How serving stores the latents is chosen with vLLM's own ``--kv-cache-dtype`` flag (:data:`KV_CACHE_DTYPE_LATENTS`):
+
+- ``auto`` / ``float16`` / ``bfloat16``: latents in that dtype (``auto``: the model dtype).
+- ``fp8`` / ``fp8_e4m3`` / ``fp8_per_token_head``: float8 e4m3 latents, one fp16 scale per token, group and K/V.
+- ``int4_per_token_head``: asymmetric int4 latents, two a byte, fp16 scale and minimum per token, group and K/V.
+
+Why vLLM's flag and not a checkpoint field: vLLM 0.32/0.33 already has per-token-head KV dtypes, and in a Palu
+cache a latent group *is* the head slot of vLLM's page (``num_kv_heads = groups``), so "per token-head" is exactly
+our per token-group scaling; ``fp8`` keeps the usual flag users know. The same checkpoint then serves at any
+precision without reconversion, vLLM's page-size accounting sees a quantized dtype, and nothing new has to be
+parsed. ``fp8_e5m2`` and the other vLLM formats (nvfp4, turboquant, int8) are refused at start-up. The layout of
+a quantized row is specified in :mod:`vllm_palu.attention.latent_quant`.
 """
 
 from __future__ import annotations
@@ -27,6 +40,20 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 # Orthogonal rotations the converter can fold into each group's latent space (vllm_palu/offline/rotation.py).
 LATENT_ROTATIONS = ("none", "hadamard", "random")
+
+# vLLM --kv-cache-dtype -> how the PALU cache stores latents (vllm_palu.attention.latent_quant.LATENT_DTYPES).
+KV_CACHE_DTYPE_LATENTS = {"auto": "auto", "float16": "auto", "bfloat16": "auto",
+                          "fp8": "fp8", "fp8_e4m3": "fp8", "fp8_per_token_head": "fp8",
+                          "int4_per_token_head": "int4"}
+
+
+def latent_dtype_for(kv_cache_dtype: str) -> str:
+    """The latent storage of a ``--kv-cache-dtype``; PaluError naming the supported ones."""
+    if kv_cache_dtype not in KV_CACHE_DTYPE_LATENTS:
+        raise PaluError(f"--kv-cache-dtype {kv_cache_dtype} is not supported with Palu latents; supported: "
+                        f"{', '.join(KV_CACHE_DTYPE_LATENTS)}")
+    return KV_CACHE_DTYPE_LATENTS[kv_cache_dtype]
+
 
 # Name of the attention backend (``--attention-backend PALU``).
 BACKEND_NAME = "PALU"
