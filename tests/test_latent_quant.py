@@ -103,3 +103,32 @@ def test_constant_and_zero_vectors_stay_finite():
     for mode in ("fp8", "int4"):
         k_hat, v_hat = dequantize_rows(quantize_rows(k, v, mode), 8, 8, mode)
         assert torch.equal(k_hat, k) and torch.allclose(v_hat, v, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int4"])
+def test_paged_attention_on_quantized_rows_equals_attention_on_dequantized_latents(mode):
+    """The PyTorch serving path: write_latents quantizes into a uint8 cache, paged_latent_attention dequantizes;
+    same result as the unquantized path over a float cache holding the fake-quantized latents."""
+    from vllm_palu.attention.reference import paged_latent_attention, write_latents
+
+    groups, rank_k, rank_v, heads, head_dim, block = 2, 8, 24, 4, 16, 4
+    k, v = latents(tokens=10, groups=groups, rank_k=rank_k, rank_v=rank_v, seed=5)
+    slots = torch.tensor([4, 5, 6, 7, 8, 9, 10, 11, 12, -1])  # blocks 1..3, then a padding token
+    quantized_cache = torch.zeros(4, groups, block, row_bytes(rank_k, rank_v, mode), dtype=torch.uint8)
+    float_cache = torch.zeros(4, groups, block, rank_k + rank_v)
+    write_latents(quantized_cache, slots, k, v, latent_dtype=mode)
+    write_latents(float_cache, slots, fake_quant_latent(k, mode), fake_quant_latent(v, mode))
+    generator = torch.Generator().manual_seed(9)
+    k_up = torch.randn(groups, 2 * head_dim, rank_k, generator=generator)
+    query = torch.randn(3, heads, head_dim, generator=generator)
+    positions = torch.arange(64, dtype=torch.float32)[:, None] * torch.linspace(0.5, 0.01, head_dim // 2)
+    cos_sin = torch.cat((positions.cos(), positions.sin()), dim=-1)
+    # One request of 9 cached tokens (slots 4..12 = blocks 1, 2, 3), the last 3 are the queries.
+    args = (torch.tensor([0, 3]), torch.tensor([9]), torch.tensor([[1, 2, 3]]), head_dim ** -0.5)
+    served = paged_latent_attention(query, quantized_cache, k_up, None, cos_sin, True, *args, latent_dtype=mode)
+    expected = paged_latent_attention(query, float_cache, k_up, None, cos_sin, True, *args)
+    assert served.shape == (3, heads, rank_v) and torch.allclose(served, expected, atol=1e-6)
+    exact_cache = torch.zeros_like(float_cache)
+    write_latents(exact_cache, slots, k, v)
+    unquantized = paged_latent_attention(query, exact_cache, k_up, None, cos_sin, True, *args)
+    assert not torch.allclose(served, unquantized, atol=1e-3)  # canary: quantization is visible
