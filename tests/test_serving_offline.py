@@ -81,7 +81,7 @@ def test_quantized_latents_serve_the_quantized_reference(palu_models, kv_cache_d
         for name, model in (("quantized", quantized), ("exact", exact)):
             expected = reference_prompt_logprobs(model, ids)
             worst[name] = max(worst[name], *(abs(a - b) for a, b in zip(served[1:], expected)))
-    assert worst["quantized"] < 2e-3 < 10 * worst["quantized"] < worst["exact"]
+    assert worst["quantized"] < 2e-4 and worst["exact"] > 10 * max(worst["quantized"], 2e-4)
     row = row_bytes(8, 24, latent_quant)  # fp8: 8 + 24 + 4 scale bytes; int4: 16 + 8
     for cache in result["caches"]:
         assert cache["dtype"] == "torch.uint8" and cache["shape"][1:] == [2, 32, row]
