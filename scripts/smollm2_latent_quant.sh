@@ -4,7 +4,7 @@
 # paged cache stores them). Same protocol as scripts/smollm2_results.sh: WikiText-2 eval.txt, first 40k tokens,
 # 1024-token windows; calibration on calib.txt (32 x 512, seed 0). Unquantized latents ("none") are the foundation
 # table's numbers (scripts/smollm2_results.sh), and a rotation is exact there, so they are not re-run.
-# Each evaluation takes ~5 min on 2 cores: the runs go most important first.
+# Each evaluation takes 5-15 min on the 2 shared cores: the runs go most important first.
 set -euo pipefail
 DATA=${DATA:-../shared/data/wikitext2}
 OUT=${OUT:-results/smollm2-quant}
@@ -23,10 +23,11 @@ run() {  # kv-ratio, rotation, latent quantizations
     --json "$OUT/ppl-$name-$3.json" 2>/dev/null
 }
 run 0.5 none int4
+run 0.375 none fp8
 run 0.5 hadamard int4
-run 0.375 none fp8,int4
-run 0.25 none fp8,int4
+run 0.25 none int4
+run 0.25 none fp8
+run 0.375 none int4
+run 0.5 none fp8
 run 0.375 hadamard int4
 run 0.25 hadamard int4
-run 0.5 none fp8
-run 0.5 random int4
