@@ -125,7 +125,8 @@ def test_chunked_prefill_and_preemption_keep_outputs(palu_models):
     assert tight["tokens"] == expected and tight["preemptions"] > 0
 
 
-def test_perplexity_through_vllm_equals_reference(palu_models, calib_file, tmp_path):
+@pytest.mark.parametrize("latent_quant", ["none", "int4"])
+def test_perplexity_through_vllm_equals_reference(palu_models, calib_file, tmp_path, latent_quant):
     import json
     import subprocess
     import sys
@@ -135,11 +136,13 @@ def test_perplexity_through_vllm_equals_reference(palu_models, calib_file, tmp_p
         out = tmp_path / f"{engine}.json"
         result = subprocess.run([sys.executable, "-m", "vllm_palu.eval", "ppl", "--model",
                                  str(palu_models["qwen2"]), "--data", str(calib_file), "--seq-len", "128",
-                                 "--max-tokens", "512", "--engine", engine, "--json", str(out)],
+                                 "--max-tokens", "512", "--engine", engine, "--latent-quant", latent_quant,
+                                 "--json", str(out)],
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         rows[engine] = json.loads(out.read_text())[0]
     assert rows["vllm"]["scored_tokens"] == rows["reference"]["scored_tokens"] == 4 * 127
+    assert rows["vllm"]["kv_quant"] == rows["reference"]["kv_quant"] == latent_quant
     assert abs(rows["vllm"]["ppl"] / rows["reference"]["ppl"] - 1) < 1e-3
 
 

@@ -58,10 +58,13 @@ def run_ppl(args: argparse.Namespace) -> list[dict]:
         config = read_config(path)
         ids = tokenize_file(AutoTokenizer.from_pretrained(path), args.data, args.max_tokens)
         if args.engine == "vllm":
-            result = perplexity_vllm(path, ids, args.seq_len, args.dtype)
-            rows.append({"model": str(path), "engine": "vllm", "kv_quant": "none",
-                         "kv_bytes_vs_bf16": round(_kv_bytes(config), 4), "ppl": round(result.ppl, 3),
-                         "scored_tokens": result.scored_tokens, "windows": result.windows, "seq_len": args.seq_len})
+            for mode in latent_modes if "palu" in config else ["auto"]:
+                # A fresh engine per mode: the latent format is fixed when vLLM allocates the cache.
+                result = perplexity_vllm(path, ids, args.seq_len, args.dtype, kv_cache_dtype=SERVED_AS[mode])
+                rows.append({"model": str(path), "engine": "vllm", "kv_quant": _latent_quant_name(mode),
+                             "kv_bytes_vs_bf16": round(_kv_bytes(config, mode), 4), "ppl": round(result.ppl, 3),
+                             "scored_tokens": result.scored_tokens, "windows": result.windows,
+                             "seq_len": args.seq_len})
             continue
         model = load_model(path, getattr(torch, args.dtype))
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
@@ -84,6 +87,8 @@ def run_ppl(args: argparse.Namespace) -> list[dict]:
 
 # --latent-quant name -> latent_quant mode; "none" stores latents in the checkpoint dtype.
 LATENT_QUANT_NAMES = {"none": "auto", "fp8": "fp8", "int4": "int4"}
+# latent_quant mode -> the --kv-cache-dtype that serves it (vllm_palu.config.KV_CACHE_DTYPE_LATENTS).
+SERVED_AS = {"auto": "auto", "fp8": "fp8", "int4": "int4_per_token_head"}
 
 
 def _latent_quant_name(mode: str) -> str:
