@@ -87,6 +87,25 @@ def test_attention_matches_reference(shape, dtype):
                     dtype, seed=len(seq_lens)))
 
 
+@pytest.mark.parametrize("shape", [SMALL[1], SMALL[3]])
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float16])
+def test_fp16_key_path_matches_reference(shape, acc_dtype):
+    """The fp16 key tiles that 16-bit models use, exercised with fp32 inputs (runs under the interpreter too)."""
+    seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size = shape
+    case = make_case(seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size,
+                     torch.float32, seed=7)
+    expected = reference.paged_latent_attention(**case, is_neox_style=True)
+    out = ops.paged_latent_attention(**case, is_neox_style=True,
+                                     tuning={"key_dtype": torch.float16, "acc_dtype": acc_dtype})
+    assert float((out - expected).norm() / expected.norm()) < 5e-3
+
+
+@pytest.mark.parametrize("rank, chunks", [(16, (16, 0)), (24, (32, 0)), (40, (32, 16)), (48, (32, 16)),
+                                          (64, (64, 0)), (80, (64, 16)), (176, (128, 64)), (200, (256, 0))])
+def test_rank_chunks_cover_rank_with_less_padding(rank, chunks):
+    assert ops.rank_chunks(rank) == chunks
+
+
 @pytest.mark.parametrize("num_splits", [2, 4])
 def test_split_kv_matches_reference(num_splits):
     case = make_case([100, 7], [1, 1], 4, 2, 1, 32, 16, 24, 16, DTYPES[0])

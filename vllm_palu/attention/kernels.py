@@ -51,6 +51,16 @@ def _find_request(cu_qblocks_ptr, num_reqs, tile):
 
 
 @triton.jit
+def _rebuild_half(latent_0, latent_1, up_0, up_1, SPLIT_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                  KEY_DTYPE: tl.constexpr):
+    """One rotary half of a key tile: ``latent @ up`` over the rank chunks (the second chunk may be absent)."""
+    key = tl.dot(latent_0, up_0, out_dtype=ACC_DTYPE)
+    if SPLIT_K:
+        key = tl.dot(latent_1, up_1, key, out_dtype=ACC_DTYPE)
+    return key.to(KEY_DTYPE)
+
+
+@triton.jit
 def paged_latent_attention_kernel(
     q_ptr, cache_ptr, k_up_ptr, k_bias_ptr, cos_sin_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr,
     cu_qblocks_ptr, out_ptr, partial_ptr, stats_ptr,
@@ -61,10 +71,15 @@ def paged_latent_attention_kernel(
     stride_ot, stride_oh,
     stride_pt, stride_ph, stride_ps,
     HEADS_PER_KV: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-    RANK_K: tl.constexpr, RANK_V: tl.constexpr, PAD_K: tl.constexpr, PAD_V: tl.constexpr,
+    RANK_K: tl.constexpr, RANK_V: tl.constexpr, RK0: tl.constexpr, RK1: tl.constexpr, RV0: tl.constexpr,
+    RV1: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, KEY_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
     BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLITS: tl.constexpr,
 ):
+    """Ranks are covered by one power-of-two chunk or, with ``SPLIT_K``/``SPLIT_V``, two (``RK0 + RK1 >= RANK_K``), so
+    a rank of 48 costs 32 + 16 columns, not 64. Keys are rebuilt, rotated and scored in ``KEY_DTYPE`` (fp16 for 16-bit models: half
+    the registers and packed math; fp32 otherwise); scores, softmax and the V accumulators are fp32."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -85,19 +100,27 @@ def paged_latent_attention_kernel(
     row_pos = seq_len - q_len + row_token  # causal limit of each row
     dims = tl.arange(0, HALF)
     q_rows = q_ptr + (q_start + row_token).to(tl.int64)[:, None] * stride_qt + row_head[:, None] * stride_qh
-    q_lo = tl.load(q_rows + dims[None, :], mask=row_valid[:, None], other=0.0)
-    q_hi = tl.load(q_rows + HALF + dims[None, :], mask=row_valid[:, None], other=0.0)
+    q_lo = tl.load(q_rows + dims[None, :], mask=row_valid[:, None], other=0.0).to(KEY_DTYPE)
+    q_hi = tl.load(q_rows + HALF + dims[None, :], mask=row_valid[:, None], other=0.0).to(KEY_DTYPE)
 
-    # This KV head's rows of the key up-projection, as [rank, half] operands, loaded once per program.
+    # This KV head's rows of the key up-projection, as [rank chunk, half] operands, loaded once per program.
     up_base = k_up_ptr + kv_head.to(tl.int64) * HEAD_DIM * RANK_K
-    rk = tl.arange(0, PAD_K)
-    up_lo = tl.load(up_base + dims[None, :] * RANK_K + rk[:, None], mask=rk[:, None] < RANK_K, other=0.0)
-    up_hi = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk[:, None], mask=rk[:, None] < RANK_K, other=0.0)
+    rk0 = tl.arange(0, RK0)
+    rk1 = RK0 + tl.arange(0, RK1)
+    up_lo_0 = tl.load(up_base + dims[None, :] * RANK_K + rk0[:, None], mask=rk0[:, None] < RANK_K,
+                      other=0.0).to(KEY_DTYPE)
+    up_hi_0 = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk0[:, None], mask=rk0[:, None] < RANK_K,
+                      other=0.0).to(KEY_DTYPE)
+    up_lo_1 = tl.load(up_base + dims[None, :] * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K,
+                      other=0.0).to(KEY_DTYPE)
+    up_hi_1 = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K,
+                      other=0.0).to(KEY_DTYPE)
     if HAS_BIAS:
-        bias_lo = tl.load(k_bias_ptr + kv_head * HEAD_DIM + dims).to(tl.float32)
-        bias_hi = tl.load(k_bias_ptr + kv_head * HEAD_DIM + HALF + dims).to(tl.float32)
+        bias_lo = tl.load(k_bias_ptr + kv_head * HEAD_DIM + dims).to(KEY_DTYPE)
+        bias_hi = tl.load(k_bias_ptr + kv_head * HEAD_DIM + HALF + dims).to(KEY_DTYPE)
 
-    # KV range: causal end of this tile, split into NUM_SPLITS contiguous chunks of whole BLOCK_N tiles.
+    # KV range: causal end of this tile, split into NUM_SPLITS contiguous chunks of whole BLOCK_N tiles. Computed
+    # here from seq_lens, so a fixed grid (CUDA graphs) stays correct for any context length.
     kv_end = tl.minimum(seq_len, seq_len - q_len + tl.minimum(local_tile * BLOCK_Q + BLOCK_Q, q_len))
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
@@ -106,8 +129,10 @@ def paged_latent_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, PAD_V], tl.float32)
-    rv = tl.arange(0, PAD_V)
+    rv0 = tl.arange(0, RV0)
+    rv1 = RV0 + tl.arange(0, RV1)
+    acc_0 = tl.zeros([BLOCK_M, RV0], tl.float32)
+    acc_1 = tl.zeros([BLOCK_M, RV1], tl.float32)
     cols = tl.arange(0, BLOCK_N)
     cache_group = cache_ptr + group.to(tl.int64) * stride_cg
     for kv_tile in range(first, last):
@@ -117,18 +142,22 @@ def paged_latent_attention_kernel(
                         mask=in_range, other=0).to(tl.int64)
         token_ptrs = cache_group + pages * stride_cb + (positions % BLOCK_SIZE) * stride_cn  # [BLOCK_N]
 
-        latent = tl.load(token_ptrs[:, None] + rk[None, :], mask=in_range[:, None] & (rk[None, :] < RANK_K),
-                         other=0.0)
-        key_lo = tl.dot(latent, up_lo.to(latent.dtype))  # [BLOCK_N, HALF], fp32 accumulate
-        key_hi = tl.dot(latent, up_hi.to(latent.dtype))
+        latent_0 = tl.load(token_ptrs[:, None] + rk0[None, :], mask=in_range[:, None] & (rk0[None, :] < RANK_K),
+                           other=0.0).to(KEY_DTYPE)
+        latent_1 = latent_0
+        if SPLIT_K:
+            latent_1 = tl.load(token_ptrs[:, None] + rk1[None, :],
+                               mask=in_range[:, None] & (rk1[None, :] < RANK_K), other=0.0).to(KEY_DTYPE)
+        key_lo = _rebuild_half(latent_0, latent_1, up_lo_0, up_lo_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)  # [BLOCK_N, HALF]
+        key_hi = _rebuild_half(latent_0, latent_1, up_hi_0, up_hi_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)
         if HAS_BIAS:
             key_lo += bias_lo[None, :]
             key_hi += bias_hi[None, :]
         rope = cos_sin_ptr + positions.to(tl.int64)[:, None] * stride_cs + dims[None, :]
-        cos = tl.load(rope, mask=in_range[:, None], other=0.0).to(tl.float32)
-        sin = tl.load(rope + HALF, mask=in_range[:, None], other=0.0).to(tl.float32)
-        rot_lo = (key_lo * cos - key_hi * sin).to(q_lo.dtype)
-        rot_hi = (key_hi * cos + key_lo * sin).to(q_lo.dtype)
+        cos = tl.load(rope, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
+        sin = tl.load(rope + HALF, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
+        rot_lo = key_lo * cos - key_hi * sin
+        rot_hi = key_hi * cos + key_lo * sin
 
         scores = tl.dot(q_lo, tl.trans(rot_lo)) + tl.dot(q_hi, tl.trans(rot_hi))
         scores = scores * scale
@@ -139,23 +168,32 @@ def paged_latent_attention_kernel(
         p = tl.exp2(scores - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_latent = tl.load(token_ptrs[:, None] + RANK_K + rv[None, :],
-                           mask=in_range[:, None] & (rv[None, :] < RANK_V), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_latent.dtype), v_latent)
+        v_0 = tl.load(token_ptrs[:, None] + RANK_K + rv0[None, :],
+                      mask=in_range[:, None] & (rv0[None, :] < RANK_V), other=0.0)
+        acc_0 = acc_0 * alpha[:, None] + tl.dot(p.to(v_0.dtype), v_0)
+        if SPLIT_V:
+            v_1 = tl.load(token_ptrs[:, None] + RANK_K + rv1[None, :],
+                          mask=in_range[:, None] & (rv1[None, :] < RANK_V), other=0.0)
+            acc_1 = acc_1 * alpha[:, None] + tl.dot(p.to(v_1.dtype), v_1)
         m_i = m_new
 
     out_token = (q_start + row_token).to(tl.int64)
     if USE_SPLITS:
         partial = partial_ptr + out_token[:, None] * stride_pt + row_head[:, None] * stride_ph + split * stride_ps
-        tl.store(partial + rv[None, :], acc, mask=row_valid[:, None] & (rv[None, :] < RANK_V))
+        tl.store(partial + rv0[None, :], acc_0, mask=row_valid[:, None] & (rv0[None, :] < RANK_V))
+        if SPLIT_V:
+            tl.store(partial + rv1[None, :], acc_1, mask=row_valid[:, None] & (rv1[None, :] < RANK_V))
         stat_index = (out_token * num_heads + row_head) * NUM_SPLITS + split  # stats: [T, H, splits, (m, l)]
         tl.store(stats_ptr + stat_index * 2, m_i, mask=row_valid)
         tl.store(stats_ptr + stat_index * 2 + 1, l_i, mask=row_valid)
     else:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        inverse = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
         out_rows = out_ptr + out_token[:, None] * stride_ot + row_head[:, None] * stride_oh
-        tl.store(out_rows + rv[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=row_valid[:, None] & (rv[None, :] < RANK_V))
+        tl.store(out_rows + rv0[None, :], (acc_0 * inverse[:, None]).to(out_ptr.dtype.element_ty),
+                 mask=row_valid[:, None] & (rv0[None, :] < RANK_V))
+        if SPLIT_V:
+            tl.store(out_rows + rv1[None, :], (acc_1 * inverse[:, None]).to(out_ptr.dtype.element_ty),
+                     mask=row_valid[:, None] & (rv1[None, :] < RANK_V))
 
 
 @triton.jit

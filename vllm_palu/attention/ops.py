@@ -8,6 +8,7 @@ import math
 
 import torch
 import triton
+import triton.language as tl
 
 from vllm_palu.attention.kernels import paged_latent_attention_kernel, reduce_splits_kernel, write_latents_kernel
 
@@ -16,6 +17,20 @@ LOG2E = 1.4426950408889634
 
 def _pow2(value: int, minimum: int = 16) -> int:
     return max(minimum, triton.next_power_of_2(value))
+
+
+def rank_chunks(rank: int) -> tuple[int, int]:
+    """Cover ``rank`` with power-of-two tiles (Triton's shapes): one, or two when that pads less (48 -> 32 + 16,
+    80 -> 64 + 16, 176 -> 128 + 64). Returns (first, second); second is 0 for a single chunk."""
+    single = _pow2(rank)
+    first = max(16, single // 2)
+    if first >= rank:
+        return single, 0
+    second = _pow2(rank - first)
+    return (first, second) if first + second < single else (single, 0)
+
+
+TRITON_DTYPES = {torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: torch.Tensor,
@@ -96,11 +111,18 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     block_n = tuning.pop("block_n", 64 if query.device.type == "cuda" else 32)
     cu_qblocks = (query_start_loc // block_q + torch.arange(num_reqs + 1, device=query.device)).to(torch.int32)
     tiles = num_tokens // block_q + num_reqs  # upper bound; programs past their request's last tile exit
+    programs_per_sm = tuning.pop("programs_per_sm", 16)
     if num_splits is None:
-        num_splits = choose_num_splits(tiles * kv_heads, max_seq_len, block_n, query.device,
-                                       tuning.pop("programs_per_sm", 16))
+        num_splits = choose_num_splits(tiles * kv_heads, max_seq_len, block_n, query.device, programs_per_sm)
     use_splits = num_splits > 1
     pad_v = _pow2(rank_v)
+    split_ranks = tuning.pop("split_ranks", True)
+    rk0, rk1 = rank_chunks(rank_k) if split_ranks else (_pow2(rank_k), 0)
+    rv0, rv1 = rank_chunks(rank_v) if split_ranks else (pad_v, 0)
+    # 16-bit models rebuild, rotate and score keys in fp16: packed math and half the registers of fp32 tiles; the
+    # rebuild accumulates in fp32 unless tuned otherwise.
+    key_dtype = tuning.pop("key_dtype", torch.float32 if query.dtype == torch.float32 else torch.float16)
+    acc_dtype = tuning.pop("acc_dtype", torch.float32)
     if use_splits:
         partial = torch.empty(num_tokens, num_heads, num_splits, pad_v, dtype=torch.float32, device=query.device)
         stats = torch.empty(num_tokens, num_heads, num_splits, 2, dtype=torch.float32, device=query.device)
@@ -116,7 +138,9 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
         out.stride(0), out.stride(1),
         partial.stride(0), partial.stride(1), partial.stride(2) if use_splits else 0,
         HEADS_PER_KV=heads_per_kv, GROUP_SIZE=group_size, HEAD_DIM=head_dim, HALF=head_dim // 2,
-        RANK_K=rank_k, RANK_V=rank_v, PAD_K=_pow2(rank_k), PAD_V=pad_v, BLOCK_Q=block_q, BLOCK_M=block_m,
+        RANK_K=rank_k, RANK_V=rank_v, RK0=rk0, RK1=max(rk1, 16), RV0=rv0, RV1=max(rv1, 16), SPLIT_K=rk1 > 0,
+        SPLIT_V=rv1 > 0, KEY_DTYPE=TRITON_DTYPES[key_dtype], ACC_DTYPE=TRITON_DTYPES[acc_dtype],
+        BLOCK_Q=block_q, BLOCK_M=block_m,
         BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2], NUM_SPLITS=num_splits, HAS_BIAS=k_bias is not None,
         USE_SPLITS=use_splits, **tuning)  # remaining tuning keys: num_warps, num_stages
     if use_splits:
