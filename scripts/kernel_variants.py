@@ -37,15 +37,14 @@ def main() -> None:
     device = torch.device("cuda")
     headline = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768)
     kinds = {
-        "v2 (fp32 keys, padded ranks)": dict(key_dtype=torch.float32, split_ranks=False),
-        "fp32 keys, rank chunks": dict(key_dtype=torch.float32, split_ranks=True),
-        "fp16 keys, padded ranks": dict(key_dtype=torch.float16, split_ranks=False),
-        "fp16 keys, rank chunks": dict(key_dtype=torch.float16, split_ranks=True),
-        "fp16 keys+acc, rank chunks": dict(key_dtype=torch.float16, acc_dtype=torch.float16, split_ranks=True),
+        "general kernel, fp16 keys+acc": dict(decode_kernel=False),
+        "decode kernel, fp16 keys+acc": dict(),
+        "decode kernel, fp16 keys, fp32 acc": dict(acc_dtype=torch.float32),
+        "decode kernel, padded ranks": dict(split_ranks=False),
     }
-    shapes = [(64, 2, 3), (32, 2, 3), (64, 4, 3), (128, 4, 3), (64, 4, 2), (128, 4, 2), (128, 8, 3), (32, 4, 3)]
+    shapes = [(64, 2, 3), (32, 2, 3), (16, 2, 3), (32, 4, 3), (64, 4, 3), (64, 4, 4), (128, 4, 3), (128, 8, 3)]
     if args.quick:
-        shapes = shapes[:3]
+        kinds = dict(list(kinds.items())[:2])
     rows = []
     inputs = build_inputs(headline, torch.bfloat16, device)
     floor = floor_us(headline.palu_bytes(), headline.palu_flops())

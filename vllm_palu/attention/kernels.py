@@ -197,6 +197,130 @@ def paged_latent_attention_kernel(
 
 
 @triton.jit
+def paged_latent_decode_kernel(
+    q_ptr, cache_ptr, k_up_ptr, k_bias_ptr, cos_sin_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr,
+    out_ptr, partial_ptr, stats_ptr,
+    num_heads, scale,
+    stride_qt, stride_qh,
+    stride_cb, stride_cg, stride_cn,
+    stride_bt, stride_cs,
+    stride_ot, stride_oh,
+    stride_pt, stride_ph, stride_ps,
+    HEADS_PER_KV: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+    RANK_K: tl.constexpr, RANK_V: tl.constexpr, RK0: tl.constexpr, RK1: tl.constexpr, RV0: tl.constexpr,
+    RV1: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, KEY_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLITS: tl.constexpr,
+):
+    """Decode (one new token per request): one program per (request, KV head, split), keys on the M side.
+
+    Scores are computed transposed, ``[BLOCK_N keys, BLOCK_H heads] = rotated_keys @ q^T``, so the rebuilt key
+    tile feeds the next tensor-core op from the registers it was accumulated in (as FlashAttention feeds P), with
+    no shared-memory round trip for the largest tile; the value side is ``acc^T [rank_v, heads] += v^T @ p``."""
+    request = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    token = tl.load(query_start_ptr + request)
+    if tl.load(query_start_ptr + request + 1) == token:  # a padding request (CUDA-graph batches) has no token
+        return
+    seq_len = tl.load(seq_lens_ptr + request)
+    group = kv_head // GROUP_SIZE
+
+    heads = tl.arange(0, BLOCK_H)
+    head_valid = heads < HEADS_PER_KV
+    head = kv_head * HEADS_PER_KV + heads
+    dims = tl.arange(0, HALF)
+    q_cols = q_ptr + token.to(tl.int64) * stride_qt + head[None, :] * stride_qh
+    q_lo = tl.load(q_cols + dims[:, None], mask=head_valid[None, :], other=0.0).to(KEY_DTYPE)  # [HALF, BLOCK_H]
+    q_hi = tl.load(q_cols + HALF + dims[:, None], mask=head_valid[None, :], other=0.0).to(KEY_DTYPE)
+
+    up_base = k_up_ptr + kv_head.to(tl.int64) * HEAD_DIM * RANK_K
+    rk0 = tl.arange(0, RK0)
+    rk1 = RK0 + tl.arange(0, RK1)
+    up_lo_0 = tl.load(up_base + dims[None, :] * RANK_K + rk0[:, None], mask=rk0[:, None] < RANK_K,
+                      other=0.0).to(KEY_DTYPE)
+    up_hi_0 = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk0[:, None], mask=rk0[:, None] < RANK_K,
+                      other=0.0).to(KEY_DTYPE)
+    up_lo_1 = tl.load(up_base + dims[None, :] * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K,
+                      other=0.0).to(KEY_DTYPE)
+    up_hi_1 = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K,
+                      other=0.0).to(KEY_DTYPE)
+    if HAS_BIAS:
+        bias_lo = tl.load(k_bias_ptr + kv_head * HEAD_DIM + dims).to(KEY_DTYPE)
+        bias_hi = tl.load(k_bias_ptr + kv_head * HEAD_DIM + HALF + dims).to(KEY_DTYPE)
+
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, num_tiles)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    rv0 = tl.arange(0, RV0)
+    rv1 = RV0 + tl.arange(0, RV1)
+    acc_0 = tl.zeros([RV0, BLOCK_H], tl.float32)
+    acc_1 = tl.zeros([RV1, BLOCK_H], tl.float32)
+    cols = tl.arange(0, BLOCK_N)
+    cache_group = cache_ptr + group.to(tl.int64) * stride_cg
+    for kv_tile in range(first, last):
+        positions = kv_tile * BLOCK_N + cols
+        in_range = positions < seq_len
+        pages = tl.load(block_table_ptr + request.to(tl.int64) * stride_bt + positions // BLOCK_SIZE,
+                        mask=in_range, other=0).to(tl.int64)
+        token_ptrs = cache_group + pages * stride_cb + (positions % BLOCK_SIZE) * stride_cn  # [BLOCK_N]
+
+        latent_0 = tl.load(token_ptrs[:, None] + rk0[None, :], mask=in_range[:, None] & (rk0[None, :] < RANK_K),
+                           other=0.0).to(KEY_DTYPE)
+        latent_1 = latent_0
+        if SPLIT_K:
+            latent_1 = tl.load(token_ptrs[:, None] + rk1[None, :],
+                               mask=in_range[:, None] & (rk1[None, :] < RANK_K), other=0.0).to(KEY_DTYPE)
+        key_lo = _rebuild_half(latent_0, latent_1, up_lo_0, up_lo_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)
+        key_hi = _rebuild_half(latent_0, latent_1, up_hi_0, up_hi_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)
+        if HAS_BIAS:
+            key_lo += bias_lo[None, :]
+            key_hi += bias_hi[None, :]
+        rope = cos_sin_ptr + positions.to(tl.int64)[:, None] * stride_cs + dims[None, :]
+        cos = tl.load(rope, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
+        sin = tl.load(rope + HALF, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
+        rot_lo = key_lo * cos - key_hi * sin
+        rot_hi = key_hi * cos + key_lo * sin
+
+        scores = tl.dot(rot_lo, q_lo) + tl.dot(rot_hi, q_hi)  # [BLOCK_N, BLOCK_H]
+        scores = tl.where(in_range[:, None], scores * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(scores - m_safe[None, :])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        v_0 = tl.load(token_ptrs[None, :] + RANK_K + rv0[:, None],
+                      mask=in_range[None, :] & (rv0[:, None] < RANK_V), other=0.0)  # [RV0, BLOCK_N]
+        acc_0 = acc_0 * alpha[None, :] + tl.dot(v_0, p.to(v_0.dtype))
+        if SPLIT_V:
+            v_1 = tl.load(token_ptrs[None, :] + RANK_K + rv1[:, None],
+                          mask=in_range[None, :] & (rv1[:, None] < RANK_V), other=0.0)
+            acc_1 = acc_1 * alpha[None, :] + tl.dot(v_1, p.to(v_1.dtype))
+        m_i = m_new
+
+    if USE_SPLITS:
+        partial = partial_ptr + token.to(tl.int64) * stride_pt + head[None, :] * stride_ph + split * stride_ps
+        tl.store(partial + rv0[:, None], acc_0, mask=head_valid[None, :] & (rv0[:, None] < RANK_V))
+        if SPLIT_V:
+            tl.store(partial + rv1[:, None], acc_1, mask=head_valid[None, :] & (rv1[:, None] < RANK_V))
+        stat_index = (token.to(tl.int64) * num_heads + head) * NUM_SPLITS + split
+        tl.store(stats_ptr + stat_index * 2, m_i, mask=head_valid)
+        tl.store(stats_ptr + stat_index * 2 + 1, l_i, mask=head_valid)
+    else:
+        inverse = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+        out_cols = out_ptr + token.to(tl.int64) * stride_ot + head[None, :] * stride_oh
+        tl.store(out_cols + rv0[:, None], (acc_0 * inverse[None, :]).to(out_ptr.dtype.element_ty),
+                 mask=head_valid[None, :] & (rv0[:, None] < RANK_V))
+        if SPLIT_V:
+            tl.store(out_cols + rv1[:, None], (acc_1 * inverse[None, :]).to(out_ptr.dtype.element_ty),
+                     mask=head_valid[None, :] & (rv1[:, None] < RANK_V))
+
+
+@triton.jit
 def reduce_splits_kernel(
     partial_ptr, stats_ptr, out_ptr,
     stride_pt, stride_ph, stride_ps, stride_ot, stride_oh, num_heads,

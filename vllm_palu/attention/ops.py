@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_palu.attention.kernels import paged_latent_attention_kernel, reduce_splits_kernel, write_latents_kernel
+from vllm_palu.attention.kernels import (paged_latent_attention_kernel, paged_latent_decode_kernel, reduce_splits_kernel,
+                                        write_latents_kernel)
 
 LOG2E = 1.4426950408889634
 
@@ -103,46 +104,53 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     heads_per_kv = num_heads // kv_heads
     max_query_len = int(query_start_loc.diff().max()) if max_query_len is None else max_query_len
     max_seq_len = int(seq_lens.max()) if max_seq_len is None else max_seq_len
-    block_m = _pow2(heads_per_kv) if max_query_len == 1 else max(64, _pow2(heads_per_kv))
-    block_q = max(1, block_m // heads_per_kv)
-    # Defaults from `python -m vllm_palu.bench tune` on the H200 (docs/KERNEL_NOTES.md): decode is latency-bound,
-    # and 2 warps per program beat 4 and 8.
-    tuning = {"num_warps": 2 if max_query_len == 1 else 4, "num_stages": 3, **(tuning or {})}
+    decode = max_query_len == 1
+    # Defaults measured on the H200 with scripts/kernel_variants.py (docs/KERNEL_NOTES.md).
+    tuning = {"num_warps": 2 if decode else 4, "num_stages": 3, **(tuning or {})}
     block_n = tuning.pop("block_n", 64 if query.device.type == "cuda" else 32)
-    cu_qblocks = (query_start_loc // block_q + torch.arange(num_reqs + 1, device=query.device)).to(torch.int32)
-    tiles = num_tokens // block_q + num_reqs  # upper bound; programs past their request's last tile exit
     programs_per_sm = tuning.pop("programs_per_sm", 16)
+    split_ranks = tuning.pop("split_ranks", True)
+    decode = tuning.pop("decode_kernel", decode) and decode
+    rk0, rk1 = rank_chunks(rank_k) if split_ranks else (_pow2(rank_k), 0)
+    rv0, rv1 = rank_chunks(rank_v) if split_ranks else (_pow2(rank_v), 0)
+    # 16-bit models rebuild, rotate and score keys in fp16: packed math and half the registers of fp32 tiles.
+    key_dtype = tuning.pop("key_dtype", torch.float32 if query.dtype == torch.float32 else torch.float16)
+    acc_dtype = tuning.pop("acc_dtype", key_dtype)
+    if decode:
+        block_m = _pow2(heads_per_kv)
+        programs = num_reqs
+    else:
+        block_m = max(64, _pow2(heads_per_kv))
+        block_q = max(1, block_m // heads_per_kv)
+        cu_qblocks = (query_start_loc // block_q + torch.arange(num_reqs + 1, device=query.device)).to(torch.int32)
+        programs = num_tokens // block_q + num_reqs  # upper bound; programs past their request's last tile exit
     if num_splits is None:
-        num_splits = choose_num_splits(tiles * kv_heads, max_seq_len, block_n, query.device, programs_per_sm)
+        num_splits = choose_num_splits(programs * kv_heads, max_seq_len, block_n, query.device, programs_per_sm)
     use_splits = num_splits > 1
     pad_v = _pow2(rank_v)
-    split_ranks = tuning.pop("split_ranks", True)
-    rk0, rk1 = rank_chunks(rank_k) if split_ranks else (_pow2(rank_k), 0)
-    rv0, rv1 = rank_chunks(rank_v) if split_ranks else (pad_v, 0)
-    # 16-bit models rebuild, rotate and score keys in fp16: packed math and half the registers of fp32 tiles; the
-    # rebuild accumulates in fp32 unless tuned otherwise.
-    key_dtype = tuning.pop("key_dtype", torch.float32 if query.dtype == torch.float32 else torch.float16)
-    acc_dtype = tuning.pop("acc_dtype", torch.float32)
     if use_splits:
         partial = torch.empty(num_tokens, num_heads, num_splits, pad_v, dtype=torch.float32, device=query.device)
         stats = torch.empty(num_tokens, num_heads, num_splits, 2, dtype=torch.float32, device=query.device)
     else:
         partial = stats = out  # unused
-    paged_latent_attention_kernel[(tiles, kv_heads, num_splits)](
-        query, kv_cache, k_up_heads, k_bias if k_bias is not None else k_up_heads, cos_sin_cache, block_table,
-        seq_lens, query_start_loc, cu_qblocks, out, partial, stats,
-        num_reqs, num_heads, scale * LOG2E,
-        query.stride(0), query.stride(1),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
-        block_table.stride(0), cos_sin_cache.stride(0),
-        out.stride(0), out.stride(1),
-        partial.stride(0), partial.stride(1), partial.stride(2) if use_splits else 0,
-        HEADS_PER_KV=heads_per_kv, GROUP_SIZE=group_size, HEAD_DIM=head_dim, HALF=head_dim // 2,
-        RANK_K=rank_k, RANK_V=rank_v, RK0=rk0, RK1=max(rk1, 16), RV0=rv0, RV1=max(rv1, 16), SPLIT_K=rk1 > 0,
-        SPLIT_V=rv1 > 0, KEY_DTYPE=TRITON_DTYPES[key_dtype], ACC_DTYPE=TRITON_DTYPES[acc_dtype],
-        BLOCK_Q=block_q, BLOCK_M=block_m,
-        BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2], NUM_SPLITS=num_splits, HAS_BIAS=k_bias is not None,
-        USE_SPLITS=use_splits, **tuning)  # remaining tuning keys: num_warps, num_stages
+    strides = (query.stride(0), query.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+               block_table.stride(0), cos_sin_cache.stride(0), out.stride(0), out.stride(1),
+               partial.stride(0), partial.stride(1), partial.stride(2) if use_splits else 0)
+    shapes = dict(HEADS_PER_KV=heads_per_kv, GROUP_SIZE=group_size, HEAD_DIM=head_dim, HALF=head_dim // 2,
+                  RANK_K=rank_k, RANK_V=rank_v, RK0=rk0, RK1=max(rk1, 16), RV0=rv0, RV1=max(rv1, 16),
+                  SPLIT_K=rk1 > 0, SPLIT_V=rv1 > 0, KEY_DTYPE=TRITON_DTYPES[key_dtype],
+                  ACC_DTYPE=TRITON_DTYPES[acc_dtype], BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2],
+                  NUM_SPLITS=num_splits, HAS_BIAS=k_bias is not None, USE_SPLITS=use_splits, **tuning)
+    bias = k_bias if k_bias is not None else k_up_heads  # unused when HAS_BIAS is false
+    if decode:
+        paged_latent_decode_kernel[(num_reqs, kv_heads, num_splits)](
+            query, kv_cache, k_up_heads, bias, cos_sin_cache, block_table, seq_lens, query_start_loc, out,
+            partial, stats, num_heads, scale * LOG2E, *strides, BLOCK_H=block_m, **shapes)
+    else:
+        paged_latent_attention_kernel[(programs, kv_heads, num_splits)](
+            query, kv_cache, k_up_heads, bias, cos_sin_cache, block_table, seq_lens, query_start_loc, cu_qblocks,
+            out, partial, stats, num_reqs, num_heads, scale * LOG2E, *strides, BLOCK_Q=block_q, BLOCK_M=block_m,
+            **shapes)
     if use_splits:
         reduce_splits_kernel[(num_tokens, num_heads)](
             partial, stats, out, partial.stride(0), partial.stride(1), partial.stride(2), out.stride(0),
