@@ -73,35 +73,46 @@ def paged_latent_attention_kernel(
     HEADS_PER_KV: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
     RANK_K: tl.constexpr, RANK_V: tl.constexpr, RK0: tl.constexpr, RK1: tl.constexpr, RV0: tl.constexpr,
     RV1: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, KEY_DTYPE: tl.constexpr,
-    ACC_DTYPE: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLITS: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLITS: tl.constexpr,
+    DECODE: tl.constexpr,
 ):
-    """Ranks are covered by one power-of-two chunk or, with ``SPLIT_K``/``SPLIT_V``, two (``RK0 + RK1 >= RANK_K``), so
-    a rank of 48 costs 32 + 16 columns, not 64. Keys are rebuilt, rotated and scored in ``KEY_DTYPE`` (fp16 for 16-bit models: half
-    the registers and packed math; fp32 otherwise); scores, softmax and the V accumulators are fp32."""
+    """One program per (query tile, KV head, KV split); ``DECODE``: every request has one new token and the
+    query tile is the request.
+
+    Keys sit on the M side of every tensor-core op: scores are computed transposed,
+    ``[BLOCK_N keys, BLOCK_M rows] = rotated_keys @ q^T``, so the rebuilt key tile feeds the score op from the
+    registers it was accumulated in (as FlashAttention feeds P) with no shared-memory round trip for the largest
+    tile, and values accumulate as ``acc^T [rank_v, rows] += v^T @ p``. Ranks are covered by one power-of-two
+    chunk or, with ``SPLIT_K``/``SPLIT_V``, two (a rank of 48 costs 32 + 16 columns, not 64). Keys are rebuilt,
+    rotated and scored in ``KEY_DTYPE`` (fp16 for 16-bit models: packed math, half the registers); scores,
+    softmax and the V accumulators are fp32."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    request = _find_request(cu_qblocks_ptr, num_reqs, tile)
+    if DECODE:
+        request = tile
+        local_tile = 0
+    else:
+        request = _find_request(cu_qblocks_ptr, num_reqs, tile)
+        local_tile = tile - tl.load(cu_qblocks_ptr + request)
     q_start = tl.load(query_start_ptr + request)
     q_len = tl.load(query_start_ptr + request + 1) - q_start
-    local_tile = tile - tl.load(cu_qblocks_ptr + request)
-    if local_tile * BLOCK_Q >= q_len:
+    if local_tile * BLOCK_Q >= q_len:  # past the request's last tile, or a padding request with no token
         return
     seq_len = tl.load(seq_lens_ptr + request)
     group = kv_head // GROUP_SIZE
 
-    # Query rows: BLOCK_Q tokens x HEADS_PER_KV heads of this KV head.
+    # Query rows (the N side): BLOCK_Q tokens x HEADS_PER_KV heads of this KV head.
     rows = tl.arange(0, BLOCK_M)
     row_token = local_tile * BLOCK_Q + rows // HEADS_PER_KV
     row_head = kv_head * HEADS_PER_KV + rows % HEADS_PER_KV
     row_valid = (rows < BLOCK_Q * HEADS_PER_KV) & (row_token < q_len)
     row_pos = seq_len - q_len + row_token  # causal limit of each row
     dims = tl.arange(0, HALF)
-    q_rows = q_ptr + (q_start + row_token).to(tl.int64)[:, None] * stride_qt + row_head[:, None] * stride_qh
-    q_lo = tl.load(q_rows + dims[None, :], mask=row_valid[:, None], other=0.0).to(KEY_DTYPE)
-    q_hi = tl.load(q_rows + HALF + dims[None, :], mask=row_valid[:, None], other=0.0).to(KEY_DTYPE)
+    q_cols = q_ptr + (q_start + row_token).to(tl.int64)[None, :] * stride_qt + row_head[None, :] * stride_qh
+    q_lo = tl.load(q_cols + dims[:, None], mask=row_valid[None, :], other=0.0).to(KEY_DTYPE)  # [HALF, BLOCK_M]
+    q_hi = tl.load(q_cols + HALF + dims[:, None], mask=row_valid[None, :], other=0.0).to(KEY_DTYPE)
 
     # This KV head's rows of the key up-projection, as [rank chunk, half] operands, loaded once per program.
     up_base = k_up_ptr + kv_head.to(tl.int64) * HEAD_DIM * RANK_K
@@ -131,140 +142,13 @@ def paged_latent_attention_kernel(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     rv0 = tl.arange(0, RV0)
     rv1 = RV0 + tl.arange(0, RV1)
-    acc_0 = tl.zeros([BLOCK_M, RV0], tl.float32)
-    acc_1 = tl.zeros([BLOCK_M, RV1], tl.float32)
+    acc_0 = tl.zeros([RV0, BLOCK_M], tl.float32)
+    acc_1 = tl.zeros([RV1, BLOCK_M], tl.float32)
     cols = tl.arange(0, BLOCK_N)
     cache_group = cache_ptr + group.to(tl.int64) * stride_cg
     for kv_tile in range(first, last):
         positions = kv_tile * BLOCK_N + cols
         in_range = positions < kv_end
-        pages = tl.load(block_table_ptr + request.to(tl.int64) * stride_bt + positions // BLOCK_SIZE,
-                        mask=in_range, other=0).to(tl.int64)
-        token_ptrs = cache_group + pages * stride_cb + (positions % BLOCK_SIZE) * stride_cn  # [BLOCK_N]
-
-        latent_0 = tl.load(token_ptrs[:, None] + rk0[None, :], mask=in_range[:, None] & (rk0[None, :] < RANK_K),
-                           other=0.0).to(KEY_DTYPE)
-        latent_1 = latent_0
-        if SPLIT_K:
-            latent_1 = tl.load(token_ptrs[:, None] + rk1[None, :],
-                               mask=in_range[:, None] & (rk1[None, :] < RANK_K), other=0.0).to(KEY_DTYPE)
-        key_lo = _rebuild_half(latent_0, latent_1, up_lo_0, up_lo_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)  # [BLOCK_N, HALF]
-        key_hi = _rebuild_half(latent_0, latent_1, up_hi_0, up_hi_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)
-        if HAS_BIAS:
-            key_lo += bias_lo[None, :]
-            key_hi += bias_hi[None, :]
-        rope = cos_sin_ptr + positions.to(tl.int64)[:, None] * stride_cs + dims[None, :]
-        cos = tl.load(rope, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
-        sin = tl.load(rope + HALF, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
-        rot_lo = key_lo * cos - key_hi * sin
-        rot_hi = key_hi * cos + key_lo * sin
-
-        scores = tl.dot(q_lo, tl.trans(rot_lo)) + tl.dot(q_hi, tl.trans(rot_hi))
-        scores = scores * scale
-        visible = in_range[None, :] & (positions[None, :] <= row_pos[:, None]) & row_valid[:, None]
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(scores - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_0 = tl.load(token_ptrs[:, None] + RANK_K + rv0[None, :],
-                      mask=in_range[:, None] & (rv0[None, :] < RANK_V), other=0.0)
-        acc_0 = acc_0 * alpha[:, None] + tl.dot(p.to(v_0.dtype), v_0)
-        if SPLIT_V:
-            v_1 = tl.load(token_ptrs[:, None] + RANK_K + rv1[None, :],
-                          mask=in_range[:, None] & (rv1[None, :] < RANK_V), other=0.0)
-            acc_1 = acc_1 * alpha[:, None] + tl.dot(p.to(v_1.dtype), v_1)
-        m_i = m_new
-
-    out_token = (q_start + row_token).to(tl.int64)
-    if USE_SPLITS:
-        partial = partial_ptr + out_token[:, None] * stride_pt + row_head[:, None] * stride_ph + split * stride_ps
-        tl.store(partial + rv0[None, :], acc_0, mask=row_valid[:, None] & (rv0[None, :] < RANK_V))
-        if SPLIT_V:
-            tl.store(partial + rv1[None, :], acc_1, mask=row_valid[:, None] & (rv1[None, :] < RANK_V))
-        stat_index = (out_token * num_heads + row_head) * NUM_SPLITS + split  # stats: [T, H, splits, (m, l)]
-        tl.store(stats_ptr + stat_index * 2, m_i, mask=row_valid)
-        tl.store(stats_ptr + stat_index * 2 + 1, l_i, mask=row_valid)
-    else:
-        inverse = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
-        out_rows = out_ptr + out_token[:, None] * stride_ot + row_head[:, None] * stride_oh
-        tl.store(out_rows + rv0[None, :], (acc_0 * inverse[:, None]).to(out_ptr.dtype.element_ty),
-                 mask=row_valid[:, None] & (rv0[None, :] < RANK_V))
-        if SPLIT_V:
-            tl.store(out_rows + rv1[None, :], (acc_1 * inverse[:, None]).to(out_ptr.dtype.element_ty),
-                     mask=row_valid[:, None] & (rv1[None, :] < RANK_V))
-
-
-@triton.jit
-def paged_latent_decode_kernel(
-    q_ptr, cache_ptr, k_up_ptr, k_bias_ptr, cos_sin_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr,
-    out_ptr, partial_ptr, stats_ptr,
-    num_heads, scale,
-    stride_qt, stride_qh,
-    stride_cb, stride_cg, stride_cn,
-    stride_bt, stride_cs,
-    stride_ot, stride_oh,
-    stride_pt, stride_ph, stride_ps,
-    HEADS_PER_KV: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-    RANK_K: tl.constexpr, RANK_V: tl.constexpr, RK0: tl.constexpr, RK1: tl.constexpr, RV0: tl.constexpr,
-    RV1: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, KEY_DTYPE: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLITS: tl.constexpr,
-):
-    """Decode (one new token per request): one program per (request, KV head, split), keys on the M side.
-
-    Scores are computed transposed, ``[BLOCK_N keys, BLOCK_H heads] = rotated_keys @ q^T``, so the rebuilt key
-    tile feeds the next tensor-core op from the registers it was accumulated in (as FlashAttention feeds P), with
-    no shared-memory round trip for the largest tile; the value side is ``acc^T [rank_v, heads] += v^T @ p``."""
-    request = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    split = tl.program_id(2)
-    token = tl.load(query_start_ptr + request)
-    if tl.load(query_start_ptr + request + 1) == token:  # a padding request (CUDA-graph batches) has no token
-        return
-    seq_len = tl.load(seq_lens_ptr + request)
-    group = kv_head // GROUP_SIZE
-
-    heads = tl.arange(0, BLOCK_H)
-    head_valid = heads < HEADS_PER_KV
-    head = kv_head * HEADS_PER_KV + heads
-    dims = tl.arange(0, HALF)
-    q_cols = q_ptr + token.to(tl.int64) * stride_qt + head[None, :] * stride_qh
-    q_lo = tl.load(q_cols + dims[:, None], mask=head_valid[None, :], other=0.0).to(KEY_DTYPE)  # [HALF, BLOCK_H]
-    q_hi = tl.load(q_cols + HALF + dims[:, None], mask=head_valid[None, :], other=0.0).to(KEY_DTYPE)
-
-    up_base = k_up_ptr + kv_head.to(tl.int64) * HEAD_DIM * RANK_K
-    rk0 = tl.arange(0, RK0)
-    rk1 = RK0 + tl.arange(0, RK1)
-    up_lo_0 = tl.load(up_base + dims[None, :] * RANK_K + rk0[:, None], mask=rk0[:, None] < RANK_K,
-                      other=0.0).to(KEY_DTYPE)
-    up_hi_0 = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk0[:, None], mask=rk0[:, None] < RANK_K,
-                      other=0.0).to(KEY_DTYPE)
-    up_lo_1 = tl.load(up_base + dims[None, :] * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K,
-                      other=0.0).to(KEY_DTYPE)
-    up_hi_1 = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K,
-                      other=0.0).to(KEY_DTYPE)
-    if HAS_BIAS:
-        bias_lo = tl.load(k_bias_ptr + kv_head * HEAD_DIM + dims).to(KEY_DTYPE)
-        bias_hi = tl.load(k_bias_ptr + kv_head * HEAD_DIM + HALF + dims).to(KEY_DTYPE)
-
-    num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    first = split * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, num_tiles)
-
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    rv0 = tl.arange(0, RV0)
-    rv1 = RV0 + tl.arange(0, RV1)
-    acc_0 = tl.zeros([RV0, BLOCK_H], tl.float32)
-    acc_1 = tl.zeros([RV1, BLOCK_H], tl.float32)
-    cols = tl.arange(0, BLOCK_N)
-    cache_group = cache_ptr + group.to(tl.int64) * stride_cg
-    for kv_tile in range(first, last):
-        positions = kv_tile * BLOCK_N + cols
-        in_range = positions < seq_len
         pages = tl.load(block_table_ptr + request.to(tl.int64) * stride_bt + positions // BLOCK_SIZE,
                         mask=in_range, other=0).to(tl.int64)
         token_ptrs = cache_group + pages * stride_cb + (positions % BLOCK_SIZE) * stride_cn  # [BLOCK_N]
@@ -286,8 +170,11 @@ def paged_latent_decode_kernel(
         rot_lo = key_lo * cos - key_hi * sin
         rot_hi = key_hi * cos + key_lo * sin
 
-        scores = tl.dot(rot_lo, q_lo) + tl.dot(rot_hi, q_hi)  # [BLOCK_N, BLOCK_H]
-        scores = tl.where(in_range[:, None], scores * scale, float("-inf"))
+        scores = tl.dot(rot_lo, q_lo) + tl.dot(rot_hi, q_hi)  # [BLOCK_N, BLOCK_M]
+        visible = in_range[:, None] & row_valid[None, :]
+        if not DECODE:
+            visible = visible & (positions[:, None] <= row_pos[None, :])
+        scores = tl.where(visible, scores * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(scores - m_safe[None, :])
@@ -302,22 +189,23 @@ def paged_latent_decode_kernel(
             acc_1 = acc_1 * alpha[None, :] + tl.dot(v_1, p.to(v_1.dtype))
         m_i = m_new
 
+    out_token = (q_start + row_token).to(tl.int64)
     if USE_SPLITS:
-        partial = partial_ptr + token.to(tl.int64) * stride_pt + head[None, :] * stride_ph + split * stride_ps
-        tl.store(partial + rv0[:, None], acc_0, mask=head_valid[None, :] & (rv0[:, None] < RANK_V))
+        partial = partial_ptr + out_token[None, :] * stride_pt + row_head[None, :] * stride_ph + split * stride_ps
+        tl.store(partial + rv0[:, None], acc_0, mask=row_valid[None, :] & (rv0[:, None] < RANK_V))
         if SPLIT_V:
-            tl.store(partial + rv1[:, None], acc_1, mask=head_valid[None, :] & (rv1[:, None] < RANK_V))
-        stat_index = (token.to(tl.int64) * num_heads + head) * NUM_SPLITS + split
-        tl.store(stats_ptr + stat_index * 2, m_i, mask=head_valid)
-        tl.store(stats_ptr + stat_index * 2 + 1, l_i, mask=head_valid)
+            tl.store(partial + rv1[:, None], acc_1, mask=row_valid[None, :] & (rv1[:, None] < RANK_V))
+        stat_index = (out_token * num_heads + row_head) * NUM_SPLITS + split  # stats: [T, H, splits, (m, l)]
+        tl.store(stats_ptr + stat_index * 2, m_i, mask=row_valid)
+        tl.store(stats_ptr + stat_index * 2 + 1, l_i, mask=row_valid)
     else:
         inverse = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
-        out_cols = out_ptr + token.to(tl.int64) * stride_ot + head[None, :] * stride_oh
+        out_cols = out_ptr + out_token[None, :] * stride_ot + row_head[None, :] * stride_oh
         tl.store(out_cols + rv0[:, None], (acc_0 * inverse[None, :]).to(out_ptr.dtype.element_ty),
-                 mask=head_valid[None, :] & (rv0[:, None] < RANK_V))
+                 mask=row_valid[None, :] & (rv0[:, None] < RANK_V))
         if SPLIT_V:
             tl.store(out_cols + rv1[:, None], (acc_1 * inverse[None, :]).to(out_ptr.dtype.element_ty),
-                     mask=head_valid[None, :] & (rv1[:, None] < RANK_V))
+                     mask=row_valid[None, :] & (rv1[:, None] < RANK_V))
 
 
 @triton.jit

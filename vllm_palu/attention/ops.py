@@ -10,8 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_palu.attention.kernels import (paged_latent_attention_kernel, paged_latent_decode_kernel, reduce_splits_kernel,
-                                        write_latents_kernel)
+from vllm_palu.attention.kernels import paged_latent_attention_kernel, reduce_splits_kernel, write_latents_kernel
 
 LOG2E = 1.4426950408889634
 
@@ -31,7 +30,21 @@ def rank_chunks(rank: int) -> tuple[int, int]:
     return (first, second) if first + second < single else (single, 0)
 
 
-TRITON_DTYPES = {torch.float16: tl.float16, torch.float32: tl.float32}
+TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+_converted_tables: dict[tuple, torch.Tensor] = {}
+
+
+def rotary_table(cos_sin_cache: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The model's cos/sin table in the kernels' key dtype, converted once per table (not per tile in the kernel:
+    bf16 -> fp16 costs two conversions per element there)."""
+    if cos_sin_cache.dtype == dtype:
+        return cos_sin_cache
+    key = (cos_sin_cache.data_ptr(), tuple(cos_sin_cache.shape), cos_sin_cache.dtype, dtype)
+    if key not in _converted_tables:
+        if len(_converted_tables) > 64:  # tables are per model, not per call: this only guards a leak
+            _converted_tables.clear()
+        _converted_tables[key] = cos_sin_cache.to(dtype)
+    return _converted_tables[key]
 
 
 def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: torch.Tensor,
@@ -115,15 +128,14 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     rv0, rv1 = rank_chunks(rank_v) if split_ranks else (_pow2(rank_v), 0)
     # 16-bit models rebuild, rotate and score keys in fp16: packed math and half the registers of fp32 tiles.
     key_dtype = tuning.pop("key_dtype", torch.float32 if query.dtype == torch.float32 else torch.float16)
-    acc_dtype = tuning.pop("acc_dtype", key_dtype)
-    if decode:
-        block_m = _pow2(heads_per_kv)
-        programs = num_reqs
-    else:
-        block_m = max(64, _pow2(heads_per_kv))
-        block_q = max(1, block_m // heads_per_kv)
-        cu_qblocks = (query_start_loc // block_q + torch.arange(num_reqs + 1, device=query.device)).to(torch.int32)
-        programs = num_tokens // block_q + num_reqs  # upper bound; programs past their request's last tile exit
+    acc_dtype = tuning.pop("acc_dtype", torch.float32 if key_dtype == torch.bfloat16 else key_dtype)
+    if tuning.pop("convert_table", True):
+        cos_sin_cache = rotary_table(cos_sin_cache, key_dtype)
+    # Decode: the query tile is one token's heads of a KV head; prefill: 64+ rows of several tokens.
+    block_m = _pow2(heads_per_kv) if decode else max(64, _pow2(heads_per_kv))
+    block_q = max(1, block_m // heads_per_kv)
+    cu_qblocks = (query_start_loc // block_q + torch.arange(num_reqs + 1, device=query.device)).to(torch.int32)
+    programs = num_reqs if decode else num_tokens // block_q + num_reqs  # prefill: programs past the end exit
     if num_splits is None:
         num_splits = choose_num_splits(programs * kv_heads, max_seq_len, block_n, query.device, programs_per_sm)
     use_splits = num_splits > 1
@@ -142,15 +154,10 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
                   ACC_DTYPE=TRITON_DTYPES[acc_dtype], BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2],
                   NUM_SPLITS=num_splits, HAS_BIAS=k_bias is not None, USE_SPLITS=use_splits, **tuning)
     bias = k_bias if k_bias is not None else k_up_heads  # unused when HAS_BIAS is false
-    if decode:
-        paged_latent_decode_kernel[(num_reqs, kv_heads, num_splits)](
-            query, kv_cache, k_up_heads, bias, cos_sin_cache, block_table, seq_lens, query_start_loc, out,
-            partial, stats, num_heads, scale * LOG2E, *strides, BLOCK_H=block_m, **shapes)
-    else:
-        paged_latent_attention_kernel[(programs, kv_heads, num_splits)](
-            query, kv_cache, k_up_heads, bias, cos_sin_cache, block_table, seq_lens, query_start_loc, cu_qblocks,
-            out, partial, stats, num_reqs, num_heads, scale * LOG2E, *strides, BLOCK_Q=block_q, BLOCK_M=block_m,
-            **shapes)
+    paged_latent_attention_kernel[(programs, kv_heads, num_splits)](
+        query, kv_cache, k_up_heads, bias, cos_sin_cache, block_table, seq_lens, query_start_loc, cu_qblocks, out,
+        partial, stats, num_reqs, num_heads, scale * LOG2E, *strides, BLOCK_Q=block_q, BLOCK_M=block_m,
+        DECODE=decode, **shapes)
     if use_splits:
         reduce_splits_kernel[(num_tokens, num_heads)](
             partial, stats, out, partial.stride(0), partial.stride(1), partial.stride(2), out.stride(0),
