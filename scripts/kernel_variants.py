@@ -36,15 +36,9 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     headline = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768)
-    kinds = {
-        "fp16 keys, fp16 table": dict(),
-        "fp16 keys, bf16 table (kernel converts)": dict(convert_table=False),
-        "bf16 keys, fp32 rebuild acc": dict(key_dtype=torch.bfloat16),
-        "fp16 keys, fp32 rebuild acc": dict(acc_dtype=torch.float32),
-        "fp16 keys, 8 programs/SM": dict(programs_per_sm=8),
-        "fp16 keys, 32 programs/SM": dict(programs_per_sm=32),
-    }
-    shapes = [(64, 2, 3), (64, 2, 2), (64, 2, 4), (128, 4, 3), (128, 4, 2), (64, 4, 3)]
+    kinds = {f"rope mode {mode}, {per_sm} programs/SM": dict(rope_mode=mode, programs_per_sm=per_sm)
+             for mode in (0, 1, 2) for per_sm in (8, 16)}
+    shapes = [(64, 2, 3), (128, 4, 3), (64, 4, 3), (32, 2, 3)]
     if args.quick:
         kinds = dict(list(kinds.items())[:2])
     rows = []

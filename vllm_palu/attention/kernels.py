@@ -75,7 +75,7 @@ def paged_latent_attention_kernel(
     RV1: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, KEY_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLITS: tl.constexpr,
-    DECODE: tl.constexpr,
+    DECODE: tl.constexpr, ROPE_MODE: tl.constexpr,
 ):
     """One program per (query tile, KV head, KV split); ``DECODE``: every request has one new token and the
     query tile is the request.
@@ -86,7 +86,13 @@ def paged_latent_attention_kernel(
     tile, and values accumulate as ``acc^T [rank_v, rows] += v^T @ p``. Ranks are covered by one power-of-two
     chunk or, with ``SPLIT_K``/``SPLIT_V``, two (a rank of 48 costs 32 + 16 columns, not 64). Keys are rebuilt,
     rotated and scored in ``KEY_DTYPE`` (fp16 for 16-bit models: packed math, half the registers); scores,
-    softmax and the V accumulators are fp32."""
+    softmax and the V accumulators are fp32.
+
+    ``ROPE_MODE`` 0 rotates each key with the table row of its position (a [BLOCK_N, head_dim] table tile per KV
+    tile: as many bytes as the latents, from L2). 1 and 2 use R(p0 + j) = R(p0) R(j) for the tile start p0: keys are
+    rotated by the first BLOCK_N table rows, the same for every tile (1: reloaded per tile from L1, 2: held in
+    registers), and the query by R(p0)^T, one table row per tile. Rope scaling that multiplies the table (YaRN's
+    mscale) is divided out once, using row 0 (cos 0 = mscale)."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -113,6 +119,15 @@ def paged_latent_attention_kernel(
     q_cols = q_ptr + (q_start + row_token).to(tl.int64)[None, :] * stride_qt + row_head[None, :] * stride_qh
     q_lo = tl.load(q_cols + dims[:, None], mask=row_valid[None, :], other=0.0).to(KEY_DTYPE)  # [HALF, BLOCK_M]
     q_hi = tl.load(q_cols + HALF + dims[:, None], mask=row_valid[None, :], other=0.0).to(KEY_DTYPE)
+    cols = tl.arange(0, BLOCK_N)
+    if ROPE_MODE != 0:
+        inverse_mscale = 1.0 / tl.load(cos_sin_ptr).to(tl.float32)
+        query_lo = q_lo.to(tl.float32) * inverse_mscale
+        query_hi = q_hi.to(tl.float32) * inverse_mscale
+        in_tile = cos_sin_ptr + cols[:, None] * stride_cs + dims[None, :]  # rows 0..BLOCK_N-1 (masked per tile)
+        if ROPE_MODE == 2:
+            tile_cos = tl.load(in_tile).to(KEY_DTYPE)
+            tile_sin = tl.load(in_tile + HALF).to(KEY_DTYPE)
 
     # This KV head's rows of the key up-projection, as [rank chunk, half] operands, loaded once per program.
     up_base = k_up_ptr + kv_head.to(tl.int64) * HEAD_DIM * RANK_K
@@ -144,7 +159,6 @@ def paged_latent_attention_kernel(
     rv1 = RV0 + tl.arange(0, RV1)
     acc_0 = tl.zeros([RV0, BLOCK_M], tl.float32)
     acc_1 = tl.zeros([RV1, BLOCK_M], tl.float32)
-    cols = tl.arange(0, BLOCK_N)
     cache_group = cache_ptr + group.to(tl.int64) * stride_cg
     for kv_tile in range(first, last):
         positions = kv_tile * BLOCK_N + cols
@@ -164,13 +178,28 @@ def paged_latent_attention_kernel(
         if HAS_BIAS:
             key_lo += bias_lo[None, :]
             key_hi += bias_hi[None, :]
-        rope = cos_sin_ptr + positions.to(tl.int64)[:, None] * stride_cs + dims[None, :]
-        cos = tl.load(rope, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
-        sin = tl.load(rope + HALF, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
+        if ROPE_MODE == 0:
+            rope = cos_sin_ptr + positions.to(tl.int64)[:, None] * stride_cs + dims[None, :]
+            cos = tl.load(rope, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
+            sin = tl.load(rope + HALF, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
+            q_tile_lo = q_lo
+            q_tile_hi = q_hi
+        else:
+            if ROPE_MODE == 1:
+                cos = tl.load(in_tile, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
+                sin = tl.load(in_tile + HALF, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
+            else:
+                cos = tile_cos
+                sin = tile_sin
+            base = cos_sin_ptr + kv_tile * BLOCK_N * stride_cs + dims  # R(p0)^T on the query
+            base_cos = tl.load(base).to(tl.float32)[:, None]
+            base_sin = tl.load(base + HALF).to(tl.float32)[:, None]
+            q_tile_lo = (query_lo * base_cos + query_hi * base_sin).to(KEY_DTYPE)
+            q_tile_hi = (query_hi * base_cos - query_lo * base_sin).to(KEY_DTYPE)
         rot_lo = key_lo * cos - key_hi * sin
         rot_hi = key_hi * cos + key_lo * sin
 
-        scores = tl.dot(rot_lo, q_lo) + tl.dot(rot_hi, q_hi)  # [BLOCK_N, BLOCK_M]
+        scores = tl.dot(rot_lo, q_tile_lo) + tl.dot(rot_hi, q_tile_hi)  # [BLOCK_N, BLOCK_M]
         visible = in_range[:, None] & row_valid[None, :]
         if not DECODE:
             visible = visible & (positions[:, None] <= row_pos[None, :])
