@@ -36,11 +36,11 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     headline = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768)
-    kinds = {f"rope mode {mode}, {per_sm} programs/SM": dict(rope_mode=mode, programs_per_sm=per_sm)
-             for mode in (0, 1, 2) for per_sm in (8, 16)}
-    shapes = [(64, 2, 3), (128, 4, 3), (64, 4, 3), (32, 2, 3)]
+    kinds = {"prefetch by hand": dict(), "no prefetch": dict(prefetch=False)}
+    shapes = [(64, 2, 3), (64, 2, 1), (32, 2, 3), (32, 2, 1), (64, 4, 3), (64, 4, 1), (128, 4, 3), (128, 4, 1),
+              (32, 4, 1)]
     if args.quick:
-        kinds = dict(list(kinds.items())[:2])
+        shapes = shapes[:4]
     rows = []
     inputs = build_inputs(headline, torch.bfloat16, device)
     floor = floor_us(headline.palu_bytes(), headline.palu_flops())

@@ -100,17 +100,6 @@ def test_fp16_key_path_matches_reference(shape, acc_dtype):
     assert float((out - expected).norm() / expected.norm()) < 5e-3
 
 
-@pytest.mark.parametrize("rope_mode", [1, 2])
-@pytest.mark.parametrize("shape", [SMALL[1], SMALL[2]])
-def test_relative_rope_modes_match_reference(shape, rope_mode):
-    """R(p0 + j) = R(p0) R(j): the tile-relative rotary modes, with a YaRN-style scaled table (mscale 1.2)."""
-    seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size = shape
-    case = make_case(seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size,
-                     DTYPES[0], seed=11)
-    case["cos_sin_cache"] = rope_cache(max(max(seq_lens) + 1, 128), head_dim).to(DEVICE) * 1.2
-    check(case, tuning={"rope_mode": rope_mode})
-
-
 @pytest.mark.parametrize("rank, chunks", [(16, (16, 0)), (24, (32, 0)), (40, (32, 16)), (48, (32, 16)),
                                           (64, (64, 0)), (80, (64, 16)), (176, (128, 64)), (200, (256, 0))])
 def test_rank_chunks_cover_rank_with_less_padding(rank, chunks):

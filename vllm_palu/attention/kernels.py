@@ -61,6 +61,35 @@ def _rebuild_half(latent_0, latent_1, up_0, up_1, SPLIT_K: tl.constexpr, ACC_DTY
 
 
 @triton.jit
+def _tile_rows(kv_tile, cols, end, block_table_row, cache_group, stride_cb, stride_cn,
+               BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Positions of a KV tile, which of them exist, and each one's cache row (through the block table)."""
+    positions = kv_tile * BLOCK_N + cols
+    in_range = positions < end
+    pages = tl.load(block_table_row + positions // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+    return positions, in_range, cache_group + pages * stride_cb + (positions % BLOCK_SIZE) * stride_cn
+
+
+@triton.jit
+def _load_tile(token_ptrs, in_range, rk0, rk1, rv0, rv1, RANK_K: tl.constexpr, RANK_V: tl.constexpr,
+               SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, KEY_DTYPE: tl.constexpr):
+    """A KV tile's latents: K as [BLOCK_N, rank chunk] (key dtype), V transposed as [rank chunk, BLOCK_N]."""
+    latent_0 = tl.load(token_ptrs[:, None] + rk0[None, :], mask=in_range[:, None] & (rk0[None, :] < RANK_K),
+                       other=0.0).to(KEY_DTYPE)
+    latent_1 = latent_0
+    if SPLIT_K:
+        latent_1 = tl.load(token_ptrs[:, None] + rk1[None, :], mask=in_range[:, None] & (rk1[None, :] < RANK_K),
+                           other=0.0).to(KEY_DTYPE)
+    v_0 = tl.load(token_ptrs[None, :] + RANK_K + rv0[:, None], mask=in_range[None, :] & (rv0[:, None] < RANK_V),
+                  other=0.0)
+    v_1 = v_0
+    if SPLIT_V:
+        v_1 = tl.load(token_ptrs[None, :] + RANK_K + rv1[:, None],
+                      mask=in_range[None, :] & (rv1[:, None] < RANK_V), other=0.0)
+    return latent_0, latent_1, v_0, v_1
+
+
+@triton.jit
 def paged_latent_attention_kernel(
     q_ptr, cache_ptr, k_up_ptr, k_bias_ptr, cos_sin_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr,
     cu_qblocks_ptr, out_ptr, partial_ptr, stats_ptr,
@@ -75,7 +104,7 @@ def paged_latent_attention_kernel(
     RV1: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, KEY_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLITS: tl.constexpr,
-    DECODE: tl.constexpr, ROPE_MODE: tl.constexpr,
+    DECODE: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One program per (query tile, KV head, KV split); ``DECODE``: every request has one new token and the
     query tile is the request.
@@ -86,13 +115,7 @@ def paged_latent_attention_kernel(
     tile, and values accumulate as ``acc^T [rank_v, rows] += v^T @ p``. Ranks are covered by one power-of-two
     chunk or, with ``SPLIT_K``/``SPLIT_V``, two (a rank of 48 costs 32 + 16 columns, not 64). Keys are rebuilt,
     rotated and scored in ``KEY_DTYPE`` (fp16 for 16-bit models: packed math, half the registers); scores,
-    softmax and the V accumulators are fp32.
-
-    ``ROPE_MODE`` 0 rotates each key with the table row of its position (a [BLOCK_N, head_dim] table tile per KV
-    tile: as many bytes as the latents, from L2). 1 and 2 use R(p0 + j) = R(p0) R(j) for the tile start p0: keys are
-    rotated by the first BLOCK_N table rows, the same for every tile (1: reloaded per tile from L1, 2: held in
-    registers), and the query by R(p0)^T, one table row per tile. Rope scaling that multiplies the table (YaRN's
-    mscale) is divided out once, using row 0 (cos 0 = mscale)."""
+    softmax and the V accumulators are fp32."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -120,14 +143,6 @@ def paged_latent_attention_kernel(
     q_lo = tl.load(q_cols + dims[:, None], mask=row_valid[None, :], other=0.0).to(KEY_DTYPE)  # [HALF, BLOCK_M]
     q_hi = tl.load(q_cols + HALF + dims[:, None], mask=row_valid[None, :], other=0.0).to(KEY_DTYPE)
     cols = tl.arange(0, BLOCK_N)
-    if ROPE_MODE != 0:
-        inverse_mscale = 1.0 / tl.load(cos_sin_ptr).to(tl.float32)
-        query_lo = q_lo.to(tl.float32) * inverse_mscale
-        query_hi = q_hi.to(tl.float32) * inverse_mscale
-        in_tile = cos_sin_ptr + cols[:, None] * stride_cs + dims[None, :]  # rows 0..BLOCK_N-1 (masked per tile)
-        if ROPE_MODE == 2:
-            tile_cos = tl.load(in_tile).to(KEY_DTYPE)
-            tile_sin = tl.load(in_tile + HALF).to(KEY_DTYPE)
 
     # This KV head's rows of the key up-projection, as [rank chunk, half] operands, loaded once per program.
     up_base = k_up_ptr + kv_head.to(tl.int64) * HEAD_DIM * RANK_K
@@ -160,46 +175,41 @@ def paged_latent_attention_kernel(
     acc_0 = tl.zeros([RV0, BLOCK_M], tl.float32)
     acc_1 = tl.zeros([RV1, BLOCK_M], tl.float32)
     cache_group = cache_ptr + group.to(tl.int64) * stride_cg
+    table_row = block_table_ptr + request.to(tl.int64) * stride_bt
+    split_end = tl.minimum(kv_end, last * BLOCK_N)  # tiles past this split's last load nothing
+    # PREFETCH: software pipelining by hand. A tile's latents are loaded one iteration before they are used, its
+    # block-table entries two, so each load's latency overlaps a tile of compute instead of stalling it.
+    positions, in_range, token_ptrs = _tile_rows(first, cols, split_end, table_row, cache_group, stride_cb,
+                                                 stride_cn, BLOCK_N, BLOCK_SIZE)
+    latent_0, latent_1, v_0, v_1 = _load_tile(token_ptrs, in_range, rk0, rk1, rv0, rv1, RANK_K,
+                                              RANK_V, SPLIT_K, SPLIT_V, KEY_DTYPE)
+    next_positions, next_in_range, next_ptrs = _tile_rows(first + 1, cols, split_end, table_row, cache_group,
+                                                          stride_cb, stride_cn, BLOCK_N, BLOCK_SIZE)
     for kv_tile in range(first, last):
-        positions = kv_tile * BLOCK_N + cols
-        in_range = positions < kv_end
-        pages = tl.load(block_table_ptr + request.to(tl.int64) * stride_bt + positions // BLOCK_SIZE,
-                        mask=in_range, other=0).to(tl.int64)
-        token_ptrs = cache_group + pages * stride_cb + (positions % BLOCK_SIZE) * stride_cn  # [BLOCK_N]
-
-        latent_0 = tl.load(token_ptrs[:, None] + rk0[None, :], mask=in_range[:, None] & (rk0[None, :] < RANK_K),
-                           other=0.0).to(KEY_DTYPE)
-        latent_1 = latent_0
-        if SPLIT_K:
-            latent_1 = tl.load(token_ptrs[:, None] + rk1[None, :],
-                               mask=in_range[:, None] & (rk1[None, :] < RANK_K), other=0.0).to(KEY_DTYPE)
+        if PREFETCH:
+            after_positions, after_in_range, after_ptrs = _tile_rows(kv_tile + 2, cols, split_end, table_row,
+                                                                     cache_group, stride_cb, stride_cn, BLOCK_N,
+                                                                     BLOCK_SIZE)
+            next_latent_0, next_latent_1, next_v_0, next_v_1 = _load_tile(
+                next_ptrs, next_in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V, SPLIT_K,
+                SPLIT_V, KEY_DTYPE)
+        else:
+            positions, in_range, token_ptrs = _tile_rows(kv_tile, cols, split_end, table_row, cache_group, stride_cb,
+                                                         stride_cn, BLOCK_N, BLOCK_SIZE)
+            latent_0, latent_1, v_0, v_1 = _load_tile(token_ptrs, in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V,
+                                                      SPLIT_K, SPLIT_V, KEY_DTYPE)
         key_lo = _rebuild_half(latent_0, latent_1, up_lo_0, up_lo_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)
         key_hi = _rebuild_half(latent_0, latent_1, up_hi_0, up_hi_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)
         if HAS_BIAS:
             key_lo += bias_lo[None, :]
             key_hi += bias_hi[None, :]
-        if ROPE_MODE == 0:
-            rope = cos_sin_ptr + positions.to(tl.int64)[:, None] * stride_cs + dims[None, :]
-            cos = tl.load(rope, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
-            sin = tl.load(rope + HALF, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
-            q_tile_lo = q_lo
-            q_tile_hi = q_hi
-        else:
-            if ROPE_MODE == 1:
-                cos = tl.load(in_tile, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
-                sin = tl.load(in_tile + HALF, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
-            else:
-                cos = tile_cos
-                sin = tile_sin
-            base = cos_sin_ptr + kv_tile * BLOCK_N * stride_cs + dims  # R(p0)^T on the query
-            base_cos = tl.load(base).to(tl.float32)[:, None]
-            base_sin = tl.load(base + HALF).to(tl.float32)[:, None]
-            q_tile_lo = (query_lo * base_cos + query_hi * base_sin).to(KEY_DTYPE)
-            q_tile_hi = (query_hi * base_cos - query_lo * base_sin).to(KEY_DTYPE)
+        rope = cos_sin_ptr + positions.to(tl.int64)[:, None] * stride_cs + dims[None, :]
+        cos = tl.load(rope, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
+        sin = tl.load(rope + HALF, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
         rot_lo = key_lo * cos - key_hi * sin
         rot_hi = key_hi * cos + key_lo * sin
 
-        scores = tl.dot(rot_lo, q_tile_lo) + tl.dot(rot_hi, q_tile_hi)  # [BLOCK_N, BLOCK_M]
+        scores = tl.dot(rot_lo, q_lo) + tl.dot(rot_hi, q_hi)  # [BLOCK_N, BLOCK_M]
         visible = in_range[:, None] & row_valid[None, :]
         if not DECODE:
             visible = visible & (positions[:, None] <= row_pos[None, :])
@@ -209,14 +219,14 @@ def paged_latent_attention_kernel(
         p = tl.exp2(scores - m_safe[None, :])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=0)
-        v_0 = tl.load(token_ptrs[None, :] + RANK_K + rv0[:, None],
-                      mask=in_range[None, :] & (rv0[:, None] < RANK_V), other=0.0)  # [RV0, BLOCK_N]
         acc_0 = acc_0 * alpha[None, :] + tl.dot(v_0, p.to(v_0.dtype))
         if SPLIT_V:
-            v_1 = tl.load(token_ptrs[None, :] + RANK_K + rv1[:, None],
-                          mask=in_range[None, :] & (rv1[:, None] < RANK_V), other=0.0)
             acc_1 = acc_1 * alpha[None, :] + tl.dot(v_1, p.to(v_1.dtype))
         m_i = m_new
+        if PREFETCH:
+            positions, in_range, token_ptrs = next_positions, next_in_range, next_ptrs
+            latent_0, latent_1, v_0, v_1 = next_latent_0, next_latent_1, next_v_0, next_v_1
+            next_positions, next_in_range, next_ptrs = after_positions, after_in_range, after_ptrs
 
     out_token = (q_start + row_token).to(tl.int64)
     if USE_SPLITS:

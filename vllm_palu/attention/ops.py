@@ -32,6 +32,7 @@ def rank_chunks(rank: int) -> tuple[int, int]:
 
 TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 _converted_tables: dict[tuple, torch.Tensor] = {}
+last_kernel = None  # the last compiled attention kernel launched (registers, SASS: scripts/kernel_anatomy.py)
 
 
 def rotary_table(cos_sin_cache: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -73,7 +74,7 @@ def rotary_permutation(head_dim: int, is_neox_style: bool, device) -> torch.Tens
 
 
 def choose_num_splits(programs: int, max_seq_len: int, block_n: int, device: torch.device,
-                      programs_per_sm: int = 16) -> int:
+                      programs_per_sm: int = 8) -> int:
     """Split the KV walk until the grid gives every multiprocessor several programs (latency hiding), keeping at
     least 4 KV tiles per split."""
     if device.type != "cuda":
@@ -121,7 +122,7 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     # Defaults measured on the H200 with scripts/kernel_variants.py (docs/KERNEL_NOTES.md).
     tuning = {"num_warps": 2 if decode else 4, "num_stages": 3, **(tuning or {})}
     block_n = tuning.pop("block_n", 64 if query.device.type == "cuda" else 32)
-    programs_per_sm = tuning.pop("programs_per_sm", 16)
+    programs_per_sm = tuning.pop("programs_per_sm", 8)
     split_ranks = tuning.pop("split_ranks", True)
     decode = tuning.pop("decode_kernel", decode) and decode
     rk0, rk1 = rank_chunks(rank_k) if split_ranks else (_pow2(rank_k), 0)
@@ -129,7 +130,7 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     # 16-bit models rebuild, rotate and score keys in fp16: packed math and half the registers of fp32 tiles.
     key_dtype = tuning.pop("key_dtype", torch.float32 if query.dtype == torch.float32 else torch.float16)
     acc_dtype = tuning.pop("acc_dtype", torch.float32 if key_dtype == torch.bfloat16 else key_dtype)
-    rope_mode = tuning.pop("rope_mode", 0)
+    prefetch = tuning.pop("prefetch", True)
     if tuning.pop("convert_table", True):
         cos_sin_cache = rotary_table(cos_sin_cache, key_dtype)
     # Decode: the query tile is one token's heads of a KV head; prefill: 64+ rows of several tokens.
@@ -155,10 +156,11 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
                   ACC_DTYPE=TRITON_DTYPES[acc_dtype], BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2],
                   NUM_SPLITS=num_splits, HAS_BIAS=k_bias is not None, USE_SPLITS=use_splits, **tuning)
     bias = k_bias if k_bias is not None else k_up_heads  # unused when HAS_BIAS is false
-    paged_latent_attention_kernel[(programs, kv_heads, num_splits)](
+    global last_kernel
+    last_kernel = paged_latent_attention_kernel[(programs, kv_heads, num_splits)](
         query, kv_cache, k_up_heads, bias, cos_sin_cache, block_table, seq_lens, query_start_loc, cu_qblocks, out,
         partial, stats, num_reqs, num_heads, scale * LOG2E, *strides, BLOCK_Q=block_q, BLOCK_M=block_m,
-        DECODE=decode, ROPE_MODE=rope_mode, **shapes)
+        DECODE=decode, PREFETCH=prefetch, **shapes)
     if use_splits:
         reduce_splits_kernel[(num_tokens, num_heads)](
             partial, stats, out, partial.stride(0), partial.stride(1), partial.stride(2), out.stride(0),
