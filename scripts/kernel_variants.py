@@ -36,11 +36,10 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device("cuda")
     headline = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768)
-    kinds = {"prefetch by hand": dict(), "no prefetch": dict(prefetch=False)}
-    shapes = [(64, 2, 3), (64, 2, 1), (32, 2, 3), (32, 2, 1), (64, 4, 3), (64, 4, 1), (128, 4, 3), (128, 4, 1),
-              (32, 4, 1)]
+    kinds = {"default registers": dict(), **{f"maxnreg {n}": dict(maxnreg=n) for n in (128, 168, 200)}}
+    shapes = [(64, 2, 3), (64, 2, 4), (128, 4, 3), (32, 2, 3)]
     if args.quick:
-        shapes = shapes[:4]
+        shapes = shapes[:2]
     rows = []
     inputs = build_inputs(headline, torch.bfloat16, device)
     floor = floor_us(headline.palu_bytes(), headline.palu_flops())

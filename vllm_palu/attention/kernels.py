@@ -104,7 +104,7 @@ def paged_latent_attention_kernel(
     RV1: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, KEY_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLITS: tl.constexpr,
-    DECODE: tl.constexpr, PREFETCH: tl.constexpr,
+    DECODE: tl.constexpr,
 ):
     """One program per (query tile, KV head, KV split); ``DECODE``: every request has one new token and the
     query tile is the request.
@@ -176,28 +176,11 @@ def paged_latent_attention_kernel(
     acc_1 = tl.zeros([RV1, BLOCK_M], tl.float32)
     cache_group = cache_ptr + group.to(tl.int64) * stride_cg
     table_row = block_table_ptr + request.to(tl.int64) * stride_bt
-    split_end = tl.minimum(kv_end, last * BLOCK_N)  # tiles past this split's last load nothing
-    # PREFETCH: software pipelining by hand. A tile's latents are loaded one iteration before they are used, its
-    # block-table entries two, so each load's latency overlaps a tile of compute instead of stalling it.
-    positions, in_range, token_ptrs = _tile_rows(first, cols, split_end, table_row, cache_group, stride_cb,
-                                                 stride_cn, BLOCK_N, BLOCK_SIZE)
-    latent_0, latent_1, v_0, v_1 = _load_tile(token_ptrs, in_range, rk0, rk1, rv0, rv1, RANK_K,
-                                              RANK_V, SPLIT_K, SPLIT_V, KEY_DTYPE)
-    next_positions, next_in_range, next_ptrs = _tile_rows(first + 1, cols, split_end, table_row, cache_group,
-                                                          stride_cb, stride_cn, BLOCK_N, BLOCK_SIZE)
     for kv_tile in range(first, last):
-        if PREFETCH:
-            after_positions, after_in_range, after_ptrs = _tile_rows(kv_tile + 2, cols, split_end, table_row,
-                                                                     cache_group, stride_cb, stride_cn, BLOCK_N,
-                                                                     BLOCK_SIZE)
-            next_latent_0, next_latent_1, next_v_0, next_v_1 = _load_tile(
-                next_ptrs, next_in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V, SPLIT_K,
-                SPLIT_V, KEY_DTYPE)
-        else:
-            positions, in_range, token_ptrs = _tile_rows(kv_tile, cols, split_end, table_row, cache_group, stride_cb,
-                                                         stride_cn, BLOCK_N, BLOCK_SIZE)
-            latent_0, latent_1, v_0, v_1 = _load_tile(token_ptrs, in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V,
-                                                      SPLIT_K, SPLIT_V, KEY_DTYPE)
+        positions, in_range, token_ptrs = _tile_rows(kv_tile, cols, kv_end, table_row, cache_group, stride_cb,
+                                                     stride_cn, BLOCK_N, BLOCK_SIZE)
+        latent_0, latent_1, v_0, v_1 = _load_tile(token_ptrs, in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V,
+                                                  SPLIT_K, SPLIT_V, KEY_DTYPE)
         key_lo = _rebuild_half(latent_0, latent_1, up_lo_0, up_lo_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)
         key_hi = _rebuild_half(latent_0, latent_1, up_hi_0, up_hi_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)
         if HAS_BIAS:
@@ -223,10 +206,6 @@ def paged_latent_attention_kernel(
         if SPLIT_V:
             acc_1 = acc_1 * alpha[None, :] + tl.dot(v_1, p.to(v_1.dtype))
         m_i = m_new
-        if PREFETCH:
-            positions, in_range, token_ptrs = next_positions, next_in_range, next_ptrs
-            latent_0, latent_1, v_0, v_1 = next_latent_0, next_latent_1, next_v_0, next_v_1
-            next_positions, next_in_range, next_ptrs = after_positions, after_in_range, after_ptrs
 
     out_token = (q_start + row_token).to(tl.int64)
     if USE_SPLITS:

@@ -130,7 +130,6 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     # 16-bit models rebuild, rotate and score keys in fp16: packed math and half the registers of fp32 tiles.
     key_dtype = tuning.pop("key_dtype", torch.float32 if query.dtype == torch.float32 else torch.float16)
     acc_dtype = tuning.pop("acc_dtype", torch.float32 if key_dtype == torch.bfloat16 else key_dtype)
-    prefetch = tuning.pop("prefetch", True)
     if tuning.pop("convert_table", True):
         cos_sin_cache = rotary_table(cos_sin_cache, key_dtype)
     # Decode: the query tile is one token's heads of a KV head; prefill: 64+ rows of several tokens.
@@ -160,7 +159,7 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     last_kernel = paged_latent_attention_kernel[(programs, kv_heads, num_splits)](
         query, kv_cache, k_up_heads, bias, cos_sin_cache, block_table, seq_lens, query_start_loc, cu_qblocks, out,
         partial, stats, num_reqs, num_heads, scale * LOG2E, *strides, BLOCK_Q=block_q, BLOCK_M=block_m,
-        DECODE=decode, PREFETCH=prefetch, **shapes)
+        DECODE=decode, **shapes)
     if use_splits:
         reduce_splits_kernel[(num_tokens, num_heads)](
             partial, stats, out, partial.stride(0), partial.stride(1), partial.stride(2), out.stride(0),
