@@ -72,21 +72,53 @@ def _tile_rows(kv_tile, cols, end, block_table_row, cache_group, stride_cb, stri
 
 @triton.jit
 def _load_tile(token_ptrs, in_range, rk0, rk1, rv0, rv1, RANK_K: tl.constexpr, RANK_V: tl.constexpr,
-               SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, KEY_DTYPE: tl.constexpr):
-    """A KV tile's latents: K as [BLOCK_N, rank chunk] (key dtype), V transposed as [rank chunk, BLOCK_N]."""
-    latent_0 = tl.load(token_ptrs[:, None] + rk0[None, :], mask=in_range[:, None] & (rk0[None, :] < RANK_K),
-                       other=0.0).to(KEY_DTYPE)
-    latent_1 = latent_0
-    if SPLIT_K:
-        latent_1 = tl.load(token_ptrs[:, None] + rk1[None, :], mask=in_range[:, None] & (rk1[None, :] < RANK_K),
-                           other=0.0).to(KEY_DTYPE)
-    v_0 = tl.load(token_ptrs[None, :] + RANK_K + rv0[:, None], mask=in_range[None, :] & (rv0[:, None] < RANK_V),
-                  other=0.0)
-    v_1 = v_0
-    if SPLIT_V:
-        v_1 = tl.load(token_ptrs[None, :] + RANK_K + rv1[:, None],
-                      mask=in_range[None, :] & (rv1[:, None] < RANK_V), other=0.0)
-    return latent_0, latent_1, v_0, v_1
+               K0_LIMIT: tl.constexpr, V0_LIMIT: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr,
+               LATENT: tl.constexpr, KEY_DTYPE: tl.constexpr):
+    """A KV tile's latents, K as [BLOCK_N, rank chunk] (dequantized, key dtype) and V transposed as
+    [rank chunk, BLOCK_N], plus V's per-token scale and minimum (quantized V is dequantized inside P.V).
+
+    LATENT 0: rows of rank_k + rank_v values. 1 (fp8): e4m3 bytes, then fp16 K and V scales. 2 (int4): rank/2
+    bytes per latent, byte j holding codes j (low nibble) and j + rank/2 (high), then fp16 K scale, K min, V scale,
+    V min (vllm_palu.attention.latent_quant)."""
+    rows_k = token_ptrs[:, None]
+    rows_v = token_ptrs[None, :]
+    k_mask_0 = in_range[:, None] & (rk0[None, :] < K0_LIMIT)
+    v_mask_0 = in_range[None, :] & (rv0[:, None] < V0_LIMIT)
+    v_scale = in_range.to(tl.float32)  # unused unless quantized
+    v_min = v_scale
+    if LATENT == 2:
+        scales = (token_ptrs + (RANK_K + RANK_V) // 2).to(tl.pointer_type(tl.float16))
+        k_scale = tl.load(scales, mask=in_range, other=0.0).to(tl.float32)[:, None]
+        k_min = tl.load(scales + 1, mask=in_range, other=0.0).to(tl.float32)[:, None]
+        v_scale = tl.load(scales + 2, mask=in_range, other=0.0).to(tl.float32)
+        v_min = tl.load(scales + 3, mask=in_range, other=0.0).to(tl.float32)
+        k_codes = tl.load(rows_k + rk0[None, :], mask=k_mask_0, other=0)  # elements j and j + rank_k / 2
+        latent_0 = ((k_codes & 15).to(tl.float32) * k_scale + k_min).to(KEY_DTYPE)
+        latent_1 = ((k_codes >> 4).to(tl.float32) * k_scale + k_min).to(KEY_DTYPE)
+        v_codes = tl.load(rows_v + RANK_K // 2 + rv0[:, None], mask=v_mask_0, other=0)
+        v_0 = (v_codes & 15).to(KEY_DTYPE)  # codes are exact in fp16; scale and min enter in P.V
+        v_1 = (v_codes >> 4).to(KEY_DTYPE)
+    else:
+        latent_0 = tl.load(rows_k + rk0[None, :], mask=k_mask_0, other=0)
+        latent_1 = latent_0
+        if SPLIT_K:
+            latent_1 = tl.load(rows_k + rk1[None, :], mask=in_range[:, None] & (rk1[None, :] < RANK_K), other=0)
+        v_0 = tl.load(rows_v + RANK_K + rv0[:, None], mask=v_mask_0, other=0)
+        v_1 = v_0
+        if SPLIT_V:
+            v_1 = tl.load(rows_v + RANK_K + rv1[:, None], mask=in_range[None, :] & (rv1[:, None] < RANK_V), other=0)
+        if LATENT == 1:
+            scales = (token_ptrs + RANK_K + RANK_V).to(tl.pointer_type(tl.float16))
+            k_scale = tl.load(scales, mask=in_range, other=0.0).to(tl.float32)[:, None]
+            v_scale = tl.load(scales + 1, mask=in_range, other=0.0).to(tl.float32)
+            latent_0 = (latent_0.to(tl.float8e4nv, bitcast=True).to(tl.float32) * k_scale).to(KEY_DTYPE)
+            latent_1 = (latent_1.to(tl.float8e4nv, bitcast=True).to(tl.float32) * k_scale).to(KEY_DTYPE)
+            v_0 = v_0.to(tl.float8e4nv, bitcast=True).to(KEY_DTYPE)  # exact in fp16; the scale enters in P.V
+            v_1 = v_1.to(tl.float8e4nv, bitcast=True).to(KEY_DTYPE)
+        else:
+            latent_0 = latent_0.to(KEY_DTYPE)
+            latent_1 = latent_1.to(KEY_DTYPE)
+    return latent_0, latent_1, v_0, v_1, v_scale, v_min
 
 
 @triton.jit
@@ -104,7 +136,8 @@ def paged_latent_attention_kernel(
     RV1: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, KEY_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLITS: tl.constexpr,
-    DECODE: tl.constexpr,
+    DECODE: tl.constexpr, LATENT: tl.constexpr, K0_LIMIT: tl.constexpr, K1_OFFSET: tl.constexpr,
+    V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr,
 ):
     """One program per (query tile, KV head, KV split); ``DECODE``: every request has one new token and the
     query tile is the request.
@@ -147,10 +180,10 @@ def paged_latent_attention_kernel(
     # This KV head's rows of the key up-projection, as [rank chunk, half] operands, loaded once per program.
     up_base = k_up_ptr + kv_head.to(tl.int64) * HEAD_DIM * RANK_K
     rk0 = tl.arange(0, RK0)
-    rk1 = RK0 + tl.arange(0, RK1)
-    up_lo_0 = tl.load(up_base + dims[None, :] * RANK_K + rk0[:, None], mask=rk0[:, None] < RANK_K,
+    rk1 = K1_OFFSET + tl.arange(0, RK1)
+    up_lo_0 = tl.load(up_base + dims[None, :] * RANK_K + rk0[:, None], mask=rk0[:, None] < K0_LIMIT,
                       other=0.0).to(KEY_DTYPE)
-    up_hi_0 = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk0[:, None], mask=rk0[:, None] < RANK_K,
+    up_hi_0 = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk0[:, None], mask=rk0[:, None] < K0_LIMIT,
                       other=0.0).to(KEY_DTYPE)
     up_lo_1 = tl.load(up_base + dims[None, :] * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K,
                       other=0.0).to(KEY_DTYPE)
@@ -171,7 +204,7 @@ def paged_latent_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     rv0 = tl.arange(0, RV0)
-    rv1 = RV0 + tl.arange(0, RV1)
+    rv1 = V1_OFFSET + tl.arange(0, RV1)
     acc_0 = tl.zeros([RV0, BLOCK_M], tl.float32)
     acc_1 = tl.zeros([RV1, BLOCK_M], tl.float32)
     cache_group = cache_ptr + group.to(tl.int64) * stride_cg
@@ -179,8 +212,9 @@ def paged_latent_attention_kernel(
     for kv_tile in range(first, last):
         positions, in_range, token_ptrs = _tile_rows(kv_tile, cols, kv_end, table_row, cache_group, stride_cb,
                                                      stride_cn, BLOCK_N, BLOCK_SIZE)
-        latent_0, latent_1, v_0, v_1 = _load_tile(token_ptrs, in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V,
-                                                  SPLIT_K, SPLIT_V, KEY_DTYPE)
+        latent_0, latent_1, v_0, v_1, v_scale, v_min = _load_tile(
+            token_ptrs, in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT,
+            KEY_DTYPE)
         key_lo = _rebuild_half(latent_0, latent_1, up_lo_0, up_lo_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)
         key_hi = _rebuild_half(latent_0, latent_1, up_hi_0, up_hi_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)
         if HAS_BIAS:
@@ -202,15 +236,24 @@ def paged_latent_attention_kernel(
         p = tl.exp2(scores - m_safe[None, :])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, axis=0)
-        acc_0 = acc_0 * alpha[None, :] + tl.dot(v_0, p.to(v_0.dtype))
-        if SPLIT_V:
-            acc_1 = acc_1 * alpha[None, :] + tl.dot(v_1, p.to(v_1.dtype))
+        if LATENT == 0:
+            acc_0 = acc_0 * alpha[None, :] + tl.dot(v_0, p.to(v_0.dtype))
+            if SPLIT_V:
+                acc_1 = acc_1 * alpha[None, :] + tl.dot(v_1, p.to(v_1.dtype))
+        else:  # sum_n p (code scale + min) = codes @ (p scale) + sum_n p min
+            p_scaled = (p * v_scale[:, None]).to(v_0.dtype)
+            offset = 0.0
+            if LATENT == 2:
+                offset = tl.sum(p * v_min[:, None], axis=0)[None, :]
+            acc_0 = acc_0 * alpha[None, :] + tl.dot(v_0, p_scaled) + offset
+            if SPLIT_V:
+                acc_1 = acc_1 * alpha[None, :] + tl.dot(v_1, p_scaled) + offset
         m_i = m_new
 
     out_token = (q_start + row_token).to(tl.int64)
     if USE_SPLITS:
         partial = partial_ptr + out_token[None, :] * stride_pt + row_head[None, :] * stride_ph + split * stride_ps
-        tl.store(partial + rv0[:, None], acc_0, mask=row_valid[None, :] & (rv0[:, None] < RANK_V))
+        tl.store(partial + rv0[:, None], acc_0, mask=row_valid[None, :] & (rv0[:, None] < V0_LIMIT))
         if SPLIT_V:
             tl.store(partial + rv1[:, None], acc_1, mask=row_valid[None, :] & (rv1[:, None] < RANK_V))
         stat_index = (out_token * num_heads + row_head) * NUM_SPLITS + split  # stats: [T, H, splits, (m, l)]
@@ -220,7 +263,7 @@ def paged_latent_attention_kernel(
         inverse = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
         out_cols = out_ptr + out_token[None, :] * stride_ot + row_head[None, :] * stride_oh
         tl.store(out_cols + rv0[:, None], (acc_0 * inverse[None, :]).to(out_ptr.dtype.element_ty),
-                 mask=row_valid[None, :] & (rv0[:, None] < RANK_V))
+                 mask=row_valid[None, :] & (rv0[:, None] < V0_LIMIT))
         if SPLIT_V:
             tl.store(out_cols + rv1[:, None], (acc_1 * inverse[None, :]).to(out_ptr.dtype.element_ty),
                      mask=row_valid[None, :] & (rv1[:, None] < RANK_V))

@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_palu.attention.latent_quant import quantize_rows, rank_v_of_row
 from vllm_palu.attention.kernels import paged_latent_attention_kernel, reduce_splits_kernel, write_latents_kernel
 
 LOG2E = 1.4426950408889634
@@ -31,6 +32,7 @@ def rank_chunks(rank: int) -> tuple[int, int]:
 
 
 TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+LATENT_CODES = {"auto": 0, "fp8": 1, "int4": 2}  # the kernel's LATENT constexpr
 _converted_tables: dict[tuple, torch.Tensor] = {}
 last_kernel = None  # the last compiled attention kernel launched (registers, SASS: scripts/kernel_anatomy.py)
 
@@ -49,8 +51,13 @@ def rotary_table(cos_sin_cache: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 
 
 def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: torch.Tensor,
-                  v_latent: torch.Tensor) -> None:
-    """kv_cache ``[blocks, G, block_size, rank_k + rank_v]`` (last dim contiguous), latents ``[T, G, rank]``."""
+                  v_latent: torch.Tensor, latent_dtype: str = "auto") -> None:
+    """kv_cache ``[blocks, G, block_size, row]`` (last dim contiguous), latents ``[T, G, rank]``; fp8/int4 latents
+    are quantized into uint8 rows first (:mod:`vllm_palu.attention.latent_quant`), then scattered as bytes."""
+    if latent_dtype != "auto":
+        rows = quantize_rows(k_latent, v_latent, latent_dtype)
+        half = rows.shape[-1] // 2  # the scatter kernel copies a row as two parts
+        k_latent, v_latent = rows[..., :half], rows[..., half:]
     tokens, groups, rank_k = k_latent.shape
     rank_v = v_latent.shape[-1]
     assert kv_cache.shape[1] == groups and kv_cache.shape[-1] == rank_k + rank_v and kv_cache.stride(-1) == 1
@@ -90,13 +97,14 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
                            scale: float, *, max_query_len: int | None = None, max_seq_len: int | None = None,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
-                           tuning: dict | None = None) -> torch.Tensor:
+                           tuning: dict | None = None, latent_dtype: str = "auto") -> torch.Tensor:
     """Triton version of :func:`vllm_palu.attention.reference.paged_latent_attention`; output in query dtype."""
     num_tokens, num_heads, head_dim = query.shape
     num_groups, group_width, rank_k = k_up.shape
     group_size = group_width // head_dim
     kv_heads = num_groups * group_size
-    rank_v = kv_cache.shape[-1] - rank_k
+    row = kv_cache.shape[-1]
+    rank_v = row - rank_k if latent_dtype == "auto" else rank_v_of_row(row, rank_k, latent_dtype)
     num_reqs = seq_lens.shape[0]
     if cos_sin_cache.shape[-1] != head_dim:
         raise NotImplementedError("partial rotary embeddings are not supported by the Triton PALU kernels")
@@ -125,8 +133,14 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     programs_per_sm = tuning.pop("programs_per_sm", 8)
     split_ranks = tuning.pop("split_ranks", True)
     decode = tuning.pop("decode_kernel", decode) and decode
-    rk0, rk1 = rank_chunks(rank_k) if split_ranks else (_pow2(rank_k), 0)
-    rv0, rv1 = rank_chunks(rank_v) if split_ranks else (_pow2(rank_v), 0)
+    if latent_dtype == "int4":  # one byte tile per latent holds both halves of the rank: two chunks of rank / 2
+        rk0 = rk1 = _pow2(rank_k // 2)
+        rv0 = rv1 = _pow2(rank_v // 2)
+        k_limit, v_limit = rank_k // 2, rank_v // 2
+    else:
+        rk0, rk1 = rank_chunks(rank_k) if split_ranks else (_pow2(rank_k), 0)
+        rv0, rv1 = rank_chunks(rank_v) if split_ranks else (_pow2(rank_v), 0)
+        k_limit, v_limit = rank_k, rank_v
     # 16-bit models rebuild, rotate and score keys in fp16: packed math and half the registers of fp32 tiles.
     key_dtype = tuning.pop("key_dtype", torch.float32 if query.dtype == torch.float32 else torch.float16)
     acc_dtype = tuning.pop("acc_dtype", torch.float32 if key_dtype == torch.bfloat16 else key_dtype)
@@ -151,7 +165,9 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
                partial.stride(0), partial.stride(1), partial.stride(2) if use_splits else 0)
     shapes = dict(HEADS_PER_KV=heads_per_kv, GROUP_SIZE=group_size, HEAD_DIM=head_dim, HALF=head_dim // 2,
                   RANK_K=rank_k, RANK_V=rank_v, RK0=rk0, RK1=max(rk1, 16), RV0=rv0, RV1=max(rv1, 16),
-                  SPLIT_K=rk1 > 0, SPLIT_V=rv1 > 0, KEY_DTYPE=TRITON_DTYPES[key_dtype],
+                  SPLIT_K=rk1 > 0, SPLIT_V=rv1 > 0, LATENT=LATENT_CODES[latent_dtype], K0_LIMIT=k_limit,
+                  K1_OFFSET=k_limit if latent_dtype == "int4" else rk0, V0_LIMIT=v_limit,
+                  V1_OFFSET=v_limit if latent_dtype == "int4" else rv0, KEY_DTYPE=TRITON_DTYPES[key_dtype],
                   ACC_DTYPE=TRITON_DTYPES[acc_dtype], BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2],
                   NUM_SPLITS=num_splits, HAS_BIAS=k_bias is not None, USE_SPLITS=use_splits, **tuning)
     bias = k_bias if k_bias is not None else k_up_heads  # unused when HAS_BIAS is false
