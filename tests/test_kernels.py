@@ -14,7 +14,7 @@ DEVICE = os.environ.get("PALU_KERNEL_TESTS_DEVICE", "cpu")  # cpu: TRITON_INTERP
 triton = pytest.importorskip("triton")
 
 from vllm_palu.attention import ops, reference  # noqa: E402
-from vllm_palu.attention.latent_quant import dequantize_rows, quantize_rows  # noqa: E402
+from vllm_palu.attention.latent_quant import dequantize_rows, pages_to_rows, quantize_rows, rows_to_pages  # noqa: E402,E501
 
 DTYPES = [torch.float32] if DEVICE == "cpu" else [torch.bfloat16, torch.float16]
 TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -149,7 +149,7 @@ def quantized_case(shape, mode, dtype, seed=5):
     k_latent, v_latent = dequantize_rows(rows, rank_k, rank_v, mode)
     dequantized = dict(case, kv_cache=torch.cat([k_latent, v_latent], dim=-1))
     quantized = {name: value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
-                 for name, value in dict(case, kv_cache=rows).items()}
+                 for name, value in dict(case, kv_cache=rows_to_pages(rows, mode)).items()}
     quantized["cos_sin_cache"] = case["cos_sin_cache"]
     return quantized, dequantized
 
@@ -182,11 +182,14 @@ def test_write_latents_quantizes_rows(mode):
     v_latent = torch.randn(4, 2, 24, generator=generator).to(DEVICE)
     rows = quantize_rows(k_latent, v_latent, mode)
     cache = torch.randint(0, 255, (6, 2, 16, rows.shape[-1]), dtype=torch.uint8, generator=generator).to(DEVICE)
-    expected = cache.clone()
+    expected = pages_to_rows(cache, mode)
     slots = torch.tensor([3, -1, 17, 95], dtype=torch.int64, device=DEVICE)
     expected[slots[[0, 2, 3]] // 16, :, slots[[0, 2, 3]] % 16] = rows[[0, 2, 3]]
     ops.write_latents(cache, slots, k_latent, v_latent, latent_dtype=mode)
-    assert torch.equal(cache, expected)
+    assert torch.equal(pages_to_rows(cache, mode), expected)
+    reference_cache = rows_to_pages(pages_to_rows(cache, mode), mode)
+    reference.write_latents(reference_cache, slots, k_latent, v_latent, latent_dtype=mode)
+    assert torch.equal(reference_cache, cache)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs: GPU only")

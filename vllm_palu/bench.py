@@ -69,7 +69,7 @@ def floor_us(nbytes: float, flops: float) -> float:
 def build_inputs(case: Case, dtype, device, latent: str = "auto"):
     import torch
 
-    from vllm_palu.attention.latent_quant import quantize_rows
+    from vllm_palu.attention.latent_quant import quantize_rows, rows_to_pages
 
     rank_k, rank_v = case.ranks
     groups = case.kv_heads // case.group_size
@@ -79,7 +79,7 @@ def build_inputs(case: Case, dtype, device, latent: str = "auto"):
     cache = torch.randn(case.batch * blocks_per_seq, groups, block_size, rank_k + rank_v, device=device,
                         dtype=dtype, generator=generator)
     if latent != "auto":  # the same latents as fp8/int4 rows (quantized in slices: bounded temporaries)
-        cache = torch.cat([quantize_rows(part[..., :rank_k], part[..., rank_k:], latent)
+        cache = torch.cat([rows_to_pages(quantize_rows(part[..., :rank_k], part[..., rank_k:], latent), latent)
                            for part in cache.split(4096)])
     block_table = torch.randperm(case.batch * blocks_per_seq, device=device, generator=generator
                                  ).view(case.batch, blocks_per_seq).to(torch.int32)
@@ -107,14 +107,15 @@ def refcheck(case: Case, device, latent: str = "auto") -> float:
     import torch
 
     from vllm_palu.attention import ops, reference
-    from vllm_palu.attention.latent_quant import dequantize_rows
+    from vllm_palu.attention.latent_quant import dequantize_rows, pages_to_rows
 
     small = Case(**{**asdict(case), "batch": min(case.batch, 2), "context": min(case.context, 4096)})
     inputs = build_inputs(small, torch.bfloat16, device, latent)
     oracle = dict(inputs)
     if latent != "auto":
         del oracle["latent_dtype"]
-        oracle["kv_cache"] = torch.cat(dequantize_rows(inputs["kv_cache"], *small.ranks, latent), dim=-1)
+        rows = pages_to_rows(inputs["kv_cache"], latent)
+        oracle["kv_cache"] = torch.cat(dequantize_rows(rows, *small.ranks, latent), dim=-1)
     expected = reference.paged_latent_attention(**oracle)
     got = ops.paged_latent_attention(**inputs).float()
     return float((got - expected).norm() / expected.norm())

@@ -61,25 +61,28 @@ def _rebuild_half(latent_0, latent_1, up_0, up_1, SPLIT_K: tl.constexpr, ACC_DTY
 
 
 @triton.jit
-def _tile_rows(kv_tile, cols, end, block_table_row, cache_group, stride_cb, stride_cn,
-               BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """Positions of a KV tile, which of them exist, and each one's cache row (through the block table)."""
+def _tile_rows(kv_tile, cols, end, block_table_row, cache_group, scale_group, stride_cb, stride_cn, stride_sb,
+               stride_sn, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Positions of a KV tile, which of them exist, and each one's latent row and scale row (through the block
+    table; the scale rows are only read for quantized latents)."""
     positions = kv_tile * BLOCK_N + cols
     in_range = positions < end
     pages = tl.load(block_table_row + positions // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
-    return positions, in_range, cache_group + pages * stride_cb + (positions % BLOCK_SIZE) * stride_cn
+    slots = positions % BLOCK_SIZE
+    return (positions, in_range, cache_group + pages * stride_cb + slots * stride_cn,
+            scale_group + pages * stride_sb + slots * stride_sn)
 
 
 @triton.jit
-def _load_tile(token_ptrs, in_range, rk0, rk1, rv0, rv1, RANK_K: tl.constexpr, RANK_V: tl.constexpr,
+def _load_tile(token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K: tl.constexpr, RANK_V: tl.constexpr,
                K0_LIMIT: tl.constexpr, V0_LIMIT: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr,
                LATENT: tl.constexpr, KEY_DTYPE: tl.constexpr):
     """A KV tile's latents, K as [BLOCK_N, rank chunk] (dequantized, key dtype) and V transposed as
     [rank chunk, BLOCK_N], plus V's per-token scale and minimum (quantized V is dequantized inside P.V).
 
-    LATENT 0: rows of rank_k + rank_v values. 1 (fp8): e4m3 bytes, then fp16 K and V scales. 2 (int4): rank/2
-    bytes per latent, byte j holding codes j (low nibble) and j + rank/2 (high), then fp16 K scale, K min, V scale,
-    V min (vllm_palu.attention.latent_quant)."""
+    LATENT 0: rows of rank_k + rank_v values. 1 (fp8): e4m3 bytes; scale rows hold fp16 K and V scales. 2 (int4):
+    rank/2 bytes per latent, byte j holding codes j (low nibble) and j + rank/2 (high); scale rows hold fp16 K scale,
+    K min, V scale, V min (vllm_palu.attention.latent_quant)."""
     rows_k = token_ptrs[:, None]
     rows_v = token_ptrs[None, :]
     k_mask_0 = in_range[:, None] & (rk0[None, :] < K0_LIMIT)
@@ -87,11 +90,10 @@ def _load_tile(token_ptrs, in_range, rk0, rk1, rv0, rv1, RANK_K: tl.constexpr, R
     v_scale = in_range.to(tl.float32)  # unused unless quantized
     v_min = v_scale
     if LATENT == 2:
-        scales = (token_ptrs + (RANK_K + RANK_V) // 2).to(tl.pointer_type(tl.float16))
-        k_scale = tl.load(scales, mask=in_range, other=0.0).to(tl.float32)[:, None]
-        k_min = tl.load(scales + 1, mask=in_range, other=0.0).to(tl.float32)[:, None]
-        v_scale = tl.load(scales + 2, mask=in_range, other=0.0).to(tl.float32)
-        v_min = tl.load(scales + 3, mask=in_range, other=0.0).to(tl.float32)
+        k_scale = tl.load(scale_rows, mask=in_range, other=0.0).to(tl.float32)[:, None]
+        k_min = tl.load(scale_rows + 1, mask=in_range, other=0.0).to(tl.float32)[:, None]
+        v_scale = tl.load(scale_rows + 2, mask=in_range, other=0.0).to(tl.float32)
+        v_min = tl.load(scale_rows + 3, mask=in_range, other=0.0).to(tl.float32)
         k_codes = tl.load(rows_k + rk0[None, :], mask=k_mask_0, other=0)  # elements j and j + rank_k / 2
         latent_0 = ((k_codes & 15).to(tl.float32) * k_scale + k_min).to(KEY_DTYPE)
         latent_1 = ((k_codes >> 4).to(tl.float32) * k_scale + k_min).to(KEY_DTYPE)
@@ -108,9 +110,8 @@ def _load_tile(token_ptrs, in_range, rk0, rk1, rv0, rv1, RANK_K: tl.constexpr, R
         if SPLIT_V:
             v_1 = tl.load(rows_v + RANK_K + rv1[:, None], mask=in_range[None, :] & (rv1[:, None] < RANK_V), other=0)
         if LATENT == 1:
-            scales = (token_ptrs + RANK_K + RANK_V).to(tl.pointer_type(tl.float16))
-            k_scale = tl.load(scales, mask=in_range, other=0.0).to(tl.float32)[:, None]
-            v_scale = tl.load(scales + 1, mask=in_range, other=0.0).to(tl.float32)
+            k_scale = tl.load(scale_rows, mask=in_range, other=0.0).to(tl.float32)[:, None]
+            v_scale = tl.load(scale_rows + 1, mask=in_range, other=0.0).to(tl.float32)
             latent_0 = (latent_0.to(tl.float8e4nv, bitcast=True).to(tl.float32) * k_scale).to(KEY_DTYPE)
             latent_1 = (latent_1.to(tl.float8e4nv, bitcast=True).to(tl.float32) * k_scale).to(KEY_DTYPE)
             v_0 = v_0.to(tl.float8e4nv, bitcast=True).to(KEY_DTYPE)  # exact in fp16; the scale enters in P.V
@@ -123,11 +124,12 @@ def _load_tile(token_ptrs, in_range, rk0, rk1, rv0, rv1, RANK_K: tl.constexpr, R
 
 @triton.jit
 def paged_latent_attention_kernel(
-    q_ptr, cache_ptr, k_up_ptr, k_bias_ptr, cos_sin_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr,
+    q_ptr, cache_ptr, scale_ptr, k_up_ptr, k_bias_ptr, cos_sin_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr,
     cu_qblocks_ptr, out_ptr, partial_ptr, stats_ptr,
     num_reqs, num_heads, scale,
     stride_qt, stride_qh,
     stride_cb, stride_cg, stride_cn,
+    stride_sb, stride_sg, stride_sn,
     stride_bt, stride_cs,
     stride_ot, stride_oh,
     stride_pt, stride_ph, stride_ps,
@@ -208,12 +210,14 @@ def paged_latent_attention_kernel(
     acc_0 = tl.zeros([RV0, BLOCK_M], tl.float32)
     acc_1 = tl.zeros([RV1, BLOCK_M], tl.float32)
     cache_group = cache_ptr + group.to(tl.int64) * stride_cg
+    scale_group = scale_ptr + group.to(tl.int64) * stride_sg
     table_row = block_table_ptr + request.to(tl.int64) * stride_bt
     for kv_tile in range(first, last):
-        positions, in_range, token_ptrs = _tile_rows(kv_tile, cols, kv_end, table_row, cache_group, stride_cb,
-                                                     stride_cn, BLOCK_N, BLOCK_SIZE)
+        positions, in_range, token_ptrs, scale_rows = _tile_rows(
+            kv_tile, cols, kv_end, table_row, cache_group, scale_group, stride_cb, stride_cn, stride_sb, stride_sn,
+            BLOCK_N, BLOCK_SIZE)
         latent_0, latent_1, v_0, v_1, v_scale, v_min = _load_tile(
-            token_ptrs, in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT,
+            token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT,
             KEY_DTYPE)
         key_lo = _rebuild_half(latent_0, latent_1, up_lo_0, up_lo_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)
         key_hi = _rebuild_half(latent_0, latent_1, up_hi_0, up_hi_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_palu.attention.latent_quant import quantize_rows, rank_v_of_row
+from vllm_palu.attention.latent_quant import page_views, quantize_rows, rank_v_of_row
 from vllm_palu.attention.kernels import paged_latent_attention_kernel, reduce_splits_kernel, write_latents_kernel
 
 LOG2E = 1.4426950408889634
@@ -56,8 +56,12 @@ def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: 
     are quantized into uint8 rows first (:mod:`vllm_palu.attention.latent_quant`), then scattered as bytes."""
     if latent_dtype != "auto":
         rows = quantize_rows(k_latent, v_latent, latent_dtype)
-        half = rows.shape[-1] // 2  # the scatter kernel copies a row as two parts
-        k_latent, v_latent = rows[..., :half], rows[..., half:]
+        payload, scales = page_views(kv_cache, latent_dtype)
+        split = payload.shape[-1]
+        for region, part in ((payload, rows[..., :split]), (scales, rows[..., split:])):
+            half = part.shape[-1] // 2  # the scatter kernel copies a row as two parts
+            write_latents(region, slot_mapping, part[..., :half], part[..., half:])
+        return
     tokens, groups, rank_k = k_latent.shape
     rank_v = v_latent.shape[-1]
     assert kv_cache.shape[1] == groups and kv_cache.shape[-1] == rank_k + rank_v and kv_cache.stride(-1) == 1
@@ -160,7 +164,13 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
         stats = torch.empty(num_tokens, num_heads, num_splits, 2, dtype=torch.float32, device=query.device)
     else:
         partial = stats = out  # unused
+    if latent_dtype == "auto":
+        scales = kv_cache  # unused
+    else:
+        kv_cache, scales = page_views(kv_cache, latent_dtype)
+        scales = scales.view(torch.float16)
     strides = (query.stride(0), query.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
+               scales.stride(0), scales.stride(1), scales.stride(2),
                block_table.stride(0), cos_sin_cache.stride(0), out.stride(0), out.stride(1),
                partial.stride(0), partial.stride(1), partial.stride(2) if use_splits else 0)
     shapes = dict(HEADS_PER_KV=heads_per_kv, GROUP_SIZE=group_size, HEAD_DIM=head_dim, HALF=head_dim // 2,
@@ -173,7 +183,7 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     bias = k_bias if k_bias is not None else k_up_heads  # unused when HAS_BIAS is false
     global last_kernel
     last_kernel = paged_latent_attention_kernel[(programs, kv_heads, num_splits)](
-        query, kv_cache, k_up_heads, bias, cos_sin_cache, block_table, seq_lens, query_start_loc, cu_qblocks, out,
+        query, kv_cache, scales, k_up_heads, bias, cos_sin_cache, block_table, seq_lens, query_start_loc, cu_qblocks, out,
         partial, stats, num_reqs, num_heads, scale * LOG2E, *strides, BLOCK_Q=block_q, BLOCK_M=block_m,
         DECODE=decode, **shapes)
     if use_splits:
