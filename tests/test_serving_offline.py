@@ -154,3 +154,25 @@ def test_triton_kernels_in_vllm_match_the_pytorch_path(palu_models):
     triton = run_vllm(spec, env={"PALU_ATTENTION_KERNELS": "triton", "TRITON_INTERPRET": "1"})
     torch_path = run_vllm(spec, env={"PALU_ATTENTION_KERNELS": "torch"})
     assert triton["tokens"] == torch_path["tokens"] == reference_greedy(load_palu_model(model_dir), prompts, 12)
+
+
+@pytest.mark.parametrize("allocation", ["flrc"])
+def test_non_uniform_ranks_serve_the_reference_tokens(tiny_checkpoints, calib_file, tmp_path, allocation):
+    """A sensitivity-allocated checkpoint has different K/V ranks per layer, so vLLM sees layers whose KV pages
+    differ in size; greedy tokens must still equal the reference model's."""
+    import json
+
+    model_dir = convert_tiny(tiny_checkpoints["llama"], tmp_path / allocation, calib_file, kv_ratio=0.5,
+                             group_size="1", rank_alloc=allocation)
+    palu = json.loads((model_dir / "config.json").read_text())["palu"]
+    widths = [k + v for k, v in zip(palu["k_ranks"], palu["v_ranks"])]
+    assert len(set(widths)) > 1, f"allocation gave uniform page widths {widths}"
+    prompts = token_prompts(model_dir, PROMPTS)
+    result = run_vllm({"model": str(model_dir), "llm": ENGINE, "prompts": prompts, "max_tokens": MAX_TOKENS,
+                       "prompt_logprobs": 0, "inspect": True})
+    reference = load_palu_model(model_dir)
+    assert result["tokens"] == reference_greedy(reference, prompts, MAX_TOKENS)
+    for ids, served in zip(prompts, result["prompt_logprobs"]):
+        expected = reference_prompt_logprobs(reference, ids)
+        assert max(abs(a - b) for a, b in zip(served[1:], expected)) < 2e-3
+    assert [c["shape"][-1] for c in result["caches"]] == widths  # each layer's page holds its own ranks

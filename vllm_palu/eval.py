@@ -1,5 +1,6 @@
 """``python -m vllm_palu.eval ppl``: perplexity of dense and Palu checkpoints, with simulated dense KV quantization
-baselines, as a table (and optionally JSON)."""
+baselines, as a table (and optionally JSON). ``python -m vllm_palu.eval frontier``: the perplexity-vs-KV-bytes
+sweep (``vllm_palu.offline.frontier``)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,53 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--device", default="cpu")
     ppl.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ppl.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
+
+    frontier = commands.add_parser(
+        "frontier", help="perplexity vs KV bytes: Palu (allocation x kv-ratio x latent quantization) against dense "
+                         "KV quantization; writes frontier.json, frontier.md and a PNG plot")
+    frontier.add_argument("--model", required=True, help="dense HF checkpoint directory or 'smollm2-135m'")
+    frontier.add_argument("--data", required=True, help="plain-text evaluation file")
+    frontier.add_argument("--calib", help="calibration text for the conversions (default: self-generated)")
+    frontier.add_argument("--output", type=Path, default=Path("results/frontier"),
+                          help="directory for frontier.json / frontier.md / frontier.png (default results/frontier)")
+    frontier.add_argument("--cache-dir", type=Path,
+                          help="converted checkpoints and perplexities, reused across runs (default: --output)")
+    frontier.add_argument("--plot", type=Path, help="PNG path (default OUTPUT/frontier.png)")
+    frontier.add_argument("--rank-alloc", default="uniform,fisher,flrc", help="comma list of allocations")
+    frontier.add_argument("--kv-ratio", default="0.75,0.5,0.375,0.25", help="comma list of kv-ratios")
+    frontier.add_argument("--kv-quant", default="none,int8,fp8,int4,int3,int2",
+                          help="comma list of dense KV quantization baselines ('none' = the original model)")
+    frontier.add_argument("--latent-quant", default="none",
+                          help="comma list of simulated latent quantizations for the Palu points (default none)")
+    frontier.add_argument("--group-size", default="all")
+    frontier.add_argument("--seq-len", type=int, default=1024)
+    frontier.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens of the text")
+    frontier.add_argument("--calib-samples", type=int, default=32)
+    frontier.add_argument("--calib-seq-len", type=int, default=512)
+    frontier.add_argument("--seed", type=int, default=0)
+    frontier.add_argument("--device", default="cpu")
     return parser
+
+
+def run_frontier(args: argparse.Namespace) -> str:
+    from vllm_palu.offline.frontier import FrontierOptions, format_table, run_frontier as sweep
+
+    def names(value: str) -> list[str]:
+        return [item.strip() for item in value.split(",") if item.strip()]
+
+    try:
+        ratios = [float(item) for item in names(args.kv_ratio)]
+    except ValueError:
+        raise PaluError(f"--kv-ratio must be a comma list of numbers, got {args.kv_ratio!r}") from None
+    options = FrontierOptions(
+        model=args.model, data=args.data, output=args.output, cache_dir=args.cache_dir or args.output,
+        calib=args.calib, allocations=names(args.rank_alloc), kv_ratios=ratios, kv_quants=names(args.kv_quant),
+        latent_quants=names(args.latent_quant), group_size=args.group_size, seq_len=args.seq_len,
+        max_tokens=args.max_tokens, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
+        seed=args.seed, device=args.device, plot=args.plot)
+    rows = sweep(options)
+    return format_table(rows) + f"\n\nwrote {args.output / 'frontier.json'}, frontier.md, " \
+        f"{args.plot or args.output / 'frontier.png'}"
 
 
 def run_ppl(args: argparse.Namespace) -> list[dict]:
@@ -119,6 +166,9 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "frontier":
+            print(run_frontier(args))
+            return 0
         rows = run_ppl(args)
     except PaluError as error:
         print(f"error: {error}", file=sys.stderr)

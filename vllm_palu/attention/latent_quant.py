@@ -20,6 +20,11 @@ int4 (asymmetric, per token, group, and K/V separately): min = fp16(min(x)) clam
      code = clamp(round_half_even((x - min16) / scale16), 0, 15); x^ = code * scale16 + min16 (fp32; the product
      is exact, so an FMA gives the same result).
      Packing "halves": byte j (0 <= j < r/2) = code[j] | code[j + r/2] << 4.
+Page layout (what the paged cache holds): a layer's cache is ``uint8 [blocks, G, block_size, row]``, but within
+each page (block) the payload parts of all (group, token) rows come first, ``[G, block_size, P]`` with
+``P = row - scale bytes``, then their scale parts, ``[G, block_size, S]`` (:func:`page_views`). Inline scales would
+make a row 132 bytes for ranks 48 + 80 and cost payload rows the 16-byte alignment that wide GPU loads need; the
+page size, and so vLLM's capacity, is the same either way.
 Requirements: fp8 needs rk + rv even (2-byte aligned scales); int4 needs rk and rv even. Quantization always
 reads the latent as produced by the model (its dtype), converted to fp32.
 """
@@ -159,3 +164,31 @@ def dequantize_rows(rows: torch.Tensor, rank_k: int, rank_v: int, mode: str) -> 
     k = _dequantize_one(rows[..., :k_end], rows[..., v_end:v_end + half_scales], mode)
     v = _dequantize_one(rows[..., k_end:v_end], rows[..., v_end + half_scales:], mode)
     return k, v
+
+
+def page_views(kv_cache: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantized layer cache ``uint8 [blocks, G, block_size, row]`` as two views of the same memory: payload rows
+    ``[blocks, G, block_size, P]`` and scale rows ``[blocks, G, block_size, S]`` (the page layout, module doc)."""
+    if kv_cache.dtype != torch.uint8 or not kv_cache.is_contiguous():
+        raise ValueError(f"{mode} latents need a contiguous uint8 cache, got {kv_cache.dtype} with strides "
+                         f"{tuple(kv_cache.stride())}")
+    blocks, groups, block_size, row = kv_cache.shape
+    payload_bytes = row - SCALE_BYTES[mode]
+    flat = kv_cache.view(blocks, groups * block_size * row)
+    split = groups * block_size * payload_bytes
+    return (flat[:, :split].view(blocks, groups, block_size, payload_bytes),
+            flat[:, split:].view(blocks, groups, block_size, SCALE_BYTES[mode]))
+
+
+def rows_to_pages(rows: torch.Tensor, mode: str) -> torch.Tensor:
+    """Rows ``uint8 [blocks, G, block_size, row]`` in token order -> the same data in the page layout."""
+    pages = torch.empty_like(rows, memory_format=torch.contiguous_format)
+    payload, scales = page_views(pages, mode)
+    payload.copy_(rows[..., :payload.shape[-1]])
+    scales.copy_(rows[..., payload.shape[-1]:])
+    return pages
+
+
+def pages_to_rows(kv_cache: torch.Tensor, mode: str) -> torch.Tensor:
+    """Inverse of :func:`rows_to_pages`."""
+    return torch.cat(page_views(kv_cache, mode), dim=-1)

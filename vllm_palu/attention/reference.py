@@ -4,7 +4,7 @@ Shape contract (one layer, one tensor-parallel rank):
 
     kv_cache      [num_blocks, num_groups, block_size, row]   any strides; per (token, group) row:
                   latent_dtype "auto": row = rank_k + rank_v values in the cache dtype, K latent then V latent;
-                  "fp8" / "int4": uint8 rows laid out as vllm_palu.attention.latent_quant specifies
+                  "fp8" / "int4": uint8 rows and pages laid out as vllm_palu.attention.latent_quant specifies
     slot_mapping  [T] int      block_id * block_size + offset; < 0 = padding, not written
     query         [T, num_heads, head_dim]        already rotated (RoPE at the query's position)
     k_up          [num_groups, group_size * head_dim, rank_k]   per-group key up-projection (pre-RoPE keys)
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_palu.attention.latent_quant import dequantize_rows, quantize_rows, rank_v_of_row
+from vllm_palu.attention.latent_quant import dequantize_rows, page_views, quantize_rows, rank_v_of_row
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
@@ -50,7 +50,10 @@ def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: 
     slots = slot_mapping[valid].long()
     blocks, offsets = slots // block_size, slots % block_size
     if latent_dtype != "auto":
-        kv_cache[blocks, :, offsets, :] = quantize_rows(k_latent[valid], v_latent[valid], latent_dtype)
+        rows = quantize_rows(k_latent[valid], v_latent[valid], latent_dtype)
+        payload, scales = page_views(kv_cache, latent_dtype)
+        payload[blocks, :, offsets, :] = rows[..., :payload.shape[-1]]
+        scales[blocks, :, offsets, :] = rows[..., payload.shape[-1]:]
         return
     kv_cache[blocks, :, offsets, :rank_k] = k_latent[valid].to(kv_cache.dtype)
     kv_cache[blocks, :, offsets, rank_k:] = v_latent[valid].to(kv_cache.dtype)
@@ -88,10 +91,12 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
         start, end = starts[request], starts[request + 1]
         if end == start:
             continue
-        rows = gather_latents(kv_cache, block_table[request], seq_len)
         if latent_dtype == "auto":
+            rows = gather_latents(kv_cache, block_table[request], seq_len)
             k_latent, v_latent = rows.float().split([rank_k, rank_v], dim=-1)
         else:
+            rows = torch.cat([gather_latents(view, block_table[request], seq_len)
+                              for view in page_views(kv_cache, latent_dtype)], dim=-1)
             k_latent, v_latent = dequantize_rows(rows, rank_k, rank_v, latent_dtype)
         keys = reconstruct_keys(k_latent, k_up.float(), None if k_bias is None else k_bias.float(), head_dim)
         positions = torch.arange(seq_len, device=query.device)

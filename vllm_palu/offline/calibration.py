@@ -142,8 +142,8 @@ class GramAccumulator:
         self.tokens += x.shape[0]
 
 
-def iterate_layers(model: nn.Module, batches: list[LayerBatch],
-                   device: torch.device) -> Iterator[tuple[int, nn.Module, torch.Tensor]]:
+def iterate_layers(model: nn.Module, batches: list[LayerBatch], device: torch.device,
+                   desc: str = "calibrating + decomposing") -> Iterator[tuple[int, nn.Module, torch.Tensor]]:
     """Walk the decoder layers in order, one on the device at a time.
 
     For each layer, runs the *original* layer over every calibration batch while accumulating the Gram matrix of
@@ -151,7 +151,7 @@ def iterate_layers(model: nn.Module, batches: list[LayerBatch],
     projections before the loop moves on. The next layer sees the original layer's outputs, as in Palu.
     """
     layers = model.model.layers
-    for index in tqdm(range(len(layers)), desc="calibrating + decomposing", unit="layer"):
+    for index in tqdm(range(len(layers)), desc=desc, unit="layer"):
         layer = layers[index].to(device)
         accumulator = GramAccumulator(layer.self_attn.k_proj.in_features, device, index)
         handle = layer.self_attn.k_proj.register_forward_pre_hook(accumulator)

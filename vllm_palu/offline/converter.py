@@ -14,6 +14,8 @@ from vllm_palu.config import DTYPE_BYTES, LATENT_ROTATIONS, PALU_ARCHITECTURES, 
 from vllm_palu.errors import PaluError
 from vllm_palu.offline import calibration
 from vllm_palu.offline.allocation import ALLOCATIONS, LayerLayout, RankBudget
+from vllm_palu.offline.allocation.base import total_budget
+from vllm_palu.offline.allocation.sensitivity import measure as measure_sensitivity
 from vllm_palu.offline.checkpoint import (atomic_directory, base_architecture, check_output_path,
                                           copy_auxiliary_files, load_dense_model, read_config)
 from vllm_palu.offline.decompositions import DECOMPOSITIONS, Factorization, relative_error
@@ -95,7 +97,11 @@ def convert(options: ConvertOptions) -> Path:
     check_output_path(output, options.force)
 
     layout = LayerLayout(config["num_hidden_layers"], num_kv_heads // group_size, group_size * head_dim)
-    k_ranks, v_ranks = ALLOCATIONS[options.rank_alloc]().allocate(layout, budget)
+    strategy = ALLOCATIONS[options.rank_alloc]()
+    if not strategy.needs_sensitivity:
+        k_ranks, v_ranks = strategy.allocate(layout, budget)
+    else:  # fail on a bad budget before the calibration work
+        total_budget(layout, budget)
 
     from transformers import AutoTokenizer
 
@@ -109,6 +115,11 @@ def convert(options: ConvertOptions) -> Path:
         calib = calibration.self_generated_windows(model, options.calib_samples, options.calib_seq_len,
                                                    options.seed, device)
 
+    allocation_seconds = 0.0
+    if strategy.needs_sensitivity:
+        sensitivity, allocation_seconds = measure_sensitivity(model, calib.windows, layout, device, key=str(source))
+        k_ranks, v_ranks = strategy.allocate(layout, budget, sensitivity)
+
     with atomic_directory(output, options.force) as staging:
         errors = decompose_model(model, calib.windows, k_ranks, v_ranks, layout, options, device)
         palu = PaluConfig(
@@ -116,8 +127,10 @@ def convert(options: ConvertOptions) -> Path:
             k_ranks=k_ranks, v_ranks=v_ranks, latent_dtype=_dtype_name(save_dtype), rotation=options.latent_rotation,
             kv_bias=model.model.layers[0].self_attn.k_proj.up.bias is not None,
             method={"decomposition": options.decomposition, "rank_alloc": options.rank_alloc,
-                    "kv_ratio": options.kv_ratio, "k_fraction": options.k_fraction,
-                    "rank_multiple": options.rank_multiple},
+                    "kv_ratio": options.kv_ratio,
+                    "k_fraction": options.k_fraction if strategy.uses_k_fraction else None,
+                    "rank_multiple": options.rank_multiple,
+                    "allocation_seconds": round(allocation_seconds, 1)},
             calibration=calib.describe(options.seed), reconstruction_error=errors)
         model.to(save_dtype).save_pretrained(staging)
         # save_pretrained names the architecture after the Python class: rename it and add the palu section.

@@ -1,4 +1,9 @@
-"""Shared interface of the rank-allocation strategies: one file per strategy, one test matrix for all."""
+"""Shared interface of the rank-allocation strategies: one file per strategy, one test matrix for all.
+
+A strategy turns one global latent budget into per-layer K and V ranks (every group of a layer shares its ranks,
+which is what the paged kernels need). Strategies that look at the model (``needs_sensitivity``) get a
+:class:`Sensitivity` measured once on the calibration windows (``sensitivity.measure``); the others ignore it.
+"""
 
 from __future__ import annotations
 
@@ -37,12 +42,67 @@ class LayerLayout:
     group_width: int
 
 
+@dataclass
+class Sensitivity:
+    """Calibration statistics of the k/v projections, per kind ("k", "v") and layer.
+
+    ``fisher[kind][layer]``: Palu's module score, the mean over the weights of ``sqrt(mean over windows of
+    grad^2)`` of the LM loss. ``loss_curves[kind][layer][r]`` (r = 0..group_width): estimated loss increase when
+    every group of that projection keeps rank r: the whitened-SVD tail weighted by the diagonal Fisher of the
+    projection's outputs (non-increasing, 0 at full rank).
+    """
+
+    fisher: dict[str, list[float]]
+    loss_curves: dict[str, list[list[float]]]
+
+    def check(self, layout: LayerLayout) -> None:
+        for kind in ("k", "v"):
+            if len(self.fisher.get(kind, [])) != layout.num_layers or \
+                    len(self.loss_curves.get(kind, [])) != layout.num_layers:
+                raise PaluError(f"sensitivity statistics do not match the model: need {layout.num_layers} layers "
+                                f"for {kind}_proj")
+            for curve in self.loss_curves[kind]:
+                if len(curve) != layout.group_width + 1:
+                    raise PaluError(f"sensitivity curve has {len(curve)} points, need group width + 1 = "
+                                    f"{layout.group_width + 1}")
+
+
 class RankAllocation(ABC):
     name: ClassVar[str]
+    # Whether allocate() needs calibration statistics (then the converter measures them first).
+    needs_sensitivity: ClassVar[bool] = False
+    # Whether --k-fraction fixes the K/V split (otherwise the strategy splits K vs V itself).
+    uses_k_fraction: ClassVar[bool] = True
 
     @abstractmethod
-    def allocate(self, layout: LayerLayout, budget: RankBudget) -> tuple[list[int], list[int]]:
+    def allocate(self, layout: LayerLayout, budget: RankBudget,
+                 sensitivity: Sensitivity | None = None) -> tuple[list[int], list[int]]:
         """Per-layer (k_ranks, v_ranks), each the rank of every group of that layer."""
+
+    def _sensitivity(self, layout: LayerLayout, sensitivity: Sensitivity | None) -> Sensitivity:
+        if sensitivity is None:
+            raise PaluError(f"--rank-alloc {self.name} needs calibration statistics (Fisher information); "
+                            "none were measured")
+        sensitivity.check(layout)
+        return sensitivity
+
+
+def min_rank(layout: LayerLayout, budget: RankBudget) -> int:
+    return min(budget.multiple, layout.group_width)
+
+
+def total_budget(layout: LayerLayout, budget: RankBudget) -> float:
+    """Sum over layers of k + v ranks (per group) that the budget allows; PaluError when even the smallest ranks
+    (one multiple for K and for V in every layer) overshoot it by more than rounding."""
+    total = budget.kv_ratio * 2 * layout.group_width * layout.num_layers
+    smallest = min_rank(layout, budget)
+    # "Within rounding": half a multiple per projection, i.e. one multiple per layer.
+    if total < layout.num_layers * smallest:
+        least = smallest / (2 * layout.group_width)
+        raise PaluError(f"--kv-ratio {budget.kv_ratio} is below what --rank-multiple {budget.multiple} allows: every "
+                        f"layer keeps at least rank {smallest} for K and for V (use --kv-ratio >= {least:.4g} for "
+                        f"group width {layout.group_width}, or a smaller --rank-multiple)")
+    return total
 
 
 def round_rank(rank: float, multiple: int, full: int) -> int:
@@ -57,3 +117,28 @@ def split_budget(total: float, k_fraction: float, full: int) -> tuple[float, flo
     v_width = min(total - k_width, full)
     k_width = min(total - v_width, full)
     return k_width, v_width
+
+
+def round_to_budget(targets: list[float], total: float, multiple: int, full: int) -> list[int]:
+    """Round real-valued ranks (each in [min, full]) to multiples so that their sum stays within half a multiple
+    of ``total``: floor every target, then hand out whole multiples by largest remainder (ties: lowest index)."""
+    smallest = min(multiple, full)
+    ranks = [max(smallest, min(full, int(t // multiple) * multiple)) for t in targets]
+    while sum(ranks) + multiple / 2 <= total:
+        candidates = [(targets[i] - ranks[i], -i) for i in range(len(ranks)) if ranks[i] < full]
+        if not candidates:
+            break
+        _, neg = max(candidates)
+        ranks[-neg] = min(full, ranks[-neg] + multiple)
+    while sum(ranks) - multiple / 2 > total:
+        candidates = [(ranks[i] - targets[i], -i) for i in range(len(ranks)) if ranks[i] > smallest]
+        if not candidates:
+            break
+        _, neg = max(candidates)
+        ranks[-neg] = max(smallest, ranks[-neg] - multiple)
+    return ranks
+
+
+def to_layers(ranks: list[int], num_layers: int) -> tuple[list[int], list[int]]:
+    """[k_0..k_{L-1}, v_0..v_{L-1}] -> (k_ranks, v_ranks)."""
+    return ranks[:num_layers], ranks[num_layers:]

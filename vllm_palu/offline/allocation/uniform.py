@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from vllm_palu.offline.allocation.base import LayerLayout, RankAllocation, RankBudget, round_rank, split_budget
+from vllm_palu.offline.allocation.base import (LayerLayout, RankAllocation, RankBudget, Sensitivity, round_rank,
+                                               split_budget, total_budget)
 
 
 class UniformAllocation(RankAllocation):
     name = "uniform"
 
-    def allocate(self, layout: LayerLayout, budget: RankBudget) -> tuple[list[int], list[int]]:
+    def allocate(self, layout: LayerLayout, budget: RankBudget,
+                 sensitivity: Sensitivity | None = None) -> tuple[list[int], list[int]]:
+        total_budget(layout, budget)  # refuses budgets below the smallest ranks
         full = layout.group_width
         total = budget.kv_ratio * 2 * full
         k_width, _ = split_budget(total, budget.k_fraction, full)
