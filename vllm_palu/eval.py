@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     frontier.add_argument("--kv-quant", default="none,int8,fp8,int4,int3,int2",
                           help="comma list of dense KV quantization baselines ('none' = the original model)")
     frontier.add_argument("--latent-quant", default="none",
-                          help="comma list of simulated latent quantizations for the Palu points (default none)")
+                          help="comma list of latent quantizations for the Palu points: none (default), fp8, int4 "
+                               "(as the paged cache stores them; bytes count the scales)")
     frontier.add_argument("--group-size", default="all")
     frontier.add_argument("--seq-len", type=int, default=1024)
     frontier.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens of the text")

@@ -27,17 +27,28 @@ DEFAULT_KV_QUANTS = ("none", "int8", "fp8", "int4", "int3", "int2")
 
 
 # --- Latent quantization: the extension point for the quantized-latents issue. ---------------------------------
-# mode -> (bytes of a latent value relative to the checkpoint's latent dtype, function that makes the reference
-# model simulate it). To add a mode: register it here, e.g.
-#     LATENT_QUANTS["int4"] = LatentQuant(bytes_factor=..., apply=lambda model: set_latent_quant(model, "int4"))
-# and pass ``--latent-quant none,int4``; the frontier then evaluates every Palu checkpoint once per mode.
+# mode -> how the reference model simulates it and how its bytes are counted: ``cache_format`` (a
+# vllm_palu.attention.latent_quant dtype) counts the served cache rows exactly, inline scales included; otherwise
+# ``bytes_factor`` scales the checkpoint's latent bytes. fp8 / int4 are what --kv-cache-dtype fp8 /
+# int4_per_token_head serve.
 @dataclass(frozen=True)
 class LatentQuant:
-    bytes_factor: float
     apply: Callable[[nn.Module], None]
+    bytes_factor: float = 1.0
+    cache_format: str | None = None
 
 
-LATENT_QUANTS: dict[str, LatentQuant] = {"none": LatentQuant(1.0, lambda model: None)}
+def _fake_quantized(cache_format: str) -> LatentQuant:
+    def apply(model: nn.Module) -> None:
+        from vllm_palu.offline.lowrank import set_latent_quant
+
+        set_latent_quant(model, cache_format)
+
+    return LatentQuant(apply=apply, cache_format=cache_format)
+
+
+LATENT_QUANTS: dict[str, LatentQuant] = {"none": LatentQuant(apply=lambda model: None),
+                                         "fp8": _fake_quantized("fp8"), "int4": _fake_quantized("int4")}
 
 
 def latent_quant(mode: str) -> LatentQuant:
@@ -199,7 +210,10 @@ def _palu_point(checkpoint: Path, allocation: str, ratio: float, mode: str, conv
         return _evaluate(model, ids, options, f"{checkpoint.name} latent={mode}")
 
     row = _cached_ppl(f"{checkpoint.name}-latent-{mode}", protocol, options, compute)
-    kv_bytes = palu.kv_ratio * DTYPE_BYTES[palu.latent_dtype] / 2 * quant.bytes_factor
+    if quant.cache_format is not None:
+        kv_bytes = palu.latent_bytes_per_token(latent_quant=quant.cache_format) / palu.dense_kv_bytes_per_token(2)
+    else:
+        kv_bytes = palu.kv_ratio * DTYPE_BYTES[palu.latent_dtype] / 2 * quant.bytes_factor
     label = f"Palu {allocation}" + ("" if mode == "none" else f" + {mode} latents")
     return {"kind": "palu", "label": label, "allocation": allocation, "kv_ratio": ratio, "latent_quant": mode,
             "kv_quant": None, "kv_bytes_vs_bf16": round(kv_bytes, 4), "ppl": row["ppl"],
