@@ -2,6 +2,8 @@
 `python -m vllm_palu.eval frontier` does not spend the 2-core build machine re-measuring them: the dense KV
 quantization baselines and the uniform joint-group checkpoints, same protocol, same code path (the uniform
 allocation did not change). Usage: python scripts/frontier_seed.py FOUNDATION_DIR CACHE_DIR EVAL_TXT [MAX_TOKENS]
+[QUANT_DIR]; QUANT_DIR (scripts/smollm2_latent_quant.sh's output) adds the uniform checkpoints' fp8 / int4 latent
+points (rotation none; same ranks as the foundation checkpoints, checked).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import sys
 from pathlib import Path
 
 
-def main(foundation: str, cache: str, eval_txt: str, max_tokens: str = "40000") -> None:
+def main(foundation: str, cache: str, eval_txt: str, max_tokens: str = "40000", quant: str | None = None) -> None:
     source, target = Path(foundation), Path(cache)
     (target / "ppl").mkdir(parents=True, exist_ok=True)
     protocol = {"data": str(Path(eval_txt).resolve()), "seq_len": 1024, "tokens": int(max_tokens)}
@@ -31,6 +33,15 @@ def main(foundation: str, cache: str, eval_txt: str, max_tokens: str = "40000") 
                   "protocol": {**protocol, "k_ranks": palu["k_ranks"], "v_ranks": palu["v_ranks"]},
                   "seeded_from": str(source / f"ppl-palu-r{ratio}-gall.json")}
         (target / "ppl" / f"{link.name}-latent-none.json").write_text(json.dumps(seeded, indent=2) + "\n")
+        for path in sorted(Path(quant).glob(f"ppl-palu-r{ratio}-rotnone-*.json")) if quant else []:
+            quantized = json.loads((Path(quant) / f"palu-r{ratio}-rotnone" / "config.json").read_text())["palu"]
+            assert (quantized["k_ranks"], quantized["v_ranks"]) == (palu["k_ranks"], palu["v_ranks"])
+            for row in json.loads(path.read_text()):
+                seeded = {"ppl": row["ppl"], "scored_tokens": row["scored_tokens"],
+                          "protocol": {**protocol, "k_ranks": palu["k_ranks"], "v_ranks": palu["v_ranks"]},
+                          "seeded_from": str(path)}
+                name = f"{link.name}-latent-{row['kv_quant']}.json"
+                (target / "ppl" / name).write_text(json.dumps(seeded, indent=2) + "\n")
 
 
 if __name__ == "__main__":
