@@ -26,8 +26,8 @@ run 0.5 none int4
 run 0.375 none fp8
 run 0.5 hadamard int4
 run 0.25 none int4
+run 0.25 hadamard int4
 run 0.25 none fp8
 run 0.375 none int4
 run 0.5 none fp8
 run 0.375 hadamard int4
-run 0.25 hadamard int4
