@@ -39,9 +39,9 @@ def test_rotated_factors_compute_the_same_map():
 @pytest.fixture(scope="module")
 def rotated_pair(tiny_llama, calib_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("rotation")
-    plain = convert_tiny(tiny_llama, root / "plain", calib_file, kv_ratio=0.75, group_size="all",
-                         latent_rotation="none")
-    rotated = convert_tiny(tiny_llama, root / "rotated", calib_file, kv_ratio=0.75, group_size="all")  # default
+    plain = convert_tiny(tiny_llama, root / "plain", calib_file, kv_ratio=0.75, group_size="all")  # default: none
+    rotated = convert_tiny(tiny_llama, root / "rotated", calib_file, kv_ratio=0.75, group_size="all",
+                           latent_rotation="hadamard")
     return plain, rotated
 
 

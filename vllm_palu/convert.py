@@ -29,11 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rank-multiple", type=int, default=8, help="round ranks to this multiple (default 8)")
     parser.add_argument("--rank-alloc", default="uniform", help="rank allocation strategy (default uniform)")
     parser.add_argument("--decomposition", default="whitened_svd", help="whitened_svd (default) or svd")
-    parser.add_argument("--latent-rotation", default="hadamard",
+    parser.add_argument("--latent-rotation", default="none",
                         help="orthogonal rotation folded into each group's latent space, for quantized latents: "
-                             f"{', '.join(LATENT_ROTATIONS)}. hadamard (default): Walsh-Hadamard, ranks 2^k*m use H "
-                             "kron a seeded random orthogonal m x m; random: seeded random orthogonal; none. Exact "
-                             "in full precision")
+                             f"{', '.join(LATENT_ROTATIONS)}. none (default); hadamard: Walsh-Hadamard, ranks 2^k*m use "
+                             "H kron a seeded random orthogonal m x m; random: seeded random orthogonal. Exact in "
+                             "full precision")
     parser.add_argument("--calib", help="plain-text calibration file (default: text sampled from the model)")
     parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
     parser.add_argument("--calib-seq-len", type=int, default=512, help="tokens per window (default 512)")

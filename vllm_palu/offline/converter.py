@@ -38,8 +38,8 @@ class ConvertOptions:
     rank_multiple: int = 8
     rank_alloc: str = "uniform"
     decomposition: str = "whitened_svd"
-    # Free at runtime and exact; measured on SmolLM2 to cut int4 latents' perplexity penalty (docs/RESULTS.md §4).
-    latent_rotation: str = "hadamard"
+    # Off by default: on SmolLM2 its effect on int4 latents was small and not consistent (docs/RESULTS.md §4).
+    latent_rotation: str = "none"
     calib: str | None = None
     calib_samples: int = 32
     calib_seq_len: int = 512

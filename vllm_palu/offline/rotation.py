@@ -10,9 +10,9 @@ runtime cost: down' = R @ down (latent' = R latent) and up' = up @ R^T, exact in
 - ``random``: a seeded random orthogonal r x r matrix (QR of a Gaussian), any rank.
 Seeds are fixed per rank (not per layer): the result depends only on the rank.
 
-``hadamard`` is the converter's default: on SmolLM2 (docs/RESULTS.md section 4) it lowers int4 latents'
-perplexity at kv-ratio 0.5 from 28.12 to 27.94 (unquantized 27.60) and at 0.25 from 44.44 to 44.35 (43.91), and
-the K/V error that int4 adds by 17% (fp8: 5%); unquantized latents are unaffected (exact).
+Not the converter's default: on SmolLM2 (docs/RESULTS.md section 4) ``hadamard`` changed int4 latents' perplexity
+by -0.18 (kv-ratio 0.5), +0.05 (0.375, rank 48 = H16 kron Q3) and -0.10 (0.25), although it cuts the K/V error
+int4 adds by 17% at 0.5: too small and not consistent to change every checkpoint for.
 """
 
 from __future__ import annotations
