@@ -109,6 +109,7 @@ def test_bad_checkpoint(capsys, tmp_path, tiny_llama, calib_file, make_case):
     (["--group-size", "two"], "--group-size must be a positive integer or 'all'"),
     (["--rank-alloc", "magic"], "unknown --rank-alloc 'magic'"),
     (["--decomposition", "magic"], "unknown --decomposition 'magic'"),
+    (["--latent-rotation", "magic"], "unknown --latent-rotation 'magic'; choose from none, hadamard, random"),
     (["--device", "cuda"], "no CUDA device available"),
     (["--calib-seq-len", "4096"], "calibration text too short"),
 ])

@@ -14,6 +14,7 @@ DEVICE = os.environ.get("PALU_KERNEL_TESTS_DEVICE", "cpu")  # cpu: TRITON_INTERP
 triton = pytest.importorskip("triton")
 
 from vllm_palu.attention import ops, reference  # noqa: E402
+from vllm_palu.attention.latent_quant import dequantize_rows, pages_to_rows, quantize_rows, rows_to_pages  # noqa: E402,E501
 
 DTYPES = [torch.float32] if DEVICE == "cpu" else [torch.bfloat16, torch.float16]
 TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -87,6 +88,25 @@ def test_attention_matches_reference(shape, dtype):
                     dtype, seed=len(seq_lens)))
 
 
+@pytest.mark.parametrize("shape", [SMALL[1], SMALL[3]])
+@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float16])
+def test_fp16_key_path_matches_reference(shape, acc_dtype):
+    """The fp16 key tiles that 16-bit models use, exercised with fp32 inputs (runs under the interpreter too)."""
+    seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size = shape
+    case = make_case(seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size,
+                     torch.float32, seed=7)
+    expected = reference.paged_latent_attention(**case, is_neox_style=True)
+    out = ops.paged_latent_attention(**case, is_neox_style=True,
+                                     tuning={"key_dtype": torch.float16, "acc_dtype": acc_dtype})
+    assert float((out - expected).norm() / expected.norm()) < 5e-3
+
+
+@pytest.mark.parametrize("rank, chunks", [(16, (16, 0)), (24, (32, 0)), (40, (32, 16)), (48, (32, 16)),
+                                          (64, (64, 0)), (80, (64, 16)), (176, (128, 64)), (200, (256, 0))])
+def test_rank_chunks_cover_rank_with_less_padding(rank, chunks):
+    assert ops.rank_chunks(rank) == chunks
+
+
 @pytest.mark.parametrize("num_splits", [2, 4])
 def test_split_kv_matches_reference(num_splits):
     case = make_case([100, 7], [1, 1], 4, 2, 1, 32, 16, 24, 16, DTYPES[0])
@@ -117,3 +137,85 @@ def test_write_latents_scatters_by_slot():
     reference.write_latents(expected, slots, k_latent, v_latent)
     ops.write_latents(cache, slots, k_latent, v_latent)
     assert torch.equal(cache, expected)
+
+
+def quantized_case(shape, mode, dtype, seed=5):
+    """The case's latents stored as fp8/int4 rows, and the same case with the dequantized latents (the oracle)."""
+    seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size = shape
+    case = make_case(seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size,
+                     torch.float32, seed=seed)
+    latents = case["kv_cache"] * torch.linspace(0.5, 4.0, rank_k + rank_v, device=DEVICE)  # uneven ranges
+    rows = quantize_rows(latents[..., :rank_k], latents[..., rank_k:], mode)
+    k_latent, v_latent = dequantize_rows(rows, rank_k, rank_v, mode)
+    dequantized = dict(case, kv_cache=torch.cat([k_latent, v_latent], dim=-1))
+    quantized = {name: value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
+                 for name, value in dict(case, kv_cache=rows_to_pages(rows, mode)).items()}
+    quantized["cos_sin_cache"] = case["cos_sin_cache"]
+    return quantized, dequantized
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int4"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SMALL[1:4] + (FULL if DEVICE == "cuda" else []))
+def test_quantized_latents_match_dequantizing_reference(shape, mode, dtype):
+    quantized, dequantized = quantized_case(shape, mode, dtype)
+    expected = reference.paged_latent_attention(**dequantized, is_neox_style=True)
+    out = torch.full_like(expected, float("nan"), dtype=dtype)
+    ops.paged_latent_attention(**quantized, is_neox_style=True, out=out, latent_dtype=mode)
+    assert torch.isfinite(out).all()
+    error = float((out.float() - expected).norm() / expected.norm())
+    assert error < TOLERANCE[dtype], error
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int4"])
+def test_quantized_latents_with_splits(mode):
+    quantized, dequantized = quantized_case(SMALL[1], mode, DTYPES[0])
+    expected = reference.paged_latent_attention(**dequantized, is_neox_style=True)
+    out = ops.paged_latent_attention(**quantized, is_neox_style=True, latent_dtype=mode, num_splits=4)
+    assert float((out.float() - expected).norm() / expected.norm()) < TOLERANCE[DTYPES[0]]
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int4"])
+def test_write_latents_quantizes_rows(mode):
+    generator = torch.Generator().manual_seed(1)
+    k_latent = torch.randn(4, 2, 16, generator=generator).to(DEVICE)
+    v_latent = torch.randn(4, 2, 24, generator=generator).to(DEVICE)
+    rows = quantize_rows(k_latent, v_latent, mode)
+    cache = torch.randint(0, 255, (6, 2, 16, rows.shape[-1]), dtype=torch.uint8, generator=generator).to(DEVICE)
+    expected = pages_to_rows(cache, mode)
+    slots = torch.tensor([3, -1, 17, 95], dtype=torch.int64, device=DEVICE)
+    expected[slots[[0, 2, 3]] // 16, :, slots[[0, 2, 3]] % 16] = rows[[0, 2, 3]]
+    ops.write_latents(cache, slots, k_latent, v_latent, latent_dtype=mode)
+    assert torch.equal(pages_to_rows(cache, mode), expected)
+    reference_cache = rows_to_pages(pages_to_rows(cache, mode), mode)
+    reference.write_latents(reference_cache, slots, k_latent, v_latent, latent_dtype=mode)
+    assert torch.equal(reference_cache, cache)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs: GPU only")
+def test_decode_replays_in_a_cuda_graph_with_new_lengths():
+    """Captured once with a fixed grid (split count from the largest context), replayed after the metadata
+    buffers change in place: the kernel derives each split's range from seq_lens, so replays stay exact."""
+    case = make_case([3000, 17, 900], [1, 1, 1], 32, 8, 1, 128, 48, 80, 16, torch.bfloat16, seed=9)
+    longer = make_case([2000, 2900, 5], [1, 1, 1], 32, 8, 1, 128, 48, 80, 16, torch.bfloat16, seed=10)
+    static = {name: value.clone() if torch.is_tensor(value) else value for name, value in case.items()}
+    static["kv_cache"] = torch.cat([case["kv_cache"], longer["kv_cache"]])  # room for both cases' blocks
+    static["cos_sin_cache"] = longer["cos_sin_cache"] if len(longer["cos_sin_cache"]) > len(case["cos_sin_cache"]) \
+        else case["cos_sin_cache"]
+    static["block_table"] = torch.zeros(3, 256, dtype=torch.int32, device=DEVICE)
+    static["block_table"][:, :case["block_table"].shape[1]] = case["block_table"]
+    out = torch.empty(3, 32, 80, dtype=torch.bfloat16, device=DEVICE)
+    launch = lambda: ops.paged_latent_attention(**static, is_neox_style=True, out=out,  # noqa: E731
+                                                max_query_len=1, max_seq_len=4096)
+    launch()  # compile and convert tables outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        launch()
+    offset = case["kv_cache"].shape[0]
+    static["block_table"].zero_()
+    static["block_table"][:, :longer["block_table"].shape[1]] = longer["block_table"] + offset
+    static["seq_lens"].copy_(longer["seq_lens"])
+    static["query"].copy_(longer["query"])
+    graph.replay()
+    expected = reference.paged_latent_attention(**dict(static, block_table=static["block_table"]), is_neox_style=True)
+    assert float((out.float() - expected).norm() / expected.norm()) < TOLERANCE[torch.bfloat16]

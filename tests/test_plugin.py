@@ -110,3 +110,24 @@ def test_llama_injection_hooks():
 
     assert "attn_layer_type" in _signature_params(LlamaDecoderLayer)
     assert "layer_type" in _signature_params(LlamaForCausalLM)
+
+
+def test_quantized_kv_cache_hooks():
+    """What quantized latents rely on: the --kv-cache-dtype names we accept, their uint8 cache dtype, and a
+    FullAttentionSpec whose page size comes from state_content_bytes (our row bytes, scales included)."""
+    import typing
+
+    import torch
+    from vllm.config.cache import CacheDType
+    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVQuantMode, get_kv_quant_mode
+
+    from vllm_palu.config import KV_CACHE_DTYPE_LATENTS
+
+    assert set(KV_CACHE_DTYPE_LATENTS) <= set(typing.get_args(CacheDType))
+    quantized = [name for name, mode in KV_CACHE_DTYPE_LATENTS.items() if mode != "auto"]
+    assert all(STR_DTYPE_TO_TORCH_DTYPE[name] == torch.uint8 for name in quantized)
+    assert get_kv_quant_mode("int4_per_token_head") == KVQuantMode.INT4_PER_TOKEN_HEAD
+    spec = FullAttentionSpec(block_size=16, num_kv_heads=3, head_size=24, head_size_v=40, dtype=torch.uint8,
+                             kv_quant_mode=KVQuantMode.INT4_PER_TOKEN_HEAD, state_content_bytes=40)
+    assert spec.page_size_bytes == 3 * 16 * 40

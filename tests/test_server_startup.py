@@ -18,6 +18,13 @@ def joint_palu(tiny_llama, calib_file, tmp_path_factory):
     return convert_tiny(tiny_llama, tmp_path_factory.mktemp("startup") / "palu-joint", calib_file, kv_ratio=0.5)
 
 
+@pytest.fixture(scope="module")
+def odd_rank_palu(tiny_llama, calib_file, tmp_path_factory):
+    """Ranks 19 / 45 (--rank-multiple 1): fp8 can store them (sum even), int4 cannot pack them."""
+    return convert_tiny(tiny_llama, tmp_path_factory.mktemp("startup") / "palu-odd", calib_file, kv_ratio=0.5,
+                        k_fraction=0.3, rank_multiple=1)
+
+
 def test_dense_model_with_palu_backend(tiny_llama):
     code, output = failed_start(tiny_llama, "--attention-backend", "PALU", *ARGS)
     assert code != 0 and "the PALU attention backend serves Palu checkpoints only" in output
@@ -25,12 +32,22 @@ def test_dense_model_with_palu_backend(tiny_llama):
 
 @pytest.mark.parametrize("flags, message", [
     (("--attention-backend", "FLEX_ATTENTION"), "a Palu checkpoint caches latents and needs the PALU backend"),
-    (("--kv-cache-dtype", "fp8"), "--kv-cache-dtype fp8 is not supported with Palu latents"),
+    (("--kv-cache-dtype", "fp8_e5m2"), "--kv-cache-dtype fp8_e5m2 is not supported with Palu latents; "
+                                        "supported: auto, float16, bfloat16, fp8, fp8_e4m3"),
+    (("--kv-cache-dtype", "int8_per_token_head"), "--kv-cache-dtype int8_per_token_head is not supported"),
     (("--tensor-parallel-size", "2"), "tensor parallel size 2 does not divide the checkpoint's 1 latent group(s)"),
 ])
 def test_palu_model_with_unsupported_settings(joint_palu, flags, message):
     code, output = failed_start(joint_palu, *flags, *ARGS)
     assert code != 0 and message in output
+
+
+def test_int4_latents_with_odd_ranks(odd_rank_palu):
+    config = json.loads((odd_rank_palu / "config.json").read_text())["palu"]
+    assert (config["k_ranks"][0], config["v_ranks"][0]) == (19, 45)
+    code, output = failed_start(odd_rank_palu, "--kv-cache-dtype", "int4_per_token_head", *ARGS)
+    assert code != 0 and ("--kv-cache-dtype int4_per_token_head: this checkpoint's layer 0: int4 latents pack two "
+                          "codes a byte and need even ranks, got rank_k 19, rank_v 45") in output
 
 
 def test_palu_section_disagreeing_with_weights(joint_palu, tmp_path):

@@ -8,6 +8,7 @@ from transformers import AutoTokenizer
 
 from helpers import convert_tiny, reference_greedy, reference_prompt_logprobs, run_vllm
 from tiny_models import CORPUS
+from vllm_palu.attention.latent_quant import row_bytes
 from vllm_palu.offline.checkpoint import load_palu_model
 
 ENGINE = {"enforce_eager": True, "dtype": "float32", "max_model_len": 512, "block_size": 32}  # CPU_ATTN (dense baseline) needs 32
@@ -63,6 +64,33 @@ def test_cache_holds_latents_and_capacity_grows(tiny_llama, palu_models):
     assert palu["capacity_tokens"] >= 1.95 * dense["capacity_tokens"]
 
 
+@pytest.mark.parametrize("kv_cache_dtype, latent_quant", [("fp8", "fp8"), ("int4_per_token_head", "int4")])
+def test_quantized_latents_serve_the_quantized_reference(palu_models, kv_cache_dtype, latent_quant):
+    """fp8 / int4 latents in the paged cache: greedy tokens and prompt logprobs equal the reference model whose
+    latents are fake-quantized the same way (and not the unquantized one); the uint8 page counts the scales, and
+    the same KV memory holds row-size-proportionally more tokens."""
+    model_dir = palu_models["llama-g1"]  # 2 layers, 2 groups of rank_k 8 + rank_v 24, fp32
+    prompts = token_prompts(model_dir, PROMPTS)
+    result = run_vllm({"model": str(model_dir), "llm": {**ENGINE, "kv_cache_dtype": kv_cache_dtype},
+                       "prompts": prompts, "max_tokens": MAX_TOKENS, "prompt_logprobs": 0, "inspect": True},
+                      env={"VLLM_CPU_KVCACHE_SPACE": "1"})
+    quantized, exact = load_palu_model(model_dir, latent_quant=latent_quant), load_palu_model(model_dir)
+    assert result["tokens"] == reference_greedy(quantized, prompts, MAX_TOKENS)
+    worst = {"quantized": 0.0, "exact": 0.0}
+    for ids, served in zip(prompts, result["prompt_logprobs"]):
+        for name, model in (("quantized", quantized), ("exact", exact)):
+            expected = reference_prompt_logprobs(model, ids)
+            worst[name] = max(worst[name], *(abs(a - b) for a, b in zip(served[1:], expected)))
+    assert worst["quantized"] < 2e-4 and worst["exact"] > 10 * max(worst["quantized"], 2e-4)
+    row = row_bytes(8, 24, latent_quant)  # fp8: 8 + 24 + 4 scale bytes; int4: 16 + 8
+    for cache in result["caches"]:
+        assert cache["dtype"] == "torch.uint8" and cache["shape"][1:] == [2, 32, row]
+        assert cache["page_bytes"] == 2 * 32 * row
+    # 1 GiB over 2 layers of pages; unquantized fp32 rows would be (8 + 24) * 4 = 128 bytes: 2,097,152 tokens.
+    assert result["capacity_tokens"] == (2 ** 30 // (2 * 2 * 32 * row)) * 32
+    assert result["capacity_tokens"] / 2_097_152 == pytest.approx(128 / row, rel=1e-3)
+
+
 def test_full_rank_palu_serves_the_dense_models_tokens(tiny_llama, palu_models):
     prompts = token_prompts(tiny_llama, PROMPTS)
     dense = run_vllm({"model": str(tiny_llama), "llm": ENGINE, "prompts": prompts, "max_tokens": MAX_TOKENS})
@@ -97,7 +125,8 @@ def test_chunked_prefill_and_preemption_keep_outputs(palu_models):
     assert tight["tokens"] == expected and tight["preemptions"] > 0
 
 
-def test_perplexity_through_vllm_equals_reference(palu_models, calib_file, tmp_path):
+@pytest.mark.parametrize("latent_quant", ["none", "int4"])
+def test_perplexity_through_vllm_equals_reference(palu_models, calib_file, tmp_path, latent_quant):
     import json
     import subprocess
     import sys
@@ -107,11 +136,13 @@ def test_perplexity_through_vllm_equals_reference(palu_models, calib_file, tmp_p
         out = tmp_path / f"{engine}.json"
         result = subprocess.run([sys.executable, "-m", "vllm_palu.eval", "ppl", "--model",
                                  str(palu_models["qwen2"]), "--data", str(calib_file), "--seq-len", "128",
-                                 "--max-tokens", "512", "--engine", engine, "--json", str(out)],
+                                 "--max-tokens", "512", "--engine", engine, "--latent-quant", latent_quant,
+                                 "--json", str(out)],
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         rows[engine] = json.loads(out.read_text())[0]
     assert rows["vllm"]["scored_tokens"] == rows["reference"]["scored_tokens"] == 4 * 127
+    assert rows["vllm"]["kv_quant"] == rows["reference"]["kv_quant"] == latent_quant
     assert abs(rows["vllm"]["ppl"] / rows["reference"]["ppl"] - 1) < 1e-3
 
 

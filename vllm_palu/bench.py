@@ -39,10 +39,12 @@ class Case:
         rank_k = max(16, int(total * self.k_fraction / 16 + 0.5) * 16)
         return rank_k, int(total - rank_k)
 
-    def palu_bytes(self) -> float:
+    def palu_bytes(self, latent: str = "auto") -> float:
+        from vllm_palu.attention.latent_quant import row_bytes
+
         rank_k, rank_v = self.ranks
         groups = self.kv_heads // self.group_size
-        cached = self.batch * self.context * groups * (rank_k + rank_v) * 2
+        cached = self.batch * self.context * groups * row_bytes(rank_k, rank_v, latent)
         up = self.kv_heads * self.head_dim * rank_k * 2
         return cached + up + 2 * self.batch * self.query_len * self.heads * (self.head_dim + rank_v) * 2
 
@@ -64,8 +66,10 @@ def floor_us(nbytes: float, flops: float) -> float:
     return max(nbytes / BANDWIDTH, flops / MATMUL) * 1e6
 
 
-def build_inputs(case: Case, dtype, device):
+def build_inputs(case: Case, dtype, device, latent: str = "auto"):
     import torch
+
+    from vllm_palu.attention.latent_quant import quantize_rows, rows_to_pages
 
     rank_k, rank_v = case.ranks
     groups = case.kv_heads // case.group_size
@@ -74,6 +78,9 @@ def build_inputs(case: Case, dtype, device):
     generator = torch.Generator(device=device).manual_seed(0)
     cache = torch.randn(case.batch * blocks_per_seq, groups, block_size, rank_k + rank_v, device=device,
                         dtype=dtype, generator=generator)
+    if latent != "auto":  # the same latents as fp8/int4 rows (quantized in slices: bounded temporaries)
+        cache = torch.cat([rows_to_pages(quantize_rows(part[..., :rank_k], part[..., rank_k:], latent), latent)
+                           for part in cache.split(4096)])
     block_table = torch.randperm(case.batch * blocks_per_seq, device=device, generator=generator
                                  ).view(case.batch, blocks_per_seq).to(torch.int32)
     query = torch.randn(case.batch * case.query_len, case.heads, case.head_dim, device=device, dtype=dtype,
@@ -86,20 +93,30 @@ def build_inputs(case: Case, dtype, device):
     cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1).to(dtype)
     query_start = torch.arange(case.batch + 1, device=device, dtype=torch.int32) * case.query_len
     seq_lens = torch.full((case.batch,), case.context, device=device, dtype=torch.int32)
-    return dict(query=query, kv_cache=cache, k_up=k_up, k_bias=None, cos_sin_cache=cos_sin, is_neox_style=True,
-                query_start_loc=query_start, seq_lens=seq_lens, block_table=block_table,
-                scale=case.head_dim ** -0.5)
+    inputs = dict(query=query, kv_cache=cache, k_up=k_up, k_bias=None, cos_sin_cache=cos_sin, is_neox_style=True,
+                  query_start_loc=query_start, seq_lens=seq_lens, block_table=block_table,
+                  scale=case.head_dim ** -0.5)
+    return inputs if latent == "auto" else dict(inputs, latent_dtype=latent)
 
 
-def refcheck(case: Case, device) -> float:
-    """Relative error of the bf16 kernel vs the fp32 reference on a cut-down copy of the case."""
+LATENTS = ("auto", "fp8", "int4")
+
+
+def refcheck(case: Case, device, latent: str = "auto") -> float:
+    """Relative error of the bf16 kernel vs the fp32 reference (on the dequantized latents) on a cut-down copy."""
     import torch
 
     from vllm_palu.attention import ops, reference
+    from vllm_palu.attention.latent_quant import dequantize_rows, pages_to_rows
 
     small = Case(**{**asdict(case), "batch": min(case.batch, 2), "context": min(case.context, 4096)})
-    inputs = build_inputs(small, torch.bfloat16, device)
-    expected = reference.paged_latent_attention(**inputs)
+    inputs = build_inputs(small, torch.bfloat16, device, latent)
+    oracle = dict(inputs)
+    if latent != "auto":
+        del oracle["latent_dtype"]
+        rows = pages_to_rows(inputs["kv_cache"], latent)
+        oracle["kv_cache"] = torch.cat(dequantize_rows(rows, *small.ranks, latent), dim=-1)
+    expected = reference.paged_latent_attention(**oracle)
     got = ops.paged_latent_attention(**inputs).float()
     return float((got - expected).norm() / expected.norm())
 
@@ -113,15 +130,19 @@ def time_case(case: Case, device) -> dict:
 
     from vllm_palu.attention import ops
 
-    inputs = build_inputs(case, torch.bfloat16, device)
-    palu_us = do_bench(lambda: ops.paged_latent_attention(**inputs, max_query_len=case.query_len,
-                                                          max_seq_len=case.context), return_mode="median") * 1e3
-    row = {**asdict(case), "rank_k": case.ranks[0], "rank_v": case.ranks[1], "palu_us": palu_us,
-           "palu_floor_us": floor_us(case.palu_bytes(), case.palu_flops()),
+    row = {**asdict(case), "rank_k": case.ranks[0], "rank_v": case.ranks[1],
            "dense_floor_us": floor_us(case.dense_bytes(), case.dense_flops())}
-    row["palu_roofline_fraction"] = row["palu_floor_us"] / palu_us
-    row["palu_bandwidth_tbs"] = case.palu_bytes() / palu_us / 1e6
-    del inputs
+    for latent in LATENTS if case.query_len == 1 else ("auto",):
+        inputs = build_inputs(case, torch.bfloat16, device, latent)
+        us = do_bench(lambda: ops.paged_latent_attention(**inputs, max_query_len=case.query_len,
+                                                         max_seq_len=case.context), return_mode="median") * 1e3
+        suffix = "" if latent == "auto" else f"_{latent}"
+        row[f"palu{suffix}_us"] = us
+        row[f"palu{suffix}_floor_us"] = floor_us(case.palu_bytes(latent), case.palu_flops())
+        row[f"palu{suffix}_roofline_fraction"] = row[f"palu{suffix}_floor_us"] / us
+        row[f"palu{suffix}_bandwidth_tbs"] = case.palu_bytes(latent) / us / 1e6
+        del inputs
+    palu_us = row["palu_us"]
 
     q = torch.randn(case.batch, case.heads, case.query_len, case.head_dim, device=device, dtype=torch.bfloat16)
     k = torch.randn(case.batch, case.kv_heads, case.context, case.head_dim, device=device, dtype=torch.bfloat16)
@@ -138,7 +159,9 @@ def time_case(case: Case, device) -> dict:
             row[f"{name}_error"] = str(error).splitlines()[0][:120]
     dense = [row[key] for key in ("flash_us", "cudnn_us") if row.get(key)]
     row["best_dense_us"] = min(dense) if dense else None
-    row["speedup_vs_best_dense"] = row["best_dense_us"] / palu_us if dense else None
+    for suffix in ("", "_fp8", "_int4"):
+        if f"palu{suffix}_us" in row:
+            row[f"speedup{suffix}_vs_best_dense"] = row["best_dense_us"] / row[f"palu{suffix}_us"] if dense else None
     del k, v
     torch.cuda.empty_cache()
     return row
@@ -195,16 +218,22 @@ def default_cases() -> list[Case]:
 def write_outputs(rows: list[dict], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "kernels.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| model | kv ratio | gs | batch | ctx | q | ranks k/v | palu µs | floor µs | of floor | flash µs | "
-             "cudnn µs | speed-up vs best dense | dense floor µs |", "|" + "---|" * 14]
+    lines = ["| model | kv ratio | gs | batch | ctx | q | ranks k/v | best dense µs (flash / cudnn) | dense floor µs "
+             "| palu bf16 µs (floor, of floor, speed-up) | fp8 latents | int4 latents |", "|" + "---|" * 12]
+
+    def palu(r: dict, suffix: str) -> str:
+        if f"palu{suffix}_us" not in r:
+            return "–"
+        speedup = r.get(f"speedup{suffix}_vs_best_dense")
+        return (f"{r[f'palu{suffix}_us']:.0f} ({r[f'palu{suffix}_floor_us']:.0f}, "
+                f"{r[f'palu{suffix}_roofline_fraction']:.0%}, {'–' if speedup is None else f'{speedup:.2f}x'})")
+
     for r in rows:
         fmt = lambda x: "–" if x is None else f"{x:.0f}"  # noqa: E731
-        speedup = r["speedup_vs_best_dense"]
         lines.append(f"| {r['model']} | {r['kv_ratio']} | {r['group_size']} | {r['batch']} | {r['context']} | "
-                     f"{r['query_len']} | {r['rank_k']}/{r['rank_v']} | {r['palu_us']:.0f} | "
-                     f"{r['palu_floor_us']:.0f} | {r['palu_roofline_fraction']:.0%} | {fmt(r['flash_us'])} | "
-                     f"{fmt(r['cudnn_us'])} | {'–' if speedup is None else f'{speedup:.2f}x'}"
-                     f" | {r['dense_floor_us']:.0f} |")
+                     f"{r['query_len']} | {r['rank_k']}/{r['rank_v']} | {fmt(r['best_dense_us'])} "
+                     f"({fmt(r['flash_us'])} / {fmt(r['cudnn_us'])}) | {r['dense_floor_us']:.0f} | {palu(r, '')} | "
+                     f"{palu(r, '_fp8')} | {palu(r, '_int4')} |")
     (out_dir / "kernels.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -217,8 +246,12 @@ def write_outputs(rows: list[dict], out_dir: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     labels = [f"{r['model']}\nr{r['kv_ratio']} b{r['batch']}\n{r['context'] // 1024}K" for r in rows]
     x = range(len(rows))
-    ax.bar([i - 0.2 for i in x], [r["palu_us"] for r in rows], 0.4, label="Palu (Triton)")
-    ax.bar([i + 0.2 for i in x], [r["best_dense_us"] or 0 for r in rows], 0.4, label="best dense SDPA")
+    width = 0.2
+    ax.bar([i - 1.5 * width for i in x], [r["best_dense_us"] or 0 for r in rows], width, label="best dense SDPA")
+    for offset, (suffix, label) in enumerate((("", "Palu bf16 latents"), ("_fp8", "fp8 latents"),
+                                              ("_int4", "int4 latents"))):
+        ax.bar([i + (offset - 0.5) * width for i in x], [r.get(f"palu{suffix}_us", 0) for r in rows], width,
+               label=label)
     ax.scatter(list(x), [r["palu_floor_us"] for r in rows], color="k", marker="_", s=200, label="Palu floor")
     ax.set_yscale("log")
     ax.set_xticks(list(x), labels, fontsize=5)
@@ -235,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="only the headline cases")
     args = parser.parse_args(argv)
     import torch
+    from tqdm import tqdm
 
     if not torch.cuda.is_available():
         print("error: the kernel benchmark needs an NVIDIA GPU", file=sys.stderr)
@@ -248,13 +282,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         cases = [c for c in cases if c.context == 32768]
     rows = []
-    for case in cases:
-        error = refcheck(case, device)
-        if not error < 2e-2:
-            print(f"error: refcheck failed for {case}: relative error {error:.3g}", file=sys.stderr)
+    for case in tqdm(cases, desc="kernel benchmark"):
+        errors = {latent: refcheck(case, device, latent) for latent in LATENTS}
+        if not max(errors.values()) < 2e-2:
+            print(f"error: refcheck failed for {case}: relative errors {errors}", file=sys.stderr)
             return 1
-        rows.append({**time_case(case, device), "refcheck_error": error})
+        rows.append({**time_case(case, device), "refcheck_error": errors})
         print(json.dumps(rows[-1]), flush=True)
+        (args.out / "kernels.json").parent.mkdir(parents=True, exist_ok=True)
+        (args.out / "kernels.json").write_text(json.dumps(rows, indent=1))  # partial results survive a timeout
     write_outputs(rows, args.out)
     return 0
 

@@ -4,6 +4,19 @@ A Palu checkpoint is the base model's HF checkpoint with, in every layer, ``k_pr
 down-projection (hidden -> latent, the part that is cached) and a per-group up-projection (latent -> the group's
 heads). This module only describes that format; it imports neither vLLM nor transformers, so the serving plugin,
 the converter and the GPU benchmarks can all read it.
+
+How serving stores the latents is chosen with vLLM's own ``--kv-cache-dtype`` flag (:data:`KV_CACHE_DTYPE_LATENTS`):
+
+- ``auto`` / ``float16`` / ``bfloat16``: latents in that dtype (``auto``: the model dtype).
+- ``fp8`` / ``fp8_e4m3`` / ``fp8_per_token_head``: float8 e4m3 latents, one fp16 scale per token, group and K/V.
+- ``int4_per_token_head``: asymmetric int4 latents, two a byte, fp16 scale and minimum per token, group and K/V.
+
+Why vLLM's flag and not a checkpoint field: vLLM 0.32/0.33 already has per-token-head KV dtypes, and in a Palu
+cache a latent group *is* the head slot of vLLM's page (``num_kv_heads = groups``), so "per token-head" is exactly
+our per token-group scaling; ``fp8`` keeps the usual flag users know. The same checkpoint then serves at any
+precision without reconversion, vLLM's page-size accounting sees a quantized dtype, and nothing new has to be
+parsed. ``fp8_e5m2`` and the other vLLM formats (nvfp4, turboquant, int8) are refused at start-up. The layout of
+a quantized row is specified in :mod:`vllm_palu.attention.latent_quant`.
 """
 
 from __future__ import annotations
@@ -24,6 +37,23 @@ PALU_ARCHITECTURES = {
 BASE_ARCHITECTURES = {palu: base for base, palu in PALU_ARCHITECTURES.items()}
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+# Orthogonal rotations the converter can fold into each group's latent space (vllm_palu/offline/rotation.py).
+LATENT_ROTATIONS = ("none", "hadamard", "random")
+
+# vLLM --kv-cache-dtype -> how the PALU cache stores latents (vllm_palu.attention.latent_quant.LATENT_DTYPES).
+KV_CACHE_DTYPE_LATENTS = {"auto": "auto", "float16": "auto", "bfloat16": "auto",
+                          "fp8": "fp8", "fp8_e4m3": "fp8", "fp8_per_token_head": "fp8",
+                          "int4_per_token_head": "int4"}
+
+
+def latent_dtype_for(kv_cache_dtype: str) -> str:
+    """The latent storage of a ``--kv-cache-dtype``; PaluError naming the supported ones."""
+    if kv_cache_dtype not in KV_CACHE_DTYPE_LATENTS:
+        raise PaluError(f"--kv-cache-dtype {kv_cache_dtype} is not supported with Palu latents; supported: "
+                        f"{', '.join(KV_CACHE_DTYPE_LATENTS)}")
+    return KV_CACHE_DTYPE_LATENTS[kv_cache_dtype]
+
 
 # Name of the attention backend (``--attention-backend PALU``).
 BACKEND_NAME = "PALU"
@@ -46,6 +76,8 @@ class PaluConfig:
     v_ranks: list[int]
     kv_bias: bool = False  # q/k/v projections carry biases (Qwen2); k/v biases live on the up-projections
     latent_dtype: str = "bfloat16"
+    # Orthogonal rotation folded into every group's down/up projections (exact; helps quantized latents).
+    rotation: str = "none"
     format_version: int = FORMAT_VERSION
     # How the ranks were obtained (decomposition, allocation, kv_ratio, k_fraction, rank_multiple).
     method: dict[str, Any] = field(default_factory=dict)
@@ -75,9 +107,23 @@ class PaluConfig:
     def dense_kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * dtype_bytes
 
-    def latent_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
+    def latent_bytes_per_token(self, dtype_bytes: int | None = None, latent_quant: str = "auto") -> int:
+        """Cache bytes per token over all layers; quantized latents (fp8, int4) count their inline scales."""
+        from vllm_palu.attention.latent_quant import row_bytes  # imports torch: not at module level
+
         per_value = DTYPE_BYTES[self.latent_dtype] if dtype_bytes is None else dtype_bytes
-        return sum(self.latent_width(i) for i in range(self.num_layers)) * per_value
+        return sum(self.num_groups * row_bytes(self.k_ranks[i], self.v_ranks[i], latent_quant, per_value)
+                   for i in range(self.num_layers))
+
+    def latent_quant_problem(self, latent_quant: str) -> str | None:
+        """Why this checkpoint's ranks cannot be cached as ``latent_quant``, or None."""
+        from vllm_palu.attention.latent_quant import check_ranks
+
+        for layer in range(self.num_layers):
+            problem = check_ranks(self.k_ranks[layer], self.v_ranks[layer], latent_quant)
+            if problem:
+                return f"layer {layer}: {problem}"
+        return None
 
     @property
     def kv_ratio(self) -> float:
@@ -102,6 +148,8 @@ class PaluConfig:
                     raise PaluError(f"layer {layer}: {name} rank {rank} outside [1, {self.group_width}]")
         if self.latent_dtype not in DTYPE_BYTES:
             raise PaluError(f"unsupported latent_dtype {self.latent_dtype!r}")
+        if self.rotation not in LATENT_ROTATIONS:
+            raise PaluError(f"unknown rotation {self.rotation!r}; this build knows {', '.join(LATENT_ROTATIONS)}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

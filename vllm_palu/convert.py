@@ -10,6 +10,7 @@ from vllm_palu.errors import PaluError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vllm_palu.config import LATENT_ROTATIONS
     from vllm_palu.offline.converter import DEFAULT_K_FRACTION
 
     parser = argparse.ArgumentParser(
@@ -32,6 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "and ignore --k-fraction. Uniform is the default because it measured best on SmolLM2 "
                              "(docs/RESULTS.md, section 4)")
     parser.add_argument("--decomposition", default="whitened_svd", help="whitened_svd (default) or svd")
+    parser.add_argument("--latent-rotation", default="none",
+                        help="orthogonal rotation folded into each group's latent space, for quantized latents: "
+                             f"{', '.join(LATENT_ROTATIONS)}; none (default), hadamard (Walsh-Hadamard; ranks 2^k*m use H kron a random "
+                             "orthogonal m x m), random (seeded random orthogonal); exact in full precision")
     parser.add_argument("--calib", help="plain-text calibration file (default: text sampled from the model)")
     parser.add_argument("--calib-samples", type=int, default=32, help="calibration windows (default 32)")
     parser.add_argument("--calib-seq-len", type=int, default=512, help="tokens per window (default 512)")

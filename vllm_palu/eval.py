@@ -24,6 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--kv-quant", default="none",
                      help="comma list of simulated dense K/V quantizations: none,int8,int4,int3,int2,fp8 "
                           "(applied to dense models only)")
+    ppl.add_argument("--latent-quant", default="none",
+                     help="comma list of latent cache quantizations for Palu models: none,fp8,int4 (as served with "
+                          "--kv-cache-dtype fp8 / int4_per_token_head; applied to Palu models only)")
     ppl.add_argument("--engine", default="reference", choices=["reference", "vllm"],
                      help="reference: the PyTorch model (no vLLM needed); vllm: vLLM's engine via prompt logprobs")
     ppl.add_argument("--device", default="cpu")
@@ -85,10 +88,16 @@ def run_ppl(args: argparse.Namespace) -> list[dict]:
     from vllm_palu.offline.checkpoint import load_model, read_config
     from vllm_palu.offline.converter import resolve_device
     from vllm_palu.offline.kv_quant import bytes_vs_bf16, set_kv_quant
+    from vllm_palu.offline.lowrank import set_latent_quant
     from vllm_palu.offline.perplexity import perplexity, perplexity_vllm, tokenize_file
     from vllm_palu.offline.smollm2 import resolve_model
 
     modes = [mode.strip() for mode in args.kv_quant.split(",") if mode.strip()]
+    latent_modes = [LATENT_QUANT_NAMES.get(mode.strip(), mode.strip())
+                    for mode in args.latent_quant.split(",") if mode.strip()]
+    for mode in latent_modes:
+        if mode not in LATENT_QUANT_NAMES.values():
+            raise PaluError(f"unknown --latent-quant {mode!r}; choose from {', '.join(LATENT_QUANT_NAMES)}")
     device = resolve_device(args.device)
     rows = []
     for name in args.model:
@@ -96,19 +105,25 @@ def run_ppl(args: argparse.Namespace) -> list[dict]:
         config = read_config(path)
         ids = tokenize_file(AutoTokenizer.from_pretrained(path), args.data, args.max_tokens)
         if args.engine == "vllm":
-            result = perplexity_vllm(path, ids, args.seq_len, args.dtype)
-            rows.append({"model": str(path), "engine": "vllm", "kv_quant": "none",
-                         "kv_bytes_vs_bf16": round(_kv_bytes(config), 4), "ppl": round(result.ppl, 3),
-                         "scored_tokens": result.scored_tokens, "windows": result.windows, "seq_len": args.seq_len})
+            for mode in latent_modes if "palu" in config else ["auto"]:
+                # A fresh engine per mode: the latent format is fixed when vLLM allocates the cache.
+                result = perplexity_vllm(path, ids, args.seq_len, args.dtype, kv_cache_dtype=SERVED_AS[mode])
+                rows.append({"model": str(path), "engine": "vllm", "kv_quant": _latent_quant_name(mode),
+                             "kv_bytes_vs_bf16": round(_kv_bytes(config, mode), 4), "ppl": round(result.ppl, 3),
+                             "scored_tokens": result.scored_tokens, "windows": result.windows,
+                             "seq_len": args.seq_len})
             continue
         model = load_model(path, getattr(torch, args.dtype))
         head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
         if "palu" in config:
-            variants = [("none", _kv_bytes(config))]
+            variants = [(_latent_quant_name(mode), _kv_bytes(config, mode)) for mode in latent_modes]
         else:
             variants = [(mode, bytes_vs_bf16(mode, head_dim)) for mode in modes]
         for mode, kv_bytes in variants:
-            set_kv_quant(model, mode)
+            if "palu" in config:
+                set_latent_quant(model, LATENT_QUANT_NAMES[mode])
+            else:
+                set_kv_quant(model, mode)
             result = perplexity(model, ids, args.seq_len, device, desc=f"{path.name} kv={mode}")
             rows.append({"model": str(path), "engine": "reference", "kv_quant": mode, "kv_bytes_vs_bf16": round(kv_bytes, 4),
                          "ppl": round(result.ppl, 3), "scored_tokens": result.scored_tokens,
@@ -117,14 +132,28 @@ def run_ppl(args: argparse.Namespace) -> list[dict]:
     return rows
 
 
-def _kv_bytes(config: dict) -> float:
-    """KV bytes per token relative to bf16 dense K/V (1.0 for a dense checkpoint)."""
-    from vllm_palu.config import DTYPE_BYTES, PaluConfig
+# --latent-quant name -> latent_quant mode; "none" stores latents in the checkpoint dtype.
+LATENT_QUANT_NAMES = {"none": "auto", "fp8": "fp8", "int4": "int4"}
+# latent_quant mode -> the --kv-cache-dtype that serves it (vllm_palu.config.KV_CACHE_DTYPE_LATENTS).
+SERVED_AS = {"auto": "auto", "fp8": "fp8", "int4": "int4_per_token_head"}
+
+
+def _latent_quant_name(mode: str) -> str:
+    return next(name for name, value in LATENT_QUANT_NAMES.items() if value == mode)
+
+
+def _kv_bytes(config: dict, latent_quant: str = "auto") -> float:
+    """KV bytes per token relative to bf16 dense K/V (1.0 for a dense checkpoint); quantized latents count their
+    inline fp16 scales."""
+    from vllm_palu.config import PaluConfig
 
     if "palu" not in config:
         return 1.0
     palu = PaluConfig.from_hf_config(config)
-    return palu.kv_ratio * DTYPE_BYTES[palu.latent_dtype] / 2
+    problem = palu.latent_quant_problem(latent_quant)
+    if problem:
+        raise PaluError(f"--latent-quant {_latent_quant_name(latent_quant)}: {problem}")
+    return palu.latent_bytes_per_token(latent_quant=latent_quant) / palu.dense_kv_bytes_per_token(2)
 
 
 def format_table(rows: list[dict]) -> str:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from vllm_palu.config import PaluConfig
-
 _gauges: dict = {}
 
 
@@ -16,9 +14,9 @@ def _gauge(name: str, documentation: str):
     return _gauges[name]
 
 
-def publish(palu: PaluConfig, dtype_bytes: int, model_name: str) -> None:
-    latent = palu.latent_bytes_per_token(dtype_bytes)
-    dense = palu.dense_kv_bytes_per_token(dtype_bytes)
+def publish(latent: int, dense: int, model_name: str) -> None:
+    """``latent``: cache bytes per token as served (quantized latents include their scales); ``dense``: what the
+    dense model would store in the model dtype."""
     _gauge("palu:latent_bytes_per_token", "KV-cache bytes per token stored by the Palu latent cache (all layers)"
            ).labels(model_name).set(latent)
     _gauge("palu:dense_kv_bytes_per_token", "KV-cache bytes per token the dense model would store (all layers)"

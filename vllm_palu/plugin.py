@@ -7,8 +7,10 @@ in tests/test_plugin.py.
    so a copyreg reducer makes the member pickle as a call to :func:`restore_backend`, which re-registers it.
 3. ``MODELS_CONFIG_MAP`` (``VllmConfig.try_verify_and_update_config``): start-up checks. A Palu checkpoint always
    runs on PALU (its layers pass the backend themselves, so it needs no flag, and the log says so); PALU with a
-   dense Llama/Mistral/Qwen2 checkpoint, another backend with a Palu checkpoint, an unsupported KV-cache dtype,
-   a tensor-parallel size that does not divide the latent groups, or a sliding window: refused at start-up.
+   dense Llama/Mistral/Qwen2 checkpoint, another backend with a Palu checkpoint, an unsupported KV-cache dtype
+   (``fp8``/``fp8_e4m3``/``fp8_per_token_head`` and ``int4_per_token_head`` store quantized latents; see
+   vllm_palu.config), ranks the chosen latent format cannot pack, a tensor-parallel size that does not divide the
+   latent groups, or a sliding window: refused at start-up.
 """
 
 from __future__ import annotations
@@ -16,12 +18,12 @@ from __future__ import annotations
 import copyreg
 import logging
 
-from vllm_palu.config import BACKEND_NAME, PALU_ARCHITECTURES, PaluConfig
+from vllm_palu.config import BACKEND_NAME, PALU_ARCHITECTURES, PaluConfig, latent_dtype_for
+from vllm_palu.errors import PaluError
 
 logger = logging.getLogger("vllm.palu")  # a child of vLLM's logger: its handlers and format
 
 BACKEND_PATH = "vllm_palu.attention.backend.PaluAttentionBackend"
-SUPPORTED_KV_CACHE_DTYPES = ("auto", "float16", "bfloat16")
 
 
 def register_all() -> None:
@@ -100,9 +102,14 @@ class PaluCheckpointChecks:
             raise ValueError(f"--attention-backend {selected}: a Palu checkpoint caches latents and needs the "
                              f"PALU backend (omit the flag or pass --attention-backend PALU)")
         cache_dtype = vllm_config.cache_config.cache_dtype
-        if cache_dtype not in SUPPORTED_KV_CACHE_DTYPES:
-            raise ValueError(f"--kv-cache-dtype {cache_dtype} is not supported with Palu latents; "
-                             f"supported: {', '.join(SUPPORTED_KV_CACHE_DTYPES)}")
+        try:
+            latent_quant = latent_dtype_for(cache_dtype)
+        except PaluError as error:
+            raise ValueError(str(error)) from None
+        problem = palu.latent_quant_problem(latent_quant)
+        if problem:
+            raise ValueError(f"--kv-cache-dtype {cache_dtype}: this checkpoint's {problem} "
+                             f"(convert with --rank-multiple 8)")
         tp_size = vllm_config.parallel_config.tensor_parallel_size
         if palu.num_groups % tp_size:
             raise ValueError(f"tensor parallel size {tp_size} does not divide the checkpoint's {palu.num_groups} "
@@ -111,20 +118,38 @@ class PaluCheckpointChecks:
         if window is not None and window < vllm_config.model_config.max_model_len:
             raise ValueError(f"sliding-window attention ({window} tokens) is not supported by PALU; "
                              f"set --max-model-len {window} or less")
-        dtype_bytes = vllm_config.model_config.dtype.itemsize  # the cache holds latents in the model dtype
-        logger.info("Palu checkpoint (%s, kv-ratio %.3f, %d latent group(s)/layer): attention backend %s "
-                    "(selected by the model%s); KV cache holds %d latent bytes/token vs %d dense",
-                    palu.base_architecture, palu.kv_ratio, palu.num_groups, BACKEND_NAME,
-                    "" if selected else ", no --attention-backend given", palu.latent_bytes_per_token(dtype_bytes),
-                    palu.dense_kv_bytes_per_token(dtype_bytes))
+        dtype_bytes = _cache_dtype_bytes(vllm_config)
+        latent_bytes = palu.latent_bytes_per_token(dtype_bytes, latent_quant)
+        dense_bytes = palu.dense_kv_bytes_per_token(vllm_config.model_config.dtype.itemsize)
+        logger.info("Palu checkpoint (%s, kv-ratio %.3f, %d latent group(s)/layer, %s latents%s): attention "
+                    "backend %s (selected by the model%s); KV cache holds %d latent bytes/token%s vs %d dense "
+                    "(model dtype)", palu.base_architecture, palu.kv_ratio, palu.num_groups,
+                    _describe_latents(latent_quant, vllm_config), "" if palu.rotation == "none"
+                    else f", {palu.rotation} rotation", BACKEND_NAME, "" if selected else ", no --attention-backend "
+                    "given", latent_bytes, " (scales included)" if latent_quant != "auto" else "", dense_bytes)
         from vllm_palu import metrics
 
         served = vllm_config.model_config.served_model_name
-        metrics.publish(palu, dtype_bytes, served if isinstance(served, str) else served[0])
+        metrics.publish(latent_bytes, dense_bytes, served if isinstance(served, str) else served[0])
 
     @staticmethod
     def verify_and_update_model_config(model_config) -> None:
         return
+
+
+def _cache_dtype_bytes(vllm_config) -> int:
+    """Bytes of an unquantized latent: the model dtype for ``auto``, else the --kv-cache-dtype (float16/bfloat16)."""
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    return 2 if cache_dtype in ("float16", "bfloat16") else vllm_config.model_config.dtype.itemsize
+
+
+def _describe_latents(latent_quant: str, vllm_config) -> str:
+    if latent_quant == "fp8":
+        return "fp8 e4m3"
+    if latent_quant == "int4":
+        return "int4"
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    return str(vllm_config.model_config.dtype).removeprefix("torch.") if cache_dtype == "auto" else cache_dtype
 
 
 def _sliding_window(hf_config, palu: PaluConfig) -> int | None:

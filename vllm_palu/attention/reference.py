@@ -2,7 +2,9 @@
 
 Shape contract (one layer, one tensor-parallel rank):
 
-    kv_cache      [num_blocks, num_groups, block_size, rank_k + rank_v]   any strides; K latent then V latent
+    kv_cache      [num_blocks, num_groups, block_size, row]   any strides; per (token, group) row:
+                  latent_dtype "auto": row = rank_k + rank_v values in the cache dtype, K latent then V latent;
+                  "fp8" / "int4": uint8 rows and pages laid out as vllm_palu.attention.latent_quant specifies
     slot_mapping  [T] int      block_id * block_size + offset; < 0 = padding, not written
     query         [T, num_heads, head_dim]        already rotated (RoPE at the query's position)
     k_up          [num_groups, group_size * head_dim, rank_k]   per-group key up-projection (pre-RoPE keys)
@@ -12,12 +14,14 @@ Shape contract (one layer, one tensor-parallel rank):
     -> output     [T, num_heads, rank_v]          attention output in V-latent space (the caller up-projects)
 
 Key j of a request sits at position j; query token i of a request with q_len new tokens at seq_len - q_len + i.
-Imports neither vLLM nor Triton.
+Quantized latents are dequantized to fp32 as they are read. Imports neither vLLM nor Triton.
 """
 
 from __future__ import annotations
 
 import torch
+
+from vllm_palu.attention.latent_quant import dequantize_rows, page_views, quantize_rows, rank_v_of_row
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
@@ -37,19 +41,26 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Te
 
 
 def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: torch.Tensor,
-                  v_latent: torch.Tensor) -> None:
-    """Scatter new tokens' latents ``k_latent [T, G, rank_k]``, ``v_latent [T, G, rank_v]`` into their slots."""
+                  v_latent: torch.Tensor, latent_dtype: str = "auto") -> None:
+    """Scatter new tokens' latents ``k_latent [T, G, rank_k]``, ``v_latent [T, G, rank_v]`` into their slots,
+    quantized per token and group when ``latent_dtype`` is fp8 or int4."""
     rank_k = k_latent.shape[-1]
     block_size = kv_cache.shape[2]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
     blocks, offsets = slots // block_size, slots % block_size
+    if latent_dtype != "auto":
+        rows = quantize_rows(k_latent[valid], v_latent[valid], latent_dtype)
+        payload, scales = page_views(kv_cache, latent_dtype)
+        payload[blocks, :, offsets, :] = rows[..., :payload.shape[-1]]
+        scales[blocks, :, offsets, :] = rows[..., payload.shape[-1]:]
+        return
     kv_cache[blocks, :, offsets, :rank_k] = k_latent[valid].to(kv_cache.dtype)
     kv_cache[blocks, :, offsets, rank_k:] = v_latent[valid].to(kv_cache.dtype)
 
 
 def gather_latents(kv_cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int) -> torch.Tensor:
-    """One request's cached latents in token order: ``[num_groups, seq_len, rank_k + rank_v]``."""
+    """One request's cache rows in token order: ``[num_groups, seq_len, row]``."""
     block_size = kv_cache.shape[2]
     num_blocks = -(-seq_len // block_size)
     pages = kv_cache[block_table_row[:num_blocks].long()]  # [blocks, G, block_size, C]
@@ -68,25 +79,31 @@ def reconstruct_keys(k_latent: torch.Tensor, k_up: torch.Tensor, k_bias: torch.T
 def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: torch.Tensor,
                            k_bias: torch.Tensor | None, cos_sin_cache: torch.Tensor, is_neox_style: bool,
                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                           scale: float) -> torch.Tensor:
+                           scale: float, *, latent_dtype: str = "auto") -> torch.Tensor:
     """Causal attention of every query token over its request's latent cache, in fp32 (shapes: module doc)."""
     num_tokens, num_heads, head_dim = query.shape
     num_groups, _, rank_k = k_up.shape
-    rank_v = kv_cache.shape[-1] - rank_k
+    row = kv_cache.shape[-1]
+    rank_v = row - rank_k if latent_dtype == "auto" else rank_v_of_row(row, rank_k, latent_dtype)
     output = query.new_zeros(num_tokens, num_heads, rank_v, dtype=torch.float32)
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     for request, seq_len in enumerate(lens):
         start, end = starts[request], starts[request + 1]
         if end == start:
             continue
-        latents = gather_latents(kv_cache, block_table[request], seq_len).float()
-        keys = reconstruct_keys(latents[..., :rank_k], k_up.float(), None if k_bias is None else k_bias.float(),
-                                head_dim)
+        if latent_dtype == "auto":
+            rows = gather_latents(kv_cache, block_table[request], seq_len)
+            k_latent, v_latent = rows.float().split([rank_k, rank_v], dim=-1)
+        else:
+            rows = torch.cat([gather_latents(view, block_table[request], seq_len)
+                              for view in page_views(kv_cache, latent_dtype)], dim=-1)
+            k_latent, v_latent = dequantize_rows(rows, rank_k, rank_v, latent_dtype)
+        keys = reconstruct_keys(k_latent, k_up.float(), None if k_bias is None else k_bias.float(), head_dim)
         positions = torch.arange(seq_len, device=query.device)
         keys = apply_rope(keys, positions, cos_sin_cache.float(), is_neox_style)  # [S, kv_heads, head_dim]
         heads_per_kv = num_heads // keys.shape[1]
         keys = keys.repeat_interleave(heads_per_kv, dim=1)  # [S, H, head_dim]
-        values = latents[..., rank_k:].repeat_interleave(num_heads // num_groups, dim=0)  # [H, S, rank_v]
+        values = v_latent.repeat_interleave(num_heads // num_groups, dim=0)  # [H, S, rank_v]
         q = query[start:end].float()  # [q_len, H, head_dim]
         scores = torch.einsum("qhd,shd->hqs", q, keys) * scale
         query_positions = positions[seq_len - (end - start):]

@@ -16,7 +16,7 @@ from torch import nn
 
 from vllm_palu.config import BASE_ARCHITECTURES, PALU_ARCHITECTURES, PaluConfig
 from vllm_palu.errors import PaluError
-from vllm_palu.offline.lowrank import LowRankProjection
+from vllm_palu.offline.lowrank import LowRankProjection, set_latent_quant
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 LAYER_PREFIX = "model.layers"  # state-dict prefix of the decoder layers in all supported architectures
@@ -101,9 +101,11 @@ def load_dense_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32
     return model.eval()
 
 
-def load_palu_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_palu_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                    latent_quant: str = "auto") -> nn.Module:
     """The reference model of a Palu checkpoint: the base transformers model with every ``k_proj`` / ``v_proj``
-    replaced by its :class:`LowRankProjection` (latent = down(x), K = RoPE(up_k(latent)), V = up_v(latent))."""
+    replaced by its :class:`LowRankProjection` (latent = down(x), K = RoPE(up_k(latent)), V = up_v(latent)).
+    ``latent_quant`` (auto, fp8, int4) fake-quantizes the latents as serving's paged cache stores them."""
     from safetensors import safe_open
     from transformers import AutoConfig
 
@@ -139,6 +141,7 @@ def load_palu_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32)
             setattr(layer.self_attn, f"{kind}_proj", projection)
     check_finite(model, f"Palu checkpoint {path}")
     model.config.palu = palu.to_dict()
+    set_latent_quant(model, latent_quant)
     return model.eval()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vllm_palu.config import DTYPE_BYTES, PALU_ARCHITECTURES, PaluConfig
+from vllm_palu.config import DTYPE_BYTES, LATENT_ROTATIONS, PALU_ARCHITECTURES, PaluConfig
 from vllm_palu.errors import PaluError
 from vllm_palu.offline import calibration
 from vllm_palu.offline.allocation import ALLOCATIONS, LayerLayout, RankBudget
@@ -18,8 +18,9 @@ from vllm_palu.offline.allocation.base import total_budget
 from vllm_palu.offline.allocation.sensitivity import measure as measure_sensitivity
 from vllm_palu.offline.checkpoint import (atomic_directory, base_architecture, check_output_path,
                                           copy_auxiliary_files, load_dense_model, read_config)
-from vllm_palu.offline.decompositions import DECOMPOSITIONS, relative_error
+from vllm_palu.offline.decompositions import DECOMPOSITIONS, Factorization, relative_error
 from vllm_palu.offline.lowrank import LowRankProjection
+from vllm_palu.offline.rotation import rotate_factors
 from vllm_palu.offline.smollm2 import resolve_model
 
 # Share of the latent budget given to keys. Keys compress better than values (docs/RESULTS.md, k-fraction sweep).
@@ -37,6 +38,7 @@ class ConvertOptions:
     rank_multiple: int = 8
     rank_alloc: str = "uniform"
     decomposition: str = "whitened_svd"
+    latent_rotation: str = "none"
     calib: str | None = None
     calib_samples: int = 32
     calib_seq_len: int = 512
@@ -85,6 +87,9 @@ def convert(options: ConvertOptions) -> Path:
         raise PaluError(f"unknown --decomposition {options.decomposition!r}; choose from {', '.join(DECOMPOSITIONS)}")
     if options.rank_alloc not in ALLOCATIONS:
         raise PaluError(f"unknown --rank-alloc {options.rank_alloc!r}; choose from {', '.join(ALLOCATIONS)}")
+    if options.latent_rotation not in LATENT_ROTATIONS:
+        raise PaluError(f"unknown --latent-rotation {options.latent_rotation!r}; "
+                        f"choose from {', '.join(LATENT_ROTATIONS)}")
     if options.calib is not None and not Path(options.calib).is_file():
         raise PaluError(f"calibration file not found: {options.calib}")
     device = resolve_device(options.device)
@@ -119,7 +124,7 @@ def convert(options: ConvertOptions) -> Path:
         errors = decompose_model(model, calib.windows, k_ranks, v_ranks, layout, options, device)
         palu = PaluConfig(
             base_architecture=architecture, num_kv_heads=num_kv_heads, head_dim=head_dim, group_size=group_size,
-            k_ranks=k_ranks, v_ranks=v_ranks, latent_dtype=_dtype_name(save_dtype),
+            k_ranks=k_ranks, v_ranks=v_ranks, latent_dtype=_dtype_name(save_dtype), rotation=options.latent_rotation,
             kv_bias=model.model.layers[0].self_attn.k_proj.up.bias is not None,
             method={"decomposition": options.decomposition, "rank_alloc": options.rank_alloc,
                     "kv_ratio": options.kv_ratio,
@@ -151,6 +156,8 @@ def decompose_model(model: nn.Module, windows: torch.Tensor, k_ranks: list[int],
             dense: nn.Linear = getattr(layer.self_attn, f"{kind}_proj")
             weight = dense.weight.detach().double().view(layout.num_groups, layout.group_width, -1)
             factors = method.factorize(weight, prepared, rank)
+            if options.latent_rotation != "none":  # exact: the error below is unchanged
+                factors = Factorization(*rotate_factors(factors.down, factors.up, options.latent_rotation))
             errors[kind].append(round(relative_error(weight, factors, gram), 6))
             projection = LowRankProjection(dense.in_features, layout.num_groups, rank, layout.group_width,
                                            bias=dense.bias is not None, dtype=dense.weight.dtype, device=device)
@@ -192,7 +199,7 @@ Converted from `{source}` ({palu.base_architecture}) in {seconds:.0f} s.
 | ratio | {latent / dense:.3f} ({dense / latent:.2f}x more tokens in the same memory) |
 
 {palu.num_groups} latent group(s) of {palu.group_size} KV head(s) per layer; ranks are per group.
-Method: `{json.dumps(palu.method)}`
+Method: `{json.dumps(palu.method)}`; latent rotation: {palu.rotation}
 Calibration: `{json.dumps(palu.calibration)}`
 
 | layer | K rank | V rank | K rel. error | V rel. error |

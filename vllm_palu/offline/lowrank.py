@@ -8,10 +8,14 @@ The state-dict names (``down.weight``, ``up.weight``, ``up.bias``) are the check
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Callable
 
 import torch
 from torch import nn
+
+from vllm_palu.attention.latent_quant import LATENT_DTYPES, fake_quant_latent
+from vllm_palu.errors import PaluError
 
 
 class GroupedUpProjection(nn.Module):
@@ -51,3 +55,19 @@ class LowRankProjection(nn.Module):
         if self.latent_hook is not None:
             latent = self.latent_hook(latent)
         return self.up(latent)
+
+
+def _quantize_groups(latent: torch.Tensor, num_groups: int, mode: str) -> torch.Tensor:
+    grouped = latent.unflatten(-1, (num_groups, -1))
+    return fake_quant_latent(grouped, mode).flatten(-2).to(latent.dtype)
+
+
+def set_latent_quant(model: nn.Module, mode: str) -> None:
+    """Fake-quantize every K and V latent per token and group as the paged cache stores it (``mode`` from
+    :data:`~vllm_palu.attention.latent_quant.LATENT_DTYPES`; ``auto``: unquantized)."""
+    if mode not in LATENT_DTYPES:
+        raise PaluError(f"unknown latent quantization {mode!r}; choose from {', '.join(LATENT_DTYPES)}")
+    for module in model.modules():
+        if isinstance(module, LowRankProjection):
+            module.latent_hook = None if mode == "auto" else partial(_quantize_groups,
+                                                                     num_groups=module.up.num_groups, mode=mode)

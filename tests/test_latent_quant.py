@@ -1,0 +1,134 @@
+"""Quantized latent cache rows (fp8 e4m3, int4): round trips, exact byte layout, agreement with fake quantization."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from vllm_palu.attention.latent_quant import (check_ranks, dequantize_rows, fake_quant_latent, quantize_rows,
+                                              rank_v_of_row, row_bytes)
+
+
+def latents(tokens=64, groups=3, rank_k=24, rank_v=40, seed=0, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    # Decaying per-dimension magnitudes, as SVD latents have, plus an offset so int4's minimum matters.
+    k = torch.randn(tokens, groups, rank_k, generator=generator) * torch.linspace(4, 0.1, rank_k) + 0.3
+    v = torch.randn(tokens, groups, rank_v, generator=generator) * torch.linspace(2, 0.05, rank_v) - 0.2
+    return k.to(dtype), v.to(dtype)
+
+
+def test_row_bytes_count_scales():
+    assert row_bytes(64, 128, "auto") == 384 and row_bytes(64, 128, "auto", dtype_bytes=4) == 768
+    assert row_bytes(64, 128, "fp8") == 64 + 128 + 4
+    assert row_bytes(64, 128, "int4") == 96 + 8
+    assert rank_v_of_row(row_bytes(24, 40, "fp8"), 24, "fp8") == 40
+    assert rank_v_of_row(row_bytes(24, 40, "int4"), 24, "int4") == 40
+
+
+@pytest.mark.parametrize("rank_k, rank_v, mode, problem", [
+    (7, 8, "fp8", "rank_k + rank_v even"), (6, 9, "int4", "need even ranks"), (8, 8, "int3", "unknown latent")])
+def test_unsupported_ranks(rank_k, rank_v, mode, problem):
+    assert problem in check_ranks(rank_k, rank_v, mode)
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        row_bytes(rank_k, rank_v, mode)
+    assert check_ranks(8, 8, "int4") is None and check_ranks(7, 9, "fp8") is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["fp8", "int4"])
+def test_round_trip_error_within_one_step(mode, dtype):
+    k, v = latents(dtype=dtype)
+    rows = quantize_rows(k, v, mode)
+    assert rows.dtype == torch.uint8 and rows.shape == (64, 3, row_bytes(24, 40, mode))
+    k_hat, v_hat = dequantize_rows(rows, 24, 40, mode)
+    for x, x_hat in ((k.float(), k_hat), (v.float(), v_hat)):
+        if mode == "int4":  # half a step of (max - min)/15, plus the fp16 rounding of the minimum and scale
+            step = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)) / 15
+            assert bool(((x_hat - x).abs() <= 0.5 * step * 1.01 + 1e-3 * x.abs().amax(-1, keepdim=True)).all())
+        else:  # e4m3 has 3 mantissa bits: relative error <= 2^-4, absolute floor at the smallest subnormal
+            scale = x.abs().amax(-1, keepdim=True) / 448
+            assert bool(((x_hat - x).abs() <= x.abs() * 2 ** -4 * 1.01 + scale * 2 ** -9).all())
+        assert float((x_hat - x).abs().max()) > 0  # canary: it did quantize
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int4"])
+def test_rows_dequantize_to_the_fake_quantized_latents_exactly(mode):
+    k, v = latents(seed=3, dtype=torch.bfloat16)
+    k_hat, v_hat = dequantize_rows(quantize_rows(k, v, mode), 24, 40, mode)
+    assert torch.equal(k_hat, fake_quant_latent(k, mode)) and torch.equal(v_hat, fake_quant_latent(v, mode))
+
+
+def test_fp8_is_e4m3_with_an_fp16_scale():
+    k, v = latents(seed=1)
+    rows = quantize_rows(k, v, "fp8")
+    k_hat, _ = dequantize_rows(rows, 24, 40, "fp8")
+    scale = (k.abs().amax(-1, keepdim=True) / 448).half().float()
+    assert torch.equal(rows[..., 24 + 40:24 + 40 + 2].contiguous().view(torch.float16).float(), scale)
+    assert torch.equal(rows[..., :24].contiguous().view(torch.float8_e4m3fn).float(),
+                       (k / scale).to(torch.float8_e4m3fn).float())
+    assert torch.equal(k_hat, (k / scale).to(torch.float8_e4m3fn).float() * scale)
+
+
+def test_int4_packing_layout_by_hand():
+    """rank 4 K latent [0, 1, 2, 3] * 2 (min 0, scale 0.4: codes 0, 5, 10, 15) and rank 2 V latent [-1, 1]
+    (min -1, scale 2/15: codes 0, 15)."""
+    k = torch.tensor([[[0.0, 2.0, 4.0, 6.0]]])
+    v = torch.tensor([[[-1.0, 1.0]]])
+    row = quantize_rows(k, v, "int4")[0, 0]
+    assert row.shape == (3 + 8,)
+    # byte j = code[j] | code[j + r/2] << 4: K (0 | 10 << 4), (5 | 15 << 4); V (0 | 15 << 4)
+    assert row[:3].tolist() == [0 | 10 << 4, 5 | 15 << 4, 0 | 15 << 4]
+    halves = row[3:].clone().view(torch.float16).float().tolist()
+    assert halves == pytest.approx([torch.tensor(0.4).half().item(), 0.0,
+                                    torch.tensor(2 / 15).half().item(), -1.0])
+    k_hat, v_hat = dequantize_rows(row, 4, 2, "int4")
+    assert k_hat.tolist() == pytest.approx([0.0, 2.0, 4.0, 6.0], abs=2e-3)
+    assert v_hat.tolist() == pytest.approx([-1.0, 1.0], abs=1e-3)
+
+
+def test_fp8_layout_by_hand():
+    k = torch.tensor([[[448.0, -224.0]]])  # absmax 448 -> scale 1: the payload bytes are e4m3 of the values
+    v = torch.tensor([[[0.0, 1.0]]])  # scale 1/448 in fp16
+    row = quantize_rows(k, v, "fp8")[0, 0]
+    e4m3 = torch.tensor([448.0, -224.0, 0.0, 448.0]).to(torch.float8_e4m3fn).view(torch.uint8)
+    assert row[:4].tolist() == e4m3.tolist()
+    assert row[4:].clone().view(torch.float16).float().tolist() == [1.0, torch.tensor(1 / 448).half().item()]
+
+
+def test_constant_and_zero_vectors_stay_finite():
+    k = torch.zeros(2, 1, 8)
+    v = torch.full((2, 1, 8), 3.0)
+    for mode in ("fp8", "int4"):
+        k_hat, v_hat = dequantize_rows(quantize_rows(k, v, mode), 8, 8, mode)
+        assert torch.equal(k_hat, k) and torch.allclose(v_hat, v, rtol=1e-3)
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int4"])
+def test_paged_attention_on_quantized_rows_equals_attention_on_dequantized_latents(mode):
+    """The PyTorch serving path: write_latents quantizes into a uint8 cache, paged_latent_attention dequantizes;
+    same result as the unquantized path over a float cache holding the fake-quantized latents."""
+    from vllm_palu.attention.reference import paged_latent_attention, write_latents
+
+    groups, rank_k, rank_v, heads, head_dim, block = 2, 8, 24, 4, 16, 4
+    k, v = latents(tokens=10, groups=groups, rank_k=rank_k, rank_v=rank_v, seed=5)
+    slots = torch.tensor([4, 5, 6, 7, 8, 9, 10, 11, 12, -1])  # blocks 1..3, then a padding token
+    quantized_cache = torch.zeros(4, groups, block, row_bytes(rank_k, rank_v, mode), dtype=torch.uint8)
+    float_cache = torch.zeros(4, groups, block, rank_k + rank_v)
+    write_latents(quantized_cache, slots, k, v, latent_dtype=mode)
+    write_latents(float_cache, slots, fake_quant_latent(k, mode), fake_quant_latent(v, mode))
+    generator = torch.Generator().manual_seed(9)
+    k_up = torch.randn(groups, 2 * head_dim, rank_k, generator=generator)
+    query = torch.randn(3, heads, head_dim, generator=generator)
+    positions = torch.arange(64, dtype=torch.float32)[:, None] * torch.linspace(0.5, 0.01, head_dim // 2)
+    cos_sin = torch.cat((positions.cos(), positions.sin()), dim=-1)
+    # One request of 9 cached tokens (slots 4..12 = blocks 1, 2, 3), the last 3 are the queries.
+    args = (torch.tensor([0, 3]), torch.tensor([9]), torch.tensor([[1, 2, 3]]), head_dim ** -0.5)
+    served = paged_latent_attention(query, quantized_cache, k_up, None, cos_sin, True, *args, latent_dtype=mode)
+    expected = paged_latent_attention(query, float_cache, k_up, None, cos_sin, True, *args)
+    assert served.shape == (3, heads, rank_v) and torch.allclose(served, expected, atol=1e-6)
+    exact_cache = torch.zeros_like(float_cache)
+    write_latents(exact_cache, slots, k, v)
+    unquantized = paged_latent_attention(query, exact_cache, k_up, None, cos_sin, True, *args)
+    assert not torch.allclose(served, unquantized, atol=1e-3)  # canary: quantization is visible

@@ -1,0 +1,194 @@
+"""Quantized latent rows of the paged cache (fp8 e4m3, int4) and the matching fake quantization for reference models.
+
+Contract (the Triton kernels implement exactly this; the PyTorch functions here are the oracle):
+
+    LATENT_DTYPES = ("auto", "fp8", "int4")   "auto": latents stored unquantized in the cache dtype
+    row_bytes(rank_k, rank_v, mode)            bytes of one (token, group) row
+    quantize_rows(k_latent [T, G, rk], v_latent [T, G, rv], mode) -> uint8 [T, G, row]
+    dequantize_rows(rows uint8 [..., row], rank_k, rank_v, mode) -> (k [..., rk] fp32, v [..., rv] fp32)
+    fake_quant_latent(x [..., r], mode) -> dequantize(quantize(x)) in fp32 (one K or V latent per vector)
+
+Row layout per (token, group); scales are little-endian fp16 (``torch.float16`` viewed as 2 uint8):
+
+    fp8   [rk bytes K e4m3][rv bytes V e4m3][K scale fp16][V scale fp16]                  row = rk + rv + 4
+    int4  [rk/2 K codes][rv/2 V codes][K scale fp16][K min fp16][V scale fp16][V min fp16] row = (rk + rv)/2 + 8
+
+fp8: scale = fp16(clamp(absmax / 448, 2^-24, 65504)) (fp32 math, rounded to fp16 *before* use);
+     q = e4m3(clamp(x / scale, -448, 448)), round to nearest even; x^ = q * scale (exact in fp32).
+int4 (asymmetric, per token, group, and K/V separately): min = fp16(min(x)) clamped to the fp16 range;
+     scale = fp16(clamp((max(x) - min(x)) / 15, 2^-24, 65504)) from the fp32 max and min;
+     code = clamp(round_half_even((x - min16) / scale16), 0, 15); x^ = code * scale16 + min16 (fp32; the product
+     is exact, so an FMA gives the same result).
+     Packing "halves": byte j (0 <= j < r/2) = code[j] | code[j + r/2] << 4.
+Page layout (what the paged cache holds): a layer's cache is ``uint8 [blocks, G, block_size, row]``, but within
+each page (block) the payload parts of all (group, token) rows come first, ``[G, block_size, P]`` with
+``P = row - scale bytes``, then their scale parts, ``[G, block_size, S]`` (:func:`page_views`). Inline scales would
+make a row 132 bytes for ranks 48 + 80 and cost payload rows the 16-byte alignment that wide GPU loads need; the
+page size, and so vLLM's capacity, is the same either way.
+Requirements: fp8 needs rk + rv even (2-byte aligned scales); int4 needs rk and rv even. Quantization always
+reads the latent as produced by the model (its dtype), converted to fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LATENT_DTYPES = ("auto", "fp8", "int4")
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+INT4_LEVELS = 15
+SCALE_MIN = 2.0 ** -24  # smallest positive fp16: a rounded scale is never 0
+FP16_MAX = 65504.0
+SCALE_BYTES = {"fp8": 4, "int4": 8}  # per (token, group) row: fp16 scales (and minima) of K and V
+
+
+def check_ranks(rank_k: int, rank_v: int, mode: str) -> str | None:
+    """Why ``mode`` cannot store latents of these ranks, or None if it can."""
+    if mode not in LATENT_DTYPES:
+        return f"unknown latent dtype {mode!r}; choose from {', '.join(LATENT_DTYPES)}"
+    if mode == "fp8" and (rank_k + rank_v) % 2:
+        return f"fp8 latents need rank_k + rank_v even (2-byte aligned scales), got {rank_k} + {rank_v}"
+    if mode == "int4" and (rank_k % 2 or rank_v % 2):
+        return f"int4 latents pack two codes a byte and need even ranks, got rank_k {rank_k}, rank_v {rank_v}"
+    return None
+
+
+def _require(rank_k: int, rank_v: int, mode: str) -> None:
+    problem = check_ranks(rank_k, rank_v, mode)
+    if problem:
+        raise ValueError(problem)
+
+
+def row_bytes(rank_k: int, rank_v: int, mode: str, dtype_bytes: int = 2) -> int:
+    """Bytes of one (token, group) cache row; ``dtype_bytes`` is the cache element size for ``mode='auto'``."""
+    _require(rank_k, rank_v, mode)
+    if mode == "auto":
+        return (rank_k + rank_v) * dtype_bytes
+    if mode == "fp8":
+        return rank_k + rank_v + SCALE_BYTES["fp8"]
+    return (rank_k + rank_v) // 2 + SCALE_BYTES["int4"]
+
+
+def rank_v_of_row(row: int, rank_k: int, mode: str) -> int:
+    """Inverse of :func:`row_bytes` for the quantized modes (the V rank the kernels infer from the row width)."""
+    if mode == "fp8":
+        return row - SCALE_BYTES["fp8"] - rank_k
+    if mode == "int4":
+        return 2 * (row - SCALE_BYTES["int4"]) - rank_k
+    raise ValueError(f"rank_v_of_row: not a quantized latent dtype: {mode!r}")
+
+
+def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
+    """``[...]`` fp16-representable fp32 -> ``[..., 2]`` uint8 (little-endian fp16)."""
+    return values.to(torch.float16).contiguous().view(torch.uint8).view(*values.shape, 2)
+
+
+def _fp16_from_bytes(raw: torch.Tensor) -> torch.Tensor:
+    """``[..., 2]`` uint8 -> ``[...]`` fp32 (a copy: the bytes may sit at an odd offset)."""
+    return raw.clone(memory_format=torch.contiguous_format).view(torch.float16)[..., 0].float()
+
+
+def _fp8_scale(x: torch.Tensor) -> torch.Tensor:
+    absmax = x.abs().amax(dim=-1, keepdim=True)
+    return (absmax / FP8_MAX).clamp(SCALE_MIN, FP16_MAX).half().float()
+
+
+def _fp8_codes(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def _int4_params(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    low, high = x.amin(dim=-1, keepdim=True), x.amax(dim=-1, keepdim=True)
+    scale = ((high - low) / INT4_LEVELS).clamp(SCALE_MIN, FP16_MAX).half().float()
+    return scale, low.clamp(-FP16_MAX, FP16_MAX).half().float()
+
+
+def _int4_codes(x: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torch.Tensor:
+    return ((x - low) / scale).round().clamp(0, INT4_LEVELS)
+
+
+def fake_quant_latent(x: torch.Tensor, mode: str) -> torch.Tensor:
+    """Quantize and dequantize each vector over the last dim, as the cache does; fp32 result (``auto``: x)."""
+    if mode == "auto":
+        return x
+    x = x.float()
+    if mode == "fp8":
+        scale = _fp8_scale(x)
+        return _fp8_codes(x, scale).float() * scale
+    if mode == "int4":
+        scale, low = _int4_params(x)
+        return _int4_codes(x, scale, low) * scale + low
+    raise ValueError(f"unknown latent dtype {mode!r}; choose from {', '.join(LATENT_DTYPES)}")
+
+
+def _quantize_one(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """One latent ``[T, G, r]`` -> (payload ``[T, G, r or r/2]`` uint8, scale bytes ``[T, G, 2 or 4]``)."""
+    x = x.float()
+    if mode == "fp8":
+        scale = _fp8_scale(x)
+        return _fp8_codes(x, scale).view(torch.uint8), _fp16_bytes(scale[..., 0])
+    scale, low = _int4_params(x)
+    codes = _int4_codes(x, scale, low).to(torch.uint8)
+    half = codes.shape[-1] // 2
+    packed = codes[..., :half] | (codes[..., half:] << 4)
+    return packed, torch.cat((_fp16_bytes(scale[..., 0]), _fp16_bytes(low[..., 0])), dim=-1)
+
+
+def quantize_rows(k_latent: torch.Tensor, v_latent: torch.Tensor, mode: str) -> torch.Tensor:
+    """``k_latent [T, G, rk]``, ``v_latent [T, G, rv]`` (any float dtype) -> cache rows ``uint8 [T, G, row]``."""
+    _require(k_latent.shape[-1], v_latent.shape[-1], mode)
+    if mode == "auto":
+        raise ValueError("quantize_rows: 'auto' latents are stored unquantized")
+    k_payload, k_scales = _quantize_one(k_latent, mode)
+    v_payload, v_scales = _quantize_one(v_latent, mode)
+    return torch.cat((k_payload, v_payload, k_scales, v_scales), dim=-1)
+
+
+def _dequantize_one(payload: torch.Tensor, scales: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "fp8":
+        return payload.view(torch.float8_e4m3fn).float() * _fp16_from_bytes(scales)[..., None]
+    codes = torch.cat((payload & 0x0F, payload >> 4), dim=-1).float()
+    scale, low = _fp16_from_bytes(scales[..., :2])[..., None], _fp16_from_bytes(scales[..., 2:])[..., None]
+    return codes * scale + low
+
+
+def dequantize_rows(rows: torch.Tensor, rank_k: int, rank_v: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache rows ``uint8 [..., row]`` -> (K latents ``[..., rk]``, V latents ``[..., rv]``), fp32."""
+    _require(rank_k, rank_v, mode)
+    if rows.shape[-1] != row_bytes(rank_k, rank_v, mode):
+        raise ValueError(f"{mode} rows of rank_k {rank_k} + rank_v {rank_v} are {row_bytes(rank_k, rank_v, mode)} "
+                         f"bytes, got {rows.shape[-1]}")
+    per_value = 1 if mode == "fp8" else 2  # values per payload byte
+    k_end = rank_k // per_value
+    v_end = k_end + rank_v // per_value
+    half_scales = SCALE_BYTES[mode] // 2
+    k = _dequantize_one(rows[..., :k_end], rows[..., v_end:v_end + half_scales], mode)
+    v = _dequantize_one(rows[..., k_end:v_end], rows[..., v_end + half_scales:], mode)
+    return k, v
+
+
+def page_views(kv_cache: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A quantized layer cache ``uint8 [blocks, G, block_size, row]`` as two views of the same memory: payload rows
+    ``[blocks, G, block_size, P]`` and scale rows ``[blocks, G, block_size, S]`` (the page layout, module doc)."""
+    if kv_cache.dtype != torch.uint8 or not kv_cache.is_contiguous():
+        raise ValueError(f"{mode} latents need a contiguous uint8 cache, got {kv_cache.dtype} with strides "
+                         f"{tuple(kv_cache.stride())}")
+    blocks, groups, block_size, row = kv_cache.shape
+    payload_bytes = row - SCALE_BYTES[mode]
+    flat = kv_cache.view(blocks, groups * block_size * row)
+    split = groups * block_size * payload_bytes
+    return (flat[:, :split].view(blocks, groups, block_size, payload_bytes),
+            flat[:, split:].view(blocks, groups, block_size, SCALE_BYTES[mode]))
+
+
+def rows_to_pages(rows: torch.Tensor, mode: str) -> torch.Tensor:
+    """Rows ``uint8 [blocks, G, block_size, row]`` in token order -> the same data in the page layout."""
+    pages = torch.empty_like(rows, memory_format=torch.contiguous_format)
+    payload, scales = page_views(pages, mode)
+    payload.copy_(rows[..., :payload.shape[-1]])
+    scales.copy_(rows[..., payload.shape[-1]:])
+    return pages
+
+
+def pages_to_rows(kv_cache: torch.Tensor, mode: str) -> torch.Tensor:
+    """Inverse of :func:`rows_to_pages`."""
+    return torch.cat(page_views(kv_cache, mode), dim=-1)
