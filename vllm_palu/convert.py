@@ -27,7 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
                         help="KV heads per latent group: 1 = per head, 'all' = joint (default); must divide "
                              "the KV heads")
     parser.add_argument("--rank-multiple", type=int, default=8, help="round ranks to this multiple (default 8)")
-    parser.add_argument("--rank-alloc", default="uniform", help="rank allocation strategy (default uniform)")
+    parser.add_argument("--rank-alloc", default="uniform",
+                        help="uniform (default), fisher (Palu: ranks proportional to the k/v Fisher scores) or flrc "
+                             "(greedy on Fisher-weighted SVD error); fisher/flrc add a layer-by-layer Fisher pass "
+                             "and ignore --k-fraction. Uniform is the default because it measured best on SmolLM2 "
+                             "(docs/RESULTS.md, section 4)")
     parser.add_argument("--decomposition", default="whitened_svd", help="whitened_svd (default) or svd")
     parser.add_argument("--latent-rotation", default="none",
                         help="orthogonal rotation folded into each group's latent space, for quantized latents: "

@@ -153,7 +153,9 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     # Decode: the query tile is one token's heads of a KV head; prefill: 64+ rows of several tokens.
     block_m = _pow2(heads_per_kv) if decode else max(64, _pow2(heads_per_kv))
     block_q = max(1, block_m // heads_per_kv)
-    cu_qblocks = (query_start_loc // block_q + torch.arange(num_reqs + 1, device=query.device)).to(torch.int32)
+    # Prefill tiles find their request in cu_qblocks (query-tile starts); decode programs are requests and skip it.
+    cu_qblocks = query_start_loc if decode else (
+        query_start_loc // block_q + torch.arange(num_reqs + 1, device=query.device)).to(torch.int32)
     programs = num_reqs if decode else num_tokens // block_q + num_reqs  # prefill: programs past the end exit
     if num_splits is None:
         num_splits = choose_num_splits(programs * kv_heads, max_seq_len, block_n, query.device, programs_per_sm)
