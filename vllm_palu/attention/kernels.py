@@ -1,11 +1,13 @@
 """Triton kernels of the PALU backend (launchers, shapes and grids: :mod:`vllm_palu.attention.ops`; fp32 oracle:
 :mod:`vllm_palu.attention.reference`).
 
-``paged_latent_attention_kernel`` handles one (query tile, KV head, KV split): it walks the request's block table,
-loads latent tiles, rebuilds that KV head's keys on tensor cores (``latent @ k_up``), rotates them with the model's
-cos/sin table at each key's position, scores the query rows of that KV head, and accumulates ``P @ v_latent`` with
-an online softmax. Keys are rebuilt in two rotary halves (``lo``, ``hi``) so rotation needs no register shuffles;
-GPT-J-style rotary is handled by the launcher permuting k_up rows and query columns the same way.
+``paged_latent_attention_kernel`` (decode and prefill) handles one (query tile, KV head, KV split): it walks the
+request's block table, loads latent tiles (dequantizing fp8 / int4 pages in registers), rebuilds that KV head's keys
+on tensor cores (``latent @ k_up``), rotates them with the model's cos/sin table at each key's position, scores the
+query rows of that KV head, and accumulates ``P @ v_latent`` with an online softmax; ``reduce_splits_kernel``
+combines KV splits. Keys are rebuilt in two rotary halves (``lo``, ``hi``) so rotation needs no register shuffles;
+GPT-J-style rotary is handled by the launcher permuting k_up rows and query columns the same way. Variants tried and
+their measurements: docs/KERNEL_NOTES.md.
 """
 
 from __future__ import annotations

@@ -102,7 +102,11 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
                            scale: float, *, max_query_len: int | None = None, max_seq_len: int | None = None,
                            num_splits: int | None = None, out: torch.Tensor | None = None,
                            tuning: dict | None = None, latent_dtype: str = "auto") -> torch.Tensor:
-    """Triton version of :func:`vllm_palu.attention.reference.paged_latent_attention`; output in query dtype."""
+    """Triton version of :func:`vllm_palu.attention.reference.paged_latent_attention`; output in query dtype.
+
+    ``latent_dtype`` "fp8" / "int4": the cache holds quantized pages (:mod:`vllm_palu.attention.latent_quant`).
+    ``tuning`` (benchmarks, scripts/kernel_variants.py): block_n, num_warps, num_stages, programs_per_sm,
+    split_ranks, key_dtype, acc_dtype, convert_table, decode_kernel; defaults are the measured best."""
     num_tokens, num_heads, head_dim = query.shape
     num_groups, group_width, rank_k = k_up.shape
     group_size = group_width // head_dim
