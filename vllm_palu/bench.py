@@ -243,18 +243,20 @@ def write_outputs(rows: list[dict], out_dir: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    labels = [f"{r['model']}\nr{r['kv_ratio']} b{r['batch']}\n{r['context'] // 1024}K" for r in rows]
+    fig, ax = plt.subplots(figsize=(14, 5))
+    labels = [f"{r['model']} r{r['kv_ratio']} gs{r['group_size']}\nb{r['batch']} {r['context'] // 1024}K"
+              + (f" q{r['query_len']}" if r["query_len"] > 1 else "") for r in rows]
     x = range(len(rows))
-    width = 0.2
-    ax.bar([i - 1.5 * width for i in x], [r["best_dense_us"] or 0 for r in rows], width, label="best dense SDPA")
-    for offset, (suffix, label) in enumerate((("", "Palu bf16 latents"), ("_fp8", "fp8 latents"),
-                                              ("_int4", "int4 latents"))):
-        ax.bar([i + (offset - 0.5) * width for i in x], [r.get(f"palu{suffix}_us", 0) for r in rows], width,
+    series = [("", "Palu bf16 latents"), ("_fp8", "fp8 latents"), ("_int4", "int4 latents")]
+    series = [(suffix, label) for suffix, label in series if any(f"palu{suffix}_us" in r for r in rows)]
+    width = 0.8 / (len(series) + 1)
+    ax.bar([i - 0.4 + width / 2 for i in x], [r["best_dense_us"] or 0 for r in rows], width, label="best dense SDPA")
+    for offset, (suffix, label) in enumerate(series, start=1):
+        ax.bar([i - 0.4 + width * (offset + 0.5) for i in x], [r.get(f"palu{suffix}_us", 0) for r in rows], width,
                label=label)
-    ax.scatter(list(x), [r["palu_floor_us"] for r in rows], color="k", marker="_", s=200, label="Palu floor")
+    ax.scatter(list(x), [r["palu_floor_us"] for r in rows], color="k", marker="_", s=200, label="Palu floor (bf16)")
     ax.set_yscale("log")
-    ax.set_xticks(list(x), labels, fontsize=5)
+    ax.set_xticks(list(x), labels, fontsize=6, rotation=90)
     ax.set_ylabel("µs per layer")
     ax.legend()
     fig.tight_layout()
