@@ -108,7 +108,7 @@ class PaluConfig:
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * dtype_bytes
 
     def latent_bytes_per_token(self, dtype_bytes: int | None = None, latent_quant: str = "auto") -> int:
-        """Cache bytes per token over all layers; quantized latents (fp8, int4) count their inline scales."""
+        """Cache bytes per token over all layers; quantized latents (fp8, int4) count their scales."""
         from vllm_palu.attention.latent_quant import row_bytes  # imports torch: not at module level
 
         per_value = DTYPE_BYTES[self.latent_dtype] if dtype_bytes is None else dtype_bytes

@@ -28,7 +28,7 @@ DEFAULT_KV_QUANTS = ("none", "int8", "fp8", "int4", "int3", "int2")
 
 # --- Latent quantization: the extension point for the quantized-latents issue. ---------------------------------
 # mode -> how the reference model simulates it and how its bytes are counted: ``cache_format`` (a
-# vllm_palu.attention.latent_quant dtype) counts the served cache rows exactly, inline scales included; otherwise
+# vllm_palu.attention.latent_quant dtype) counts the served cache rows exactly, scales included; otherwise
 # ``bytes_factor`` scales the checkpoint's latent bytes. fp8 / int4 are what --kv-cache-dtype fp8 /
 # int4_per_token_head serve.
 @dataclass(frozen=True)
