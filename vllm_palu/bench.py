@@ -102,7 +102,7 @@ def build_inputs(case: Case, dtype, device, latent: str = "auto"):
 LATENTS = ("auto", "fp8", "int4")
 
 
-def refcheck(case: Case, device, latent: str = "auto") -> float:
+def refcheck(case: Case, device, latent: str = "auto", tuning: dict | None = None) -> float:
     """Relative error of the bf16 kernel vs the fp32 reference (on the dequantized latents) on a cut-down copy."""
     import torch
 
@@ -117,7 +117,7 @@ def refcheck(case: Case, device, latent: str = "auto") -> float:
         rows = pages_to_rows(inputs["kv_cache"], latent)
         oracle["kv_cache"] = torch.cat(dequantize_rows(rows, *small.ranks, latent), dim=-1)
     expected = reference.paged_latent_attention(**oracle)
-    got = ops.paged_latent_attention(**inputs).float()
+    got = ops.paged_latent_attention(**inputs, tuning=dict(tuning or {})).float()
     return float((got - expected).norm() / expected.norm())
 
 
