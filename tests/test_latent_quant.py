@@ -7,8 +7,8 @@ import re
 import pytest
 import torch
 
-from vllm_palu.attention.latent_quant import (check_ranks, dequantize_rows, fake_quant_latent, quantize_rows,
-                                              rank_v_of_row, row_bytes)
+from vllm_palu.attention.latent_quant import (check_ranks, dequantize_rows, fake_quant_latent, page_views,
+                                              pages_to_rows, quantize_rows, rank_v_of_row, row_bytes, rows_to_pages)
 
 
 def latents(tokens=64, groups=3, rank_k=24, rank_v=40, seed=0, dtype=torch.float32):
@@ -132,3 +132,17 @@ def test_paged_attention_on_quantized_rows_equals_attention_on_dequantized_laten
     write_latents(exact_cache, slots, k, v)
     unquantized = paged_latent_attention(query, exact_cache, k_up, None, cos_sin, True, *args)
     assert not torch.allclose(served, unquantized, atol=1e-3)  # canary: quantization is visible
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int4"])
+def test_page_layout_puts_payload_rows_first_then_scale_rows(mode):
+    k, v = torch.randn(3, 2, 16, 24), torch.randn(3, 2, 16, 40)  # [blocks, groups, block_size, rank]
+    rows = quantize_rows(k.flatten(0, 1), v.flatten(0, 1), mode).view(3, 2, 16, -1)
+    pages = rows_to_pages(rows, mode)
+    payload_bytes = rows.shape[-1] - (4 if mode == "fp8" else 8)
+    flat = pages.view(3, -1)
+    assert torch.equal(flat[:, :2 * 16 * payload_bytes], rows[..., :payload_bytes].reshape(3, -1))
+    assert torch.equal(flat[:, 2 * 16 * payload_bytes:], rows[..., payload_bytes:].reshape(3, -1))
+    assert torch.equal(pages_to_rows(pages, mode), rows)
+    with pytest.raises(ValueError, match="contiguous uint8"):
+        page_views(pages.transpose(1, 2), mode)
