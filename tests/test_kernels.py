@@ -122,9 +122,59 @@ def test_huge_cache_indexing():
     check(case)
 
 
-def test_gptj_rotary_and_key_bias():
+@pytest.mark.parametrize("prefill", ["workspace", "fused"])
+def test_gptj_rotary_and_key_bias(prefill):
     case = make_case([50], [4], 4, 2, 1, 32, 16, 24, 16, DTYPES[0], bias=True, seed=3)
-    check(case, is_neox_style=False)
+    check(case, is_neox_style=False, tuning={"prefill": prefill})
+
+
+PREFILL = [SMALL[2], SMALL[3], SMALL[4]] + ([FULL[1], FULL[3]] if DEVICE == "cuda" else [])
+
+
+@pytest.mark.parametrize("shape", PREFILL)
+def test_fused_prefill_matches_reference(shape):
+    """The fused kernel still serves prefill when asked (benchmarks compare the two paths)."""
+    seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size = shape
+    check(make_case(seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size,
+                    DTYPES[0], seed=4), tuning={"prefill": "fused"})
+
+
+@pytest.mark.parametrize("workspace_tokens", [16, 48])
+@pytest.mark.parametrize("shape", PREFILL)
+def test_prefill_windows_match_reference(shape, workspace_tokens):
+    """A workspace far smaller than the contexts: the prefill path runs window by window and merges windows as
+    KV splits (requests shorter than a window leave empty windows behind)."""
+    seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size = shape
+    workspace_tokens *= len(seq_lens) * (16 if DEVICE == "cuda" else 1)
+    check(make_case(seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size,
+                    DTYPES[0], seed=6), tuning={"prefill_workspace_tokens": workspace_tokens})
+
+
+def test_padding_decodes_without_tokens_then_prefill():
+    """CUDA-graph padding: leading requests with no token count as decodes; the prefill path still finds its
+    tokens (num_decode_tokens, not num_decodes)."""
+    case = make_case([9, 4, 90], [1, 0, 7], 6, 3, 3, 32, 16, 40, 16, DTYPES[0], seed=8)
+    expected = reference.paged_latent_attention(**case, is_neox_style=True)
+    out = torch.full_like(expected, float("nan"), dtype=case["query"].dtype)
+    ops.paged_latent_attention(**case, is_neox_style=True, out=out, num_decodes=2, num_decode_tokens=1)
+    assert torch.isfinite(out).all()
+    assert float((out.float() - expected).norm() / expected.norm()) < TOLERANCE[DTYPES[0]]
+
+
+@pytest.mark.parametrize("mode", ["auto", "fp8", "int4"])
+def test_decodes_first_then_prefill(mode):
+    """vLLM's reordered batches: the first num_decodes requests (one token each) take the decode kernel, the rest
+    the prefill path, into one output."""
+    shape = ([9, 300, 90, 33], [1, 1, 7, 33], 6, 3, 3, 32, 16, 40, 16)
+    quantized, dequantized = quantized_case(shape, mode, DTYPES[0]) if mode != "auto" else (None, None)
+    case = quantized or make_case(*shape, DTYPES[0], seed=7)
+    oracle = dequantized or case
+    expected = reference.paged_latent_attention(**oracle, is_neox_style=True)
+    out = torch.full_like(expected, float("nan"), dtype=case["query"].dtype)
+    ops.paged_latent_attention(**case, is_neox_style=True, out=out, num_decodes=2, num_decode_tokens=2,
+                               latent_dtype=mode)
+    assert torch.isfinite(out).all()
+    assert float((out.float() - expected).norm() / expected.norm()) < TOLERANCE[DTYPES[0]]
 
 
 def test_write_latents_scatters_by_slot():

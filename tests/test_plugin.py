@@ -131,3 +131,21 @@ def test_quantized_kv_cache_hooks():
     spec = FullAttentionSpec(block_size=16, num_kv_heads=3, head_size=24, head_size_v=40, dtype=torch.uint8,
                              kv_quant_mode=KVQuantMode.INT4_PER_TOKEN_HEAD, state_content_bytes=40)
     assert spec.page_size_bytes == 3 * 16 * 40
+
+
+def test_decode_first_reordering_hooks():
+    """What the builder relies on: vLLM moves requests with <= reorder_batch_threshold new tokens to the front, and
+    split_decodes_and_prefills finds that boundary from the host-side query_start_loc."""
+    from types import SimpleNamespace
+
+    import torch
+    from vllm.v1.attention.backend import AttentionMetadataBuilder
+    from vllm.v1.attention.backends.utils import split_decodes_and_prefills
+
+    from vllm_palu.attention.backend import PaluAttentionMetadataBuilder
+
+    assert "reorder_batch_threshold" in dir(AttentionMetadataBuilder)
+    assert PaluAttentionMetadataBuilder.reorder_batch_threshold == 1
+    batch = SimpleNamespace(max_query_len=7, num_reqs=4, num_actual_tokens=10,
+                            query_start_loc_cpu=torch.tensor([0, 1, 1, 3, 10]))
+    assert split_decodes_and_prefills(batch, decode_threshold=1) == (2, 2, 1, 9)

@@ -146,11 +146,16 @@ def test_perplexity_through_vllm_equals_reference(palu_models, calib_file, tmp_p
     assert abs(rows["vllm"]["ppl"] / rows["reference"]["ppl"] - 1) < 1e-3
 
 
-def test_triton_kernels_in_vllm_match_the_pytorch_path(palu_models):
-    """The backend forced onto the Triton kernels (interpreted on CPU, fp32) serves the same greedy tokens."""
+@pytest.mark.parametrize("batching", ["plain", "mixed"])
+def test_triton_kernels_in_vllm_match_the_pytorch_path(palu_models, batching):
+    """The backend forced onto the Triton kernels (interpreted on CPU, fp32) serves the same greedy tokens.
+    "mixed": a long prompt prefilled in 16-token chunks while the short ones decode, so batches hold decodes (first,
+    reordered by vLLM: the decode kernel) and a prompt chunk (the prefill path) together."""
     model_dir = palu_models["qwen2"]
-    prompts = token_prompts(model_dir, PROMPTS[:2])
-    spec = {"model": str(model_dir), "llm": ENGINE, "prompts": prompts, "max_tokens": 12}
+    texts = PROMPTS[:2] + ([" ".join(CORPUS[:3])] if batching == "mixed" else [])
+    prompts = token_prompts(model_dir, texts)
+    llm = ENGINE if batching == "plain" else {**ENGINE, "max_num_batched_tokens": 16, "enable_chunked_prefill": True}
+    spec = {"model": str(model_dir), "llm": llm, "prompts": prompts, "max_tokens": 12}
     triton = run_vllm(spec, env={"PALU_ATTENTION_KERNELS": "triton", "TRITON_INTERPRET": "1"})
     torch_path = run_vllm(spec, env={"PALU_ATTENTION_KERNELS": "torch"})
     assert triton["tokens"] == torch_path["tokens"] == reference_greedy(load_palu_model(model_dir), prompts, 12)

@@ -141,8 +141,11 @@ def time_case(case: Case, device) -> dict:
         row[f"palu{suffix}_floor_us"] = floor_us(case.palu_bytes(latent), case.palu_flops())
         row[f"palu{suffix}_roofline_fraction"] = row[f"palu{suffix}_floor_us"] / us
         row[f"palu{suffix}_bandwidth_tbs"] = case.palu_bytes(latent) / us / 1e6
+        if case.query_len > 1:  # the prefill path's alternative: keys rebuilt per KV tile inside the loop
+            row["palu_fused_us"] = do_bench(lambda: ops.paged_latent_attention(
+                **inputs, max_query_len=case.query_len, max_seq_len=case.context, tuning={"prefill": "fused"}),
+                return_mode="median") * 1e3
         del inputs
-    palu_us = row["palu_us"]
 
     q = torch.randn(case.batch, case.heads, case.query_len, case.head_dim, device=device, dtype=torch.bfloat16)
     k = torch.randn(case.batch, case.kv_heads, case.context, case.head_dim, device=device, dtype=torch.bfloat16)
@@ -211,7 +214,8 @@ def default_cases() -> list[Case]:
                 cases.append(Case(model, heads, kv_heads, 128, kv_ratio, 1, batch, context))
     cases.append(Case("llama3-8b", 32, 8, 128, 0.5, 2, 16, 32768))  # groups of 2 KV heads
     cases.append(Case("llama2-7b", 32, 32, 128, 0.5, 2, 16, 16384))
-    cases.append(Case("llama3-8b", 32, 8, 128, 0.5, 1, 1, 32768, query_len=2048))  # prefill chunk
+    cases.append(Case("llama3-8b", 32, 8, 128, 0.5, 1, 1, 32768, query_len=2048))  # prefill chunks
+    cases.append(Case("llama2-7b", 32, 32, 128, 0.5, 1, 1, 32768, query_len=2048))
     return cases
 
 

@@ -13,6 +13,7 @@ from typing import ClassVar
 import torch
 from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, AttentionMetadataBuilder, AttentionType,
                                        CommonAttentionMetadata, MultipleOf)
+from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from vllm_palu.attention import reference
@@ -71,20 +72,27 @@ class PaluAttentionMetadata:
     seq_lens: torch.Tensor  # [B], context including the new tokens
     block_table: torch.Tensor  # [B, max_blocks]
     slot_mapping: torch.Tensor  # [T]
+    num_decodes: int  # the first num_decodes requests have at most one new token each (the batch is reordered)
+    num_decode_tokens: int
 
 
 class PaluAttentionMetadataBuilder(AttentionMetadataBuilder[PaluAttentionMetadata]):
+    # Single-token requests first: they take the decode kernel, the rest the prefill path (ops.py).
+    reorder_batch_threshold: int | None = 1
+
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> PaluAttentionMetadata:
         metadata = common_attn_metadata
+        num_decodes, _, num_decode_tokens, _ = split_decodes_and_prefills(metadata, decode_threshold=1)
         return PaluAttentionMetadata(
             num_actual_tokens=metadata.num_actual_tokens, max_query_len=metadata.max_query_len,
             max_seq_len=metadata.max_seq_len, query_start_loc=metadata.query_start_loc,
             seq_lens=metadata.seq_lens, block_table=metadata.block_table_tensor,
-            slot_mapping=metadata.slot_mapping)
+            slot_mapping=metadata.slot_mapping, num_decodes=num_decodes,
+            num_decode_tokens=num_decode_tokens)
 
 
 class PaluAttentionImpl(AttentionImpl):
@@ -147,6 +155,8 @@ class PaluAttentionImpl(AttentionImpl):
             output[:tokens] = reference.paged_latent_attention(*args, latent_dtype=self.latent_dtype).to(output.dtype)
         else:  # host-side sizes from the metadata: no device sync in the launcher
             self.kernels.paged_latent_attention(*args, max_query_len=attn_metadata.max_query_len,
-                                                max_seq_len=attn_metadata.max_seq_len, out=output[:tokens],
+                                                max_seq_len=attn_metadata.max_seq_len,
+                                                num_decodes=attn_metadata.num_decodes,
+                                                num_decode_tokens=attn_metadata.num_decode_tokens, out=output[:tokens],
                                                 latent_dtype=self.latent_dtype)
         return output

@@ -12,6 +12,7 @@ import triton.language as tl
 
 from vllm_palu.attention.latent_quant import page_views, quantize_rows, rank_v_of_row
 from vllm_palu.attention.kernels import paged_latent_attention_kernel, reduce_splits_kernel, write_latents_kernel
+from vllm_palu.attention.prefill_kernels import prefill_attention_kernel, rebuild_context_kernel
 
 LOG2E = 1.4426950408889634
 
@@ -96,52 +97,10 @@ def choose_num_splits(programs: int, max_seq_len: int, block_n: int, device: tor
     return int(min(triton.next_power_of_2(wanted), triton.next_power_of_2(most) // 2 or 1, 64))
 
 
-def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: torch.Tensor,
-                           k_bias: torch.Tensor | None, cos_sin_cache: torch.Tensor, is_neox_style: bool,
-                           query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                           scale: float, *, max_query_len: int | None = None, max_seq_len: int | None = None,
-                           num_splits: int | None = None, out: torch.Tensor | None = None,
-                           tuning: dict | None = None, latent_dtype: str = "auto") -> torch.Tensor:
-    """Triton version of :func:`vllm_palu.attention.reference.paged_latent_attention`; output in query dtype.
-
-    ``latent_dtype`` "fp8" / "int4": the cache holds quantized pages (:mod:`vllm_palu.attention.latent_quant`).
-    ``tuning`` (benchmarks, scripts/kernel_variants.py): block_n, num_warps, num_stages, programs_per_sm,
-    split_ranks, key_dtype, acc_dtype, convert_table, decode_kernel; defaults are the measured best."""
-    num_tokens, num_heads, head_dim = query.shape
-    num_groups, group_width, rank_k = k_up.shape
-    group_size = group_width // head_dim
-    kv_heads = num_groups * group_size
-    row = kv_cache.shape[-1]
-    rank_v = row - rank_k if latent_dtype == "auto" else rank_v_of_row(row, rank_k, latent_dtype)
-    num_reqs = seq_lens.shape[0]
-    if cos_sin_cache.shape[-1] != head_dim:
-        raise NotImplementedError("partial rotary embeddings are not supported by the Triton PALU kernels")
-    assert kv_cache.stride(-1) == 1 and num_heads % kv_heads == 0
-    if out is None:
-        out = query.new_empty(num_tokens, num_heads, rank_v)
-    if num_tokens == 0:
-        return out
-
-    k_up_heads = k_up.reshape(kv_heads, head_dim, rank_k)
-    permutation = rotary_permutation(head_dim, is_neox_style, query.device)
-    if permutation is not None:
-        query = query[..., permutation]
-        k_up_heads = k_up_heads[:, permutation]
-        k_bias = None if k_bias is None else k_bias.view(kv_heads, head_dim)[:, permutation]
-    k_up_heads = k_up_heads.contiguous()
-    query = query if query.stride(-1) == 1 else query.contiguous()
-
-    heads_per_kv = num_heads // kv_heads
-    max_query_len = int(query_start_loc.diff().max()) if max_query_len is None else max_query_len
-    max_seq_len = int(seq_lens.max()) if max_seq_len is None else max_seq_len
-    decode = max_query_len == 1
-    # Defaults measured on the H200 with scripts/kernel_variants.py (docs/KERNEL_NOTES.md).
-    tuning = {"num_warps": 2 if decode else 4, "num_stages": 3, **(tuning or {})}
-    block_n = tuning.pop("block_n", 64 if query.device.type == "cuda" else 32)
-    programs_per_sm = tuning.pop("programs_per_sm", 8)
-    split_ranks = tuning.pop("split_ranks", True)
-    decode = tuning.pop("decode_kernel", decode) and decode
-    if latent_dtype == "int4":  # one byte tile per latent holds both halves of the rank: two chunks of rank / 2
+def _rank_tiles(rank_k: int, rank_v: int, latent_dtype: str, split_ranks: bool = True) -> dict:
+    """The kernels' rank constexprs: tiles covering the K and V latents (one chunk, or two with less padding; int4
+    pages hold both halves of a rank in one byte tile: two chunks of rank / 2)."""
+    if latent_dtype == "int4":
         rk0 = rk1 = _pow2(rank_k // 2)
         rv0 = rv1 = _pow2(rank_v // 2)
         k_limit, v_limit = rank_k // 2, rank_v // 2
@@ -149,6 +108,94 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
         rk0, rk1 = rank_chunks(rank_k) if split_ranks else (_pow2(rank_k), 0)
         rv0, rv1 = rank_chunks(rank_v) if split_ranks else (_pow2(rank_v), 0)
         k_limit, v_limit = rank_k, rank_v
+    return dict(RANK_K=rank_k, RANK_V=rank_v, RK0=rk0, RK1=max(rk1, 16), RV0=rv0, RV1=max(rv1, 16),
+                SPLIT_K=rk1 > 0, SPLIT_V=rv1 > 0, LATENT=LATENT_CODES[latent_dtype], K0_LIMIT=k_limit,
+                K1_OFFSET=k_limit if latent_dtype == "int4" else rk0, V0_LIMIT=v_limit,
+                V1_OFFSET=v_limit if latent_dtype == "int4" else rv0)
+
+
+def _cache_views(kv_cache: torch.Tensor, latent_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latent rows, fp16 scale rows); the scale view is the cache itself (unused) for 16-bit latents."""
+    if latent_dtype == "auto":
+        return kv_cache, kv_cache
+    payload, scales = page_views(kv_cache, latent_dtype)
+    return payload, scales.view(torch.float16)
+
+
+def _query_tiles(query_start_loc: torch.Tensor, block_q: int) -> torch.Tensor:
+    """Start tile of every request when each request's tokens are cut into tiles of ``block_q`` (relative to the
+    first request; one spare tile per request absorbs the rounding, its programs exit at once)."""
+    relative = query_start_loc - query_start_loc[:1]
+    arange = torch.arange(query_start_loc.shape[0], device=query_start_loc.device)
+    return (relative // block_q + arange).to(torch.int32)
+
+
+def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: torch.Tensor,
+                           k_bias: torch.Tensor | None, cos_sin_cache: torch.Tensor, is_neox_style: bool,
+                           query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                           scale: float, *, max_query_len: int | None = None, max_seq_len: int | None = None,
+                           num_decodes: int = 0, num_decode_tokens: int | None = None,
+                           num_splits: int | None = None,
+                           out: torch.Tensor | None = None, tuning: dict | None = None,
+                           latent_dtype: str = "auto") -> torch.Tensor:
+    """Triton version of :func:`vllm_palu.attention.reference.paged_latent_attention`; output in query dtype.
+
+    Batches with a prompt chunk go through the prefill path (:func:`prefill_latent_attention`): when the first
+    ``num_decodes`` requests have at most one new token each (vLLM's reordered batches; ``num_decode_tokens`` in
+    all, default one each), those take the fused kernel and the rest the prefill path; without it every request
+    takes the prefill path. ``latent_dtype`` "fp8" / "int4": the
+    cache holds quantized pages (:mod:`vllm_palu.attention.latent_quant`). ``tuning`` (benchmarks,
+    scripts/kernel_variants.py): block_n, num_warps, num_stages, programs_per_sm, split_ranks, key_dtype,
+    acc_dtype, convert_table, decode_kernel, prefill ("workspace" or "fused") and the prefill_* keys of
+    :func:`prefill_latent_attention`; defaults are the measured best."""
+    num_tokens, num_heads, _ = query.shape
+    rank_k = k_up.shape[-1]
+    row = kv_cache.shape[-1]
+    rank_v = row - rank_k if latent_dtype == "auto" else rank_v_of_row(row, rank_k, latent_dtype)
+    if out is None:
+        out = query.new_empty(num_tokens, num_heads, rank_v)
+    if num_tokens == 0:
+        return out
+    max_query_len = int(query_start_loc.diff().max()) if max_query_len is None else max_query_len
+    max_seq_len = int(seq_lens.max()) if max_seq_len is None else max_seq_len
+    tuning = dict(tuning or {})
+    prefill_tuning = {key: tuning.pop(key) for key in list(tuning) if key.startswith("prefill")}
+    args = (kv_cache, k_up, k_bias, cos_sin_cache, is_neox_style)
+    if max_query_len == 1 or prefill_tuning.pop("prefill", "workspace") == "fused":
+        return _fused_attention(query, *args, query_start_loc, seq_lens, block_table, scale, max_query_len,
+                                max_seq_len, num_splits, out, tuning, latent_dtype)
+    decode_tokens = num_decodes if num_decode_tokens is None else num_decode_tokens
+    if num_decodes:
+        _fused_attention(query[:decode_tokens], *args, query_start_loc[:num_decodes + 1], seq_lens[:num_decodes],
+                         block_table[:num_decodes], scale, 1, max_seq_len, num_splits, out[:decode_tokens], tuning,
+                         latent_dtype)
+    return prefill_latent_attention(query, *args, query_start_loc, seq_lens, block_table, scale,
+                                    first_request=num_decodes, first_token=decode_tokens, max_seq_len=max_seq_len,
+                                    out=out, latent_dtype=latent_dtype, **prefill_tuning)
+
+
+def _fused_attention(query, kv_cache, k_up, k_bias, cos_sin_cache, is_neox_style, query_start_loc, seq_lens,
+                     block_table, scale, max_query_len, max_seq_len, num_splits, out, tuning, latent_dtype):
+    """``paged_latent_attention_kernel``: keys rebuilt per KV tile inside the attention loop (decode; prefill when
+    tuning asks for "fused")."""
+    num_tokens, num_heads, head_dim = query.shape
+    num_groups, group_width, rank_k = k_up.shape
+    group_size = group_width // head_dim
+    kv_heads = num_groups * group_size
+    num_reqs = seq_lens.shape[0]
+    if cos_sin_cache.shape[-1] != head_dim:
+        raise NotImplementedError("partial rotary embeddings are not supported by the Triton PALU kernels")
+    assert kv_cache.stride(-1) == 1 and num_heads % kv_heads == 0
+    query, k_up_heads, k_bias = _rotary_layout(query, k_up, k_bias, is_neox_style)
+
+    heads_per_kv = num_heads // kv_heads
+    decode = max_query_len == 1
+    # Defaults measured on the H200 with scripts/kernel_variants.py (docs/KERNEL_NOTES.md).
+    tuning = {"num_warps": 2 if decode else 4, "num_stages": 3, **tuning}
+    block_n = tuning.pop("block_n", 64 if query.device.type == "cuda" else 32)
+    programs_per_sm = tuning.pop("programs_per_sm", 8)
+    ranks = _rank_tiles(rank_k, out.shape[-1], latent_dtype, tuning.pop("split_ranks", True))
+    decode = tuning.pop("decode_kernel", decode) and decode
     # 16-bit models rebuild, rotate and score keys in fp16: packed math and half the registers of fp32 tiles.
     key_dtype = tuning.pop("key_dtype", torch.float32 if query.dtype == torch.float32 else torch.float16)
     acc_dtype = tuning.pop("acc_dtype", torch.float32 if key_dtype == torch.bfloat16 else key_dtype)
@@ -158,42 +205,131 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     block_m = _pow2(heads_per_kv) if decode else max(64, _pow2(heads_per_kv))
     block_q = max(1, block_m // heads_per_kv)
     # Prefill tiles find their request in cu_qblocks (query-tile starts); decode programs are requests and skip it.
-    cu_qblocks = query_start_loc if decode else (
-        query_start_loc // block_q + torch.arange(num_reqs + 1, device=query.device)).to(torch.int32)
+    cu_qblocks = query_start_loc if decode else _query_tiles(query_start_loc, block_q)
     programs = num_reqs if decode else num_tokens // block_q + num_reqs  # prefill: programs past the end exit
     if num_splits is None:
         num_splits = choose_num_splits(programs * kv_heads, max_seq_len, block_n, query.device, programs_per_sm)
     use_splits = num_splits > 1
+    rank_v = out.shape[-1]
     pad_v = _pow2(rank_v)
     if use_splits:
         partial = torch.empty(num_tokens, num_heads, num_splits, pad_v, dtype=torch.float32, device=query.device)
         stats = torch.empty(num_tokens, num_heads, num_splits, 2, dtype=torch.float32, device=query.device)
     else:
         partial = stats = out  # unused
-    if latent_dtype == "auto":
-        scales = kv_cache  # unused
-    else:
-        kv_cache, scales = page_views(kv_cache, latent_dtype)
-        scales = scales.view(torch.float16)
+    kv_cache, scales = _cache_views(kv_cache, latent_dtype)
     strides = (query.stride(0), query.stride(1), kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
                scales.stride(0), scales.stride(1), scales.stride(2),
                block_table.stride(0), cos_sin_cache.stride(0), out.stride(0), out.stride(1),
                partial.stride(0), partial.stride(1), partial.stride(2) if use_splits else 0)
     shapes = dict(HEADS_PER_KV=heads_per_kv, GROUP_SIZE=group_size, HEAD_DIM=head_dim, HALF=head_dim // 2,
-                  RANK_K=rank_k, RANK_V=rank_v, RK0=rk0, RK1=max(rk1, 16), RV0=rv0, RV1=max(rv1, 16),
-                  SPLIT_K=rk1 > 0, SPLIT_V=rv1 > 0, LATENT=LATENT_CODES[latent_dtype], K0_LIMIT=k_limit,
-                  K1_OFFSET=k_limit if latent_dtype == "int4" else rk0, V0_LIMIT=v_limit,
-                  V1_OFFSET=v_limit if latent_dtype == "int4" else rv0, KEY_DTYPE=TRITON_DTYPES[key_dtype],
-                  ACC_DTYPE=TRITON_DTYPES[acc_dtype], BLOCK_N=block_n, BLOCK_SIZE=kv_cache.shape[2],
-                  NUM_SPLITS=num_splits, HAS_BIAS=k_bias is not None, USE_SPLITS=use_splits, **tuning)
+                  KEY_DTYPE=TRITON_DTYPES[key_dtype], ACC_DTYPE=TRITON_DTYPES[acc_dtype], BLOCK_N=block_n,
+                  BLOCK_SIZE=kv_cache.shape[2], NUM_SPLITS=num_splits, HAS_BIAS=k_bias is not None,
+                  USE_SPLITS=use_splits, **ranks, **tuning)
     bias = k_bias if k_bias is not None else k_up_heads  # unused when HAS_BIAS is false
     global last_kernel
     last_kernel = paged_latent_attention_kernel[(programs, kv_heads, num_splits)](
-        query, kv_cache, scales, k_up_heads, bias, cos_sin_cache, block_table, seq_lens, query_start_loc, cu_qblocks, out,
-        partial, stats, num_reqs, num_heads, scale * LOG2E, *strides, BLOCK_Q=block_q, BLOCK_M=block_m,
+        query, kv_cache, scales, k_up_heads, bias, cos_sin_cache, block_table, seq_lens, query_start_loc, cu_qblocks,
+        out, partial, stats, num_reqs, num_heads, scale * LOG2E, *strides, BLOCK_Q=block_q, BLOCK_M=block_m,
         DECODE=decode, **shapes)
     if use_splits:
-        reduce_splits_kernel[(num_tokens, num_heads)](
-            partial, stats, out, partial.stride(0), partial.stride(1), partial.stride(2), out.stride(0),
-            out.stride(1), num_heads, RANK_V=rank_v, PAD_V=pad_v, NUM_SPLITS=num_splits)
+        _reduce_splits(partial, stats, out)
+    return out
+
+
+def _reduce_splits(partial: torch.Tensor, stats: torch.Tensor, out: torch.Tensor) -> None:
+    num_tokens, num_heads, num_splits, pad_v = partial.shape
+    reduce_splits_kernel[(num_tokens, num_heads)](
+        partial, stats, out, partial.stride(0), partial.stride(1), partial.stride(2), out.stride(0), out.stride(1),
+        num_heads, RANK_V=out.shape[-1], PAD_V=pad_v, NUM_SPLITS=num_splits)
+
+
+def _rotary_layout(query, k_up, k_bias, is_neox_style):
+    """Query, per-KV-head key up-projection ``[kv_heads, head_dim, rank_k]`` and key bias in the kernels' NeoX
+    layout (GPT-J's pairs permuted into halves, the same way on both sides of q.k)."""
+    head_dim = query.shape[-1]
+    rank_k = k_up.shape[-1]
+    k_up_heads = k_up.reshape(-1, head_dim, rank_k)
+    permutation = rotary_permutation(head_dim, is_neox_style, query.device)
+    if permutation is not None:
+        query = query[..., permutation]
+        k_up_heads = k_up_heads[:, permutation]
+        k_bias = None if k_bias is None else k_bias.view(k_up_heads.shape[0], head_dim)[:, permutation]
+    query = query if query.stride(-1) == 1 else query.contiguous()
+    return query, k_up_heads.contiguous(), k_bias
+
+
+def prefill_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: torch.Tensor,
+                             k_bias: torch.Tensor | None, cos_sin_cache: torch.Tensor, is_neox_style: bool,
+                             query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
+                             scale: float, *, out: torch.Tensor, first_request: int = 0, first_token: int = 0,
+                             max_seq_len: int | None = None, latent_dtype: str = "auto",
+                             prefill_block_m: int | None = None, prefill_block_n: int | None = None,
+                             prefill_warps: int | None = None, prefill_stages: int = 3,
+                             prefill_workspace_tokens: int = 65536) -> torch.Tensor:
+    """Requests ``first_request:`` (their tokens are ``query[first_token:]``): rebuild each request's context keys
+    once into a workspace (:mod:`vllm_palu.attention.prefill_kernels`), then FlashAttention over it.
+
+    The workspace holds ``prefill_workspace_tokens`` context positions in all (a window per request: Llama-3-8B,
+    3 KiB a position, 192 MiB); longer contexts go window by window, merged like KV splits."""
+    num_heads, head_dim = query.shape[1:]
+    num_groups, group_width, rank_k = k_up.shape
+    group_size = group_width // head_dim
+    kv_heads = num_groups * group_size
+    heads_per_kv = num_heads // kv_heads
+    rank_v = out.shape[-1]
+    if cos_sin_cache.shape[-1] != head_dim:
+        raise NotImplementedError("partial rotary embeddings are not supported by the Triton PALU kernels")
+    query_start_loc, seq_lens, block_table = (query_start_loc[first_request:], seq_lens[first_request:],
+                                              block_table[first_request:])
+    num_reqs = seq_lens.shape[0]
+    num_tokens = query.shape[0] - first_token
+    max_seq_len = int(seq_lens.max()) if max_seq_len is None else max_seq_len
+    query, k_up_heads, k_bias = _rotary_layout(query, k_up, k_bias, is_neox_style)
+
+    on_gpu = query.device.type == "cuda"
+    # Defaults measured on the H200 with scripts/prefill_variants.py (docs/KERNEL_NOTES.md).
+    block_n = prefill_block_n or (64 if on_gpu else 16)
+    block_m = max(prefill_block_m or (256 if on_gpu else 16), _pow2(heads_per_kv))
+    block_q = block_m // heads_per_kv
+    window = max(block_n, prefill_workspace_tokens // num_reqs // block_n * block_n)
+    window = min(window, triton.cdiv(max_seq_len, block_n) * block_n)
+    num_windows = triton.cdiv(max_seq_len, window)
+    keys = query.new_empty(num_reqs * window, kv_heads, head_dim)
+    values = query.new_empty(num_reqs * window, num_groups, rank_v)
+    payload, scales = _cache_views(kv_cache, latent_dtype)
+    ranks = _rank_tiles(rank_k, rank_v, latent_dtype)
+    cu_qblocks = _query_tiles(query_start_loc, block_q)
+    programs = num_tokens // block_q + num_reqs
+    use_splits = num_windows > 1
+    pad_v = _pow2(rank_v)
+    splits = _pow2(num_windows, 1)
+    if use_splits:  # windows past a request's context leave m = -inf, l = 0 behind: weight 0 in the reduction
+        partial = torch.zeros(out.shape[0], num_heads, splits, pad_v, dtype=torch.float32, device=query.device)
+        stats = torch.zeros(out.shape[0], num_heads, splits, 2, dtype=torch.float32, device=query.device)
+        stats[..., 0] = float("-inf")
+    else:
+        partial = stats = out  # unused
+    bias = k_bias if k_bias is not None else k_up_heads  # unused when HAS_BIAS is false
+    for index in range(num_windows):
+        start = index * window
+        rebuild_context_kernel[(window // block_n, num_reqs, kv_heads)](
+            payload, scales, k_up_heads, bias, cos_sin_cache, block_table, seq_lens, keys, values,
+            start, window, payload.stride(0), payload.stride(1), payload.stride(2),
+            scales.stride(0), scales.stride(1), scales.stride(2), block_table.stride(0), cos_sin_cache.stride(0),
+            keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+            GROUP_SIZE=group_size, HEAD_DIM=head_dim, HALF=head_dim // 2, **ranks,
+            OPERAND_DTYPE=TRITON_DTYPES[query.dtype], HAS_BIAS=k_bias is not None, BLOCK_N=block_n,
+            BLOCK_SIZE=payload.shape[2], num_warps=4)
+        prefill_attention_kernel[(programs, kv_heads)](
+            query, keys, values, seq_lens, query_start_loc, cu_qblocks, out, partial, stats,
+            num_reqs, num_heads, scale * LOG2E, start, window, index,
+            query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+            out.stride(0), out.stride(1), partial.stride(0), partial.stride(1),
+            partial.stride(2) if use_splits else 0,
+            HEADS_PER_KV=heads_per_kv, GROUP_SIZE=group_size, HEAD_DIM=head_dim, RANK_V=rank_v, PAD_V=pad_v,
+            BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, NUM_SPLITS=splits, USE_SPLITS=use_splits,
+            num_warps=prefill_warps or (8 if on_gpu else 4), num_stages=prefill_stages)
+    if use_splits:
+        _reduce_splits(partial[first_token:], stats[first_token:], out[first_token:])
     return out
