@@ -26,7 +26,11 @@ VARIANTS = {  # name: (latent format, tuning)
     "bf16 latents": ("auto", {}),
     "bf16 latents, padded ranks": ("auto", {"split_ranks": False}),
     "bf16 latents, fp32 rebuild accumulation": ("auto", {"acc_dtype": torch.float32}),
+    "bf16 latents, 16-row query tile (v3)": ("auto", {"min_rows": 16}),
+    "bf16 latents, 8-row query tile": ("auto", {"min_rows": 8}),
+    "bf16 latents, 16 programs per SM": ("auto", {"programs_per_sm": 16}),
     "fp8 latents": ("fp8", {}),
+    "fp8 latents, 16-row query tile (v3)": ("fp8", {"min_rows": 16}),
     "int4 latents": ("int4", {}),
 }
 TILES = [(64, 2, 3), (32, 2, 3), (64, 4, 3), (128, 4, 3)]  # (block_n, num_warps, num_stages)
@@ -36,12 +40,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("results/variants"))
     parser.add_argument("--quick", action="store_true", help="the default tile only")
+    parser.add_argument("--only", help="variant names separated by ';' (default: all of VARIANTS)")
+    parser.add_argument("--tiles", help="block_n:warps:stages,... instead of TILES")
     args = parser.parse_args()
     device = torch.device("cuda")
     headline = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768)
     rows = []
-    for (name, (latent, kind)), (block_n, warps, stages) in itertools.product(VARIANTS.items(),
-                                                                               TILES[:1] if args.quick else TILES):
+    variants = {name: spec for name, spec in VARIANTS.items() if args.only is None or name in args.only.split(";")}
+    tiles = [tuple(map(int, tile.split(":"))) for tile in args.tiles.split(",")] if args.tiles else TILES
+    for (name, (latent, kind)), (block_n, warps, stages) in itertools.product(variants.items(),
+                                                                               tiles[:1] if args.quick else tiles):
         tuning = dict(kind, block_n=block_n, num_warps=warps, num_stages=stages)
         floor = floor_us(headline.palu_bytes(latent), headline.palu_flops())
         try:

@@ -3,7 +3,8 @@
 Runs on an NVIDIA GPU without vLLM. Per case: median time (CUDA events, ``triton.testing.do_bench``), effective
 bandwidth, and the roofline floor ``max(bytes / 4.3 TB/s, FLOPs / 790 TFLOP/s)`` (the H200's measured ceilings;
 FLOPs include key reconstruction). Baselines: torch SDPA with the flash and cuDNN backends on contiguous K/V, and the
-public Palu approach (rebuild all keys, then attend). Writes JSON, a markdown table and a PNG plot.
+public Palu approach (rebuild all keys, then attend), and FlashInfer's paged decode with bf16 and fp8 pages where
+FlashInfer is importable (``vllm_palu.bench_flashinfer``). Writes JSON, a markdown table and a PNG plot.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from vllm_palu import bench_flashinfer
 
 BANDWIDTH = 4.3e12  # bytes/s, measured device copy on the H200
 MATMUL = 790e12  # bf16 FLOP/s, measured
@@ -160,14 +163,47 @@ def time_case(case: Case, device) -> dict:
         except RuntimeError as error:
             row[f"{name}_us"] = None
             row[f"{name}_error"] = str(error).splitlines()[0][:120]
-    dense = [row[key] for key in ("flash_us", "cudnn_us") if row.get(key)]
+    del q, k, v
+    torch.cuda.empty_cache()
+    if case.query_len == 1:
+        if case.group_size == 1:
+            row["palu_unfused_us"] = unfused_palu_us(case, device)
+        row.update(bench_flashinfer.decode_us(case, device))
+    # Best dense bf16 decode: flash, cuDNN, or FlashInfer with bf16 pages (fp8 pages are a separate column).
+    dense = [row[key] for key in ("flash_us", "cudnn_us", "flashinfer_us") if row.get(key)]
     row["best_dense_us"] = min(dense) if dense else None
     for suffix in ("", "_fp8", "_int4"):
         if f"palu{suffix}_us" in row:
             row[f"speedup{suffix}_vs_best_dense"] = row["best_dense_us"] / row[f"palu{suffix}_us"] if dense else None
-    del k, v
-    torch.cuda.empty_cache()
     return row
+
+
+def unfused_palu_us(case: Case, device) -> float:
+    """The public Palu code's way (groups of one head): rebuild every key from contiguous latents, rotate, then
+    SDPA with V latents as values. Full keys are materialized each step, so it moves more bytes than dense."""
+    import torch
+    import torch.nn.functional as F
+    from triton.testing import do_bench
+
+    rank_k, rank_v = case.ranks
+    shape = (case.batch, case.kv_heads, case.context)
+    k_latent = torch.randn(*shape, rank_k, device=device, dtype=torch.bfloat16)
+    v_latent = torch.randn(*shape, rank_v, device=device, dtype=torch.bfloat16)
+    k_up = torch.randn(case.kv_heads, rank_k, case.head_dim, device=device, dtype=torch.bfloat16) / rank_k ** 0.5
+    angles = torch.arange(case.context, device=device)[:, None] * torch.rand(case.head_dim // 2, device=device)
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(torch.bfloat16) for f in (torch.cos, torch.sin))
+    query = torch.randn(case.batch, case.heads, 1, case.head_dim, device=device, dtype=torch.bfloat16)
+
+    def attend():
+        keys = torch.einsum("bhsr,hrd->bhsd", k_latent, k_up)
+        first, second = keys.chunk(2, dim=-1)
+        keys = keys * cos + torch.cat([-second, first], dim=-1) * sin
+        return F.scaled_dot_product_attention(query, keys, v_latent, enable_gqa=True)
+
+    us = do_bench(attend, return_mode="median") * 1e3
+    del k_latent, v_latent
+    torch.cuda.empty_cache()
+    return us
 
 
 def tune(device) -> list[dict]:
@@ -222,8 +258,9 @@ def default_cases() -> list[Case]:
 def write_outputs(rows: list[dict], out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "kernels.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| model | kv ratio | gs | batch | ctx | q | ranks k/v | best dense µs (flash / cudnn) | dense floor µs "
-             "| palu bf16 µs (floor, of floor, speed-up) | fp8 latents | int4 latents |", "|" + "---|" * 12]
+    lines = ["| model | kv ratio | gs | batch | ctx | q | ranks k/v | best dense µs (flash / cudnn / flashinfer) | "
+             "flashinfer fp8 KV µs | dense floor µs | palu bf16 µs (floor, of floor, speed-up) | fp8 latents | "
+             "int4 latents |", "|" + "---|" * 13]
 
     def palu(r: dict, suffix: str) -> str:
         if f"palu{suffix}_us" not in r:
@@ -236,7 +273,8 @@ def write_outputs(rows: list[dict], out_dir: Path) -> None:
         fmt = lambda x: "–" if x is None else f"{x:.0f}"  # noqa: E731
         lines.append(f"| {r['model']} | {r['kv_ratio']} | {r['group_size']} | {r['batch']} | {r['context']} | "
                      f"{r['query_len']} | {r['rank_k']}/{r['rank_v']} | {fmt(r['best_dense_us'])} "
-                     f"({fmt(r['flash_us'])} / {fmt(r['cudnn_us'])}) | {r['dense_floor_us']:.0f} | {palu(r, '')} | "
+                     f"({fmt(r['flash_us'])} / {fmt(r['cudnn_us'])} / {fmt(r.get('flashinfer_us'))}) | "
+                     f"{fmt(r.get('flashinfer_fp8_us'))} | {r['dense_floor_us']:.0f} | {palu(r, '')} | "
                      f"{palu(r, '_fp8')} | {palu(r, '_int4')} |")
     (out_dir / "kernels.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -254,7 +292,8 @@ def write_outputs(rows: list[dict], out_dir: Path) -> None:
     series = [("", "Palu bf16 latents"), ("_fp8", "fp8 latents"), ("_int4", "int4 latents")]
     series = [(suffix, label) for suffix, label in series if any(f"palu{suffix}_us" in r for r in rows)]
     width = 0.8 / (len(series) + 1)
-    ax.bar([i - 0.4 + width / 2 for i in x], [r["best_dense_us"] or 0 for r in rows], width, label="best dense SDPA")
+    ax.bar([i - 0.4 + width / 2 for i in x], [r["best_dense_us"] or 0 for r in rows], width,
+           label="best dense bf16 (flash / cuDNN / FlashInfer)")
     for offset, (suffix, label) in enumerate(series, start=1):
         ax.bar([i - 0.4 + width * (offset + 0.5) for i in x], [r.get(f"palu{suffix}_us", 0) for r in rows], width,
                label=label)

@@ -143,11 +143,10 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     Batches with a prompt chunk go through the prefill path (:func:`prefill_latent_attention`): when the first
     ``num_decodes`` requests have at most one new token each (vLLM's reordered batches; ``num_decode_tokens`` in
     all, default one each), those take the fused kernel and the rest the prefill path; without it every request
-    takes the prefill path. ``latent_dtype`` "fp8" / "int4": the
-    cache holds quantized pages (:mod:`vllm_palu.attention.latent_quant`). ``tuning`` (benchmarks,
-    scripts/kernel_variants.py): block_n, num_warps, num_stages, programs_per_sm, split_ranks, key_dtype,
-    acc_dtype, convert_table, decode_kernel, prefill ("workspace" or "fused") and the prefill_* keys of
-    :func:`prefill_latent_attention`; defaults are the measured best."""
+    takes the prefill path. ``latent_dtype`` "fp8" / "int4": the cache holds quantized pages
+    (:mod:`vllm_palu.attention.latent_quant`). ``tuning`` (benchmarks, scripts/kernel_variants.py): block_n, num_warps, num_stages, programs_per_sm, split_ranks, key_dtype,
+    acc_dtype, convert_table, decode_kernel, min_rows (decode query tile rows), prefill ("workspace" or "fused")
+    and the prefill_* keys of :func:`prefill_latent_attention`; defaults are the measured best."""
     num_tokens, num_heads, _ = query.shape
     rank_k = k_up.shape[-1]
     row = kv_cache.shape[-1]
@@ -191,8 +190,9 @@ def _fused_attention(query, kv_cache, k_up, k_bias, cos_sin_cache, is_neox_style
     heads_per_kv = num_heads // kv_heads
     decode = max_query_len == 1
     # Defaults measured on the H200 with scripts/kernel_variants.py (docs/KERNEL_NOTES.md).
-    tuning = {"num_warps": 2 if decode else 4, "num_stages": 3, **tuning}
-    block_n = tuning.pop("block_n", 64 if query.device.type == "cuda" else 32)
+    wide = latent_dtype == "int4" and decode  # int4 tiles: 128 tokens, 4 warps (532 vs 561 µs)
+    tuning = {"num_warps": 4 if wide or not decode else 2, "num_stages": 3, **tuning}
+    block_n = tuning.pop("block_n", (128 if wide else 64) if query.device.type == "cuda" else 32)
     programs_per_sm = tuning.pop("programs_per_sm", 8)
     ranks = _rank_tiles(rank_k, out.shape[-1], latent_dtype, tuning.pop("split_ranks", True))
     decode = tuning.pop("decode_kernel", decode) and decode
@@ -201,8 +201,10 @@ def _fused_attention(query, kv_cache, k_up, k_bias, cos_sin_cache, is_neox_style
     acc_dtype = tuning.pop("acc_dtype", torch.float32 if key_dtype == torch.bfloat16 else key_dtype)
     if tuning.pop("convert_table", True):
         cos_sin_cache = rotary_table(cos_sin_cache, key_dtype)
-    # Decode: the query tile is one token's heads of a KV head; prefill: 64+ rows of several tokens.
-    block_m = _pow2(heads_per_kv) if decode else max(64, _pow2(heads_per_kv))
+    # Decode: the query tile is one token's heads of a KV head; fused prefill: 64+ rows of several tokens.
+    # Decode rows: the KV head's query heads, padded to 4 rather than 16 (Triton pads tiny dots itself; the
+    # softmax and the accumulators shrink: 476 -> 421 µs).
+    block_m = _pow2(heads_per_kv, tuning.pop("min_rows", 4)) if decode else max(64, _pow2(heads_per_kv))
     block_q = max(1, block_m // heads_per_kv)
     # Prefill tiles find their request in cu_qblocks (query-tile starts); decode programs are requests and skip it.
     cu_qblocks = query_start_loc if decode else _query_tiles(query_start_loc, block_q)
