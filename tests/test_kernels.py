@@ -226,6 +226,18 @@ def test_quantized_latents_with_splits(mode):
 
 
 @pytest.mark.parametrize("mode", ["fp8", "int4"])
+@pytest.mark.parametrize("shape", [SMALL[1], SMALL[3]])  # decode kernel, prefill path
+def test_quantized_latents_with_key_bias(shape, mode):
+    """Qwen2-style key bias with quantized latents, in the decode kernel and the prefill path."""
+    quantized, dequantized = quantized_case(shape, mode, DTYPES[0])
+    bias = torch.randn(quantized["k_up"].shape[0] * quantized["k_up"].shape[1], device=DEVICE) * 0.1
+    quantized["k_bias"], dequantized["k_bias"] = bias.to(DTYPES[0]), bias
+    expected = reference.paged_latent_attention(**dequantized, is_neox_style=True)
+    out = ops.paged_latent_attention(**quantized, is_neox_style=True, latent_dtype=mode)
+    assert float((out.float() - expected).norm() / expected.norm()) < TOLERANCE[DTYPES[0]]
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int4"])
 def test_write_latents_quantizes_rows(mode):
     generator = torch.Generator().manual_seed(1)
     k_latent = torch.randn(4, 2, 16, generator=generator).to(DEVICE)
