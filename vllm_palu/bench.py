@@ -289,14 +289,13 @@ def write_outputs(rows: list[dict], out_dir: Path) -> None:
     labels = [f"{r['model']} r{r['kv_ratio']} gs{r['group_size']}\nb{r['batch']} {r['context'] // 1024}K"
               + (f" q{r['query_len']}" if r["query_len"] > 1 else "") for r in rows]
     x = range(len(rows))
-    series = [("", "Palu bf16 latents"), ("_fp8", "fp8 latents"), ("_int4", "int4 latents")]
-    series = [(suffix, label) for suffix, label in series if any(f"palu{suffix}_us" in r for r in rows)]
-    width = 0.8 / (len(series) + 1)
-    ax.bar([i - 0.4 + width / 2 for i in x], [r["best_dense_us"] or 0 for r in rows], width,
-           label="best dense bf16 (flash / cuDNN / FlashInfer)")
-    for offset, (suffix, label) in enumerate(series, start=1):
-        ax.bar([i - 0.4 + width * (offset + 0.5) for i in x], [r.get(f"palu{suffix}_us", 0) for r in rows], width,
-               label=label)
+    series = [("best_dense_us", "best dense bf16 (flash / cuDNN / FlashInfer)"),
+              ("flashinfer_fp8_us", "dense fp8 KV (FlashInfer)"), ("palu_us", "Palu bf16 latents"),
+              ("palu_fp8_us", "Palu fp8 latents"), ("palu_int4_us", "Palu int4 latents")]
+    series = [(key, label) for key, label in series if any(r.get(key) for r in rows)]
+    width = 0.8 / len(series)
+    for offset, (key, label) in enumerate(series):
+        ax.bar([i - 0.4 + width * (offset + 0.5) for i in x], [r.get(key) or 0 for r in rows], width, label=label)
     ax.scatter(list(x), [r["palu_floor_us"] for r in rows], color="k", marker="_", s=200, label="Palu floor (bf16)")
     ax.set_yscale("log")
     ax.set_xticks(list(x), labels, fontsize=6, rotation=90)
