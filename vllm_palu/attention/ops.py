@@ -135,18 +135,18 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
                            scale: float, *, max_query_len: int | None = None, max_seq_len: int | None = None,
                            num_decodes: int = 0, num_decode_tokens: int | None = None,
-                           num_splits: int | None = None,
-                           out: torch.Tensor | None = None, tuning: dict | None = None,
-                           latent_dtype: str = "auto") -> torch.Tensor:
+                           num_splits: int | None = None, out: torch.Tensor | None = None,
+                           tuning: dict | None = None, latent_dtype: str = "auto") -> torch.Tensor:
     """Triton version of :func:`vllm_palu.attention.reference.paged_latent_attention`; output in query dtype.
 
     Batches with a prompt chunk go through the prefill path (:func:`prefill_latent_attention`): when the first
     ``num_decodes`` requests have at most one new token each (vLLM's reordered batches; ``num_decode_tokens`` in
     all, default one each), those take the fused kernel and the rest the prefill path; without it every request
     takes the prefill path. ``latent_dtype`` "fp8" / "int4": the cache holds quantized pages
-    (:mod:`vllm_palu.attention.latent_quant`). ``tuning`` (benchmarks, scripts/kernel_variants.py): block_n, num_warps, num_stages, programs_per_sm, split_ranks, key_dtype,
-    acc_dtype, convert_table, decode_kernel, min_rows (decode query tile rows), prefill ("workspace" or "fused")
-    and the prefill_* keys of :func:`prefill_latent_attention`; defaults are the measured best."""
+    (:mod:`vllm_palu.attention.latent_quant`). ``tuning`` (benchmarks, scripts/kernel_variants.py): block_n,
+    num_warps, num_stages, programs_per_sm, split_ranks, key_dtype, acc_dtype, convert_table, decode_kernel,
+    min_rows (decode query tile rows), prefill ("workspace" or "fused") and the prefill_* keys of
+    :func:`prefill_latent_attention`; defaults are the measured best."""
     num_tokens, num_heads, _ = query.shape
     rank_k = k_up.shape[-1]
     row = kv_cache.shape[-1]
