@@ -67,3 +67,50 @@ def test_whitening_factor_fallback_on_indefinite_matrix():
     factor = whitening_factor(gram)
     assert torch.isfinite(factor).all()
     assert torch.allclose(factor @ factor.T, gram.clamp_min(0), atol=1e-5)
+
+
+def output_gram(seed: int) -> torch.Tensor:
+    """A PSD output weight per group, far from the identity (a few output directions matter much more)."""
+    generator = torch.Generator().manual_seed(seed)
+    a = torch.randn(GROUPS, WIDTH, WIDTH, generator=generator, dtype=torch.float64)
+    a = a * torch.logspace(0, 1, WIDTH, dtype=torch.float64)[:, None]
+    return a @ a.transpose(1, 2)
+
+
+def test_full_rank_is_exact_with_an_output_gram(method):
+    weight, gram = problem(5)
+    factors = method.factorize(weight, method.prepare(gram), WIDTH, output_gram(5))
+    assert torch.allclose(factors.up @ factors.down, weight, atol=1e-8)
+
+
+def test_output_weighting_lowers_the_weighted_error():
+    """Optimal for ||M^1/2 (W - UD) X^T||: below the whitened SVD on that error, above it on the unweighted one."""
+    weight, gram = problem(6)
+    m = output_gram(6)
+    weighted, whitened = DECOMPOSITIONS["output_weighted_svd"](), WhitenedSVD()
+
+    def weighted_error(factors):
+        residual = weight - factors.up @ factors.down
+        return float(torch.einsum("gpo,goi,ij,gpj->", m, residual, gram, residual))
+
+    for rank in (4, 8):
+        ours = weighted.factorize(weight, weighted.prepare(gram), rank, m)
+        base = whitened.factorize(weight, whitened.prepare(gram), rank)
+        assert weighted_error(ours) < weighted_error(base)
+        assert relative_error(weight, ours, gram) > relative_error(weight, base, gram)
+
+
+def test_output_grams_of_an_attention_layer(tiny_llama):
+    """Key weights: diagonal, equal within each rotate-half pair; value weights: sum of the o_proj blocks."""
+    from vllm_palu.offline.checkpoint import load_dense_model
+    from vllm_palu.offline.decompositions.output_gram import output_grams
+
+    attention = load_dense_model(tiny_llama).model.layers[0].self_attn
+    x = torch.randn(50, attention.q_proj.in_features, dtype=torch.float64)
+    grams = output_grams(attention, x.T @ x, num_groups=2)
+    assert grams["k"].shape == grams["v"].shape == (2, 32, 32)
+    key = grams["k"][0]
+    assert torch.equal(key, torch.diag(key.diagonal())) and torch.allclose(key.diagonal()[:16], key.diagonal()[16:])
+    w_o = attention.o_proj.weight.detach().double()
+    blocks = [w_o[:, j * 32:(j + 1) * 32] for j in (0, 1)]  # query heads 0 and 1 read KV head 0
+    assert torch.allclose(grams["v"][0], sum(b.T @ b for b in blocks))
