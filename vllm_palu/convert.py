@@ -32,9 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "(greedy on Fisher-weighted SVD error); fisher/flrc add a layer-by-layer Fisher pass "
                              "and ignore --k-fraction. Uniform is the default because it measured best on SmolLM2 "
                              "(docs/RESULTS.md, section 4)")
-    parser.add_argument("--decomposition", default="whitened_svd", help="whitened_svd (default), svd, or "
-                        "output_weighted_svd (whitened SVD weighting each output direction by what it costs after "
-                        "attention: query energy per RoPE pair for K, o_proj for V)")
+    parser.add_argument("--decomposition", default="whitened_svd", help="whitened_svd (default) or svd")
     parser.add_argument("--latent-rotation", default="none",
                         help="orthogonal rotation folded into each group's latent space, for quantized latents: "
                              f"{', '.join(LATENT_ROTATIONS)}. none (default); hadamard: Walsh-Hadamard, ranks 2^k*m use "

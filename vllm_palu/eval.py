@@ -52,7 +52,6 @@ def build_parser() -> argparse.ArgumentParser:
                           help="comma list of latent quantizations for the Palu points: none (default), fp8, int4 "
                                "(as the paged cache stores them; bytes count the scales)")
     frontier.add_argument("--group-size", default="all")
-    frontier.add_argument("--decomposition", default="whitened_svd", help="decomposition of every Palu point")
     frontier.add_argument("--seq-len", type=int, default=1024)
     frontier.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens of the text")
     frontier.add_argument("--calib-samples", type=int, default=32)
@@ -75,8 +74,7 @@ def run_frontier(args: argparse.Namespace) -> str:
     options = FrontierOptions(
         model=args.model, data=args.data, output=args.output, cache_dir=args.cache_dir or args.output,
         calib=args.calib, allocations=names(args.rank_alloc), kv_ratios=ratios, kv_quants=names(args.kv_quant),
-        latent_quants=names(args.latent_quant), group_size=args.group_size,
-        decomposition=args.decomposition, seq_len=args.seq_len,
+        latent_quants=names(args.latent_quant), group_size=args.group_size, seq_len=args.seq_len,
         max_tokens=args.max_tokens, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         seed=args.seed, device=args.device, plot=args.plot)
     rows = sweep(options)

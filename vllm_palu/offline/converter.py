@@ -18,7 +18,6 @@ from vllm_palu.offline.allocation.base import total_budget
 from vllm_palu.offline.checkpoint import (atomic_directory, base_architecture, check_output_path,
                                           copy_auxiliary_files, load_dense_model, read_config)
 from vllm_palu.offline.decompositions import DECOMPOSITIONS, Factorization, relative_error
-from vllm_palu.offline.decompositions.output_gram import output_grams
 from vllm_palu.offline.lowrank import LowRankProjection
 from vllm_palu.offline.rotation import rotate_factors
 from vllm_palu.offline.smollm2 import resolve_model
@@ -154,11 +153,10 @@ def decompose_model(model: nn.Module, windows: torch.Tensor, k_ranks: list[int],
     batches = calibration.first_layer_inputs(model, windows, options.batch_size, device)
     for index, layer, gram in calibration.iterate_layers(model, batches, device):
         prepared = method.prepare(gram)
-        outputs = output_grams(layer.self_attn, gram, layout.num_groups) if method.uses_output_gram else {}
         for kind, rank in (("k", k_ranks[index]), ("v", v_ranks[index])):
             dense: nn.Linear = getattr(layer.self_attn, f"{kind}_proj")
             weight = dense.weight.detach().double().view(layout.num_groups, layout.group_width, -1)
-            factors = method.factorize(weight, prepared, rank, outputs.get(kind))
+            factors = method.factorize(weight, prepared, rank)
             if options.latent_rotation != "none":  # exact: the error below is unchanged
                 factors = Factorization(*rotate_factors(factors.down, factors.up, options.latent_rotation))
             errors[kind].append(round(relative_error(weight, factors, gram), 6))

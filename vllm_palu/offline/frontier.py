@@ -70,7 +70,6 @@ class FrontierOptions:
     kv_quants: list[str] = field(default_factory=lambda: list(DEFAULT_KV_QUANTS))
     latent_quants: list[str] = field(default_factory=lambda: ["none"])
     group_size: str = "all"
-    decomposition: str = "whitened_svd"
     seq_len: int = 1024
     max_tokens: int | None = None
     calib_samples: int = 32
@@ -82,11 +81,7 @@ class FrontierOptions:
 
 def validate(options: FrontierOptions) -> None:
     from vllm_palu.offline.allocation import ALLOCATIONS
-    from vllm_palu.offline.decompositions import DECOMPOSITIONS
     from vllm_palu.offline.kv_quant import KV_QUANT_MODES
-
-    if options.decomposition not in DECOMPOSITIONS:
-        raise PaluError(f"unknown decomposition {options.decomposition!r}; choose from {', '.join(DECOMPOSITIONS)}")
 
     for name in options.allocations:
         if name not in ALLOCATIONS:
@@ -175,8 +170,7 @@ def _dense_point(source: Path, mode: str, head_dim: int, ids: torch.Tensor, opti
 
 
 def _checkpoint_name(allocation: str, ratio: float, options: FrontierOptions) -> str:
-    suffix = "" if options.decomposition == "whitened_svd" else f"-{options.decomposition}"  # default: old names
-    return f"palu-{allocation}-r{ratio:g}-g{options.group_size}{suffix}"
+    return f"palu-{allocation}-r{ratio:g}-g{options.group_size}"
 
 
 def _checkpoint(source: Path, allocation: str, ratio: float, options: FrontierOptions) -> tuple[Path, float | None]:
@@ -191,14 +185,13 @@ def _checkpoint(source: Path, allocation: str, ratio: float, options: FrontierOp
         palu = json.loads(config_file.read_text()).get("palu", {})
         method, calib = palu.get("method", {}), palu.get("calibration", {})
         if (method.get("rank_alloc") == allocation and method.get("kv_ratio") == ratio
-                and method.get("decomposition", "whitened_svd") == options.decomposition
                 and all(calib.get(k) == v for k, v in wanted_calib.items())):
             return path, None
     started = time.monotonic()
     convert(ConvertOptions(model=str(source), output=path, kv_ratio=ratio, group_size=options.group_size,
-                           rank_alloc=allocation, decomposition=options.decomposition, calib=options.calib,
-                           calib_samples=options.calib_samples, calib_seq_len=options.calib_seq_len,
-                           seed=options.seed, device=options.device, force=True))
+                           rank_alloc=allocation, calib=options.calib, calib_samples=options.calib_samples,
+                           calib_seq_len=options.calib_seq_len, seed=options.seed, device=options.device,
+                           force=True))
     return path, round(time.monotonic() - started, 1)
 
 
@@ -221,8 +214,7 @@ def _palu_point(checkpoint: Path, allocation: str, ratio: float, mode: str, conv
         kv_bytes = palu.latent_bytes_per_token(latent_quant=quant.cache_format) / palu.dense_kv_bytes_per_token(2)
     else:
         kv_bytes = palu.kv_ratio * DTYPE_BYTES[palu.latent_dtype] / 2 * quant.bytes_factor
-    label = f"Palu {allocation}" + ("" if options.decomposition == "whitened_svd" else f" ({options.decomposition})")
-    label += "" if mode == "none" else f" + {mode} latents"
+    label = f"Palu {allocation}" + ("" if mode == "none" else f" + {mode} latents")
     return {"kind": "palu", "label": label, "allocation": allocation, "kv_ratio": ratio, "latent_quant": mode,
             "kv_quant": None, "kv_bytes_vs_bf16": round(kv_bytes, 4), "ppl": row["ppl"],
             "scored_tokens": row["scored_tokens"], "checkpoint": str(checkpoint), "k_ranks": palu.k_ranks,

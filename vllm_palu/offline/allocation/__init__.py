@@ -9,5 +9,5 @@ from vllm_palu.offline.allocation.uniform import UniformAllocation
 ALLOCATIONS: dict[str, type[RankAllocation]] = {
     cls.name: cls for cls in (UniformAllocation, FisherAllocation, FLRCAllocation, MeasuredAllocation)}
 
-__all__ = ["ALLOCATIONS", "FLRCAllocation", "FisherAllocation", "LayerLayout", "MeasuredAllocation", "RankAllocation",
-           "RankBudget", "Sensitivity", "UniformAllocation"]
+__all__ = ["ALLOCATIONS", "FLRCAllocation", "FisherAllocation", "LayerLayout", "MeasuredAllocation", "RankAllocation", "RankBudget",
+           "Sensitivity", "UniformAllocation"]

@@ -33,7 +33,6 @@ from tqdm.auto import tqdm
 from vllm_palu.offline import calibration
 from vllm_palu.offline.allocation.base import LayerLayout, Sensitivity
 from vllm_palu.offline.decompositions import DECOMPOSITIONS, relative_error
-from vllm_palu.offline.decompositions.output_gram import output_grams
 
 KINDS = ("k", "v")
 PROBE_SAMPLES = 4  # calibration windows scored by every probe (the first ones of the calibration set)
@@ -121,15 +120,13 @@ def probe(model: nn.Module, windows: torch.Tensor, layout: LayerLayout, device: 
     progress = tqdm(total=len(layers) * len(KINDS) * len(ranks), desc="measured: probes", unit="probe")
     for index, layer, gram in calibration.iterate_layers(model, calib_batches, device, desc="measured: layers"):
         prepared = method.prepare(gram)
-        outputs = output_grams(layer.self_attn, gram, layout.num_groups) if method.uses_output_gram else {}
         for kind in KINDS:
             proj: nn.Linear = getattr(layer.self_attn, f"{kind}_proj")
             dense = proj.weight.data
             weight = dense.double().view(layout.num_groups, layout.group_width, -1)
-            record = ProbeRecord(kl={}, ce={}, error=_error_grid(method, weight, prepared, gram, layout.group_width,
-                                                                 outputs.get(kind)))
+            record = ProbeRecord(kl={}, ce={}, error=_error_grid(method, weight, prepared, gram, layout.group_width))
             for rank in ranks:
-                factors = method.factorize(weight, prepared, rank, outputs.get(kind))
+                factors = method.factorize(weight, prepared, rank)
                 proj.weight.data = (factors.up @ factors.down).reshape(dense.shape).to(dense.dtype)
                 try:
                     log_probs = _log_probs(model, _rest(model, index, batch), device)
@@ -146,12 +143,11 @@ def probe(model: nn.Module, windows: torch.Tensor, layout: LayerLayout, device: 
     return records
 
 
-def _error_grid(method, weight: torch.Tensor, prepared, gram: torch.Tensor, width: int,
-                output_gram: torch.Tensor | None) -> list[float]:
+def _error_grid(method, weight: torch.Tensor, prepared, gram: torch.Tensor, width: int) -> list[float]:
     """Squared relative truncation error at every rank, factorized on a PROBE_STEP grid and linear in between."""
     grid = sorted(set(range(0, width, PROBE_STEP)) | {width})
-    values = [1.0 if r == 0 else
-              relative_error(weight, method.factorize(weight, prepared, r, output_gram), gram) ** 2 for r in grid]
+    values = [1.0 if r == 0 else relative_error(weight, method.factorize(weight, prepared, r), gram) ** 2
+              for r in grid]
     errors = []
     for r in range(width + 1):
         upper = next(i for i, p in enumerate(grid) if p >= r)

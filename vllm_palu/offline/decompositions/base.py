@@ -25,17 +25,13 @@ class Decomposition(ABC):
     """
 
     name: ClassVar[str]
-    # Whether factorize() uses the output Gram (``output_gram.py``: what an error in each output direction costs).
-    uses_output_gram: ClassVar[bool] = False
 
     def prepare(self, gram: torch.Tensor) -> Any:
         return None
 
     @abstractmethod
-    def factorize(self, weight: torch.Tensor, prepared: Any, rank: int,
-                  output_gram: torch.Tensor | None = None) -> Factorization:
-        """``weight``: ``[num_groups, group_width, in_features]`` float64; returns float64 factors.
-        ``output_gram`` (``[num_groups, group_width, group_width]``, only given when ``uses_output_gram``)."""
+    def factorize(self, weight: torch.Tensor, prepared: Any, rank: int) -> Factorization:
+        """``weight``: ``[num_groups, group_width, in_features]`` float64; returns float64 factors."""
 
 
 def relative_error(weight: torch.Tensor, factors: Factorization, gram: torch.Tensor) -> float:

@@ -10,8 +10,7 @@ from vllm_palu.offline.decompositions.base import Decomposition, Factorization
 class PlainSVD(Decomposition):
     name = "svd"
 
-    def factorize(self, weight: torch.Tensor, prepared: None, rank: int,
-                  output_gram: torch.Tensor | None = None) -> Factorization:
+    def factorize(self, weight: torch.Tensor, prepared: None, rank: int) -> Factorization:
         u, sigma, vh = torch.linalg.svd(weight, full_matrices=False)
         root = sigma[:, :rank].sqrt()
         return Factorization(down=root[:, :, None] * vh[:, :rank, :], up=u[:, :, :rank] * root[:, None, :])

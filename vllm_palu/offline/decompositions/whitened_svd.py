@@ -37,8 +37,7 @@ class WhitenedSVD(Decomposition):
     def prepare(self, gram: torch.Tensor) -> torch.Tensor:
         return whitening_factor(gram)
 
-    def factorize(self, weight: torch.Tensor, prepared: torch.Tensor, rank: int,
-                  output_gram: torch.Tensor | None = None) -> Factorization:
+    def factorize(self, weight: torch.Tensor, prepared: torch.Tensor, rank: int) -> Factorization:
         factor = prepared
         u, sigma, vh = torch.linalg.svd(weight @ factor, full_matrices=False)  # batched over groups
         root = sigma[:, :rank].sqrt()
