@@ -97,7 +97,7 @@ def test_budget_below_the_smallest_ranks_is_refused(strategy):
         allocate(strategy, layout, RankBudget(0.05, 0.5, multiple=16))
 
 
-@pytest.mark.parametrize("name", ["fisher", "flrc"])
+@pytest.mark.parametrize("name", ["fisher", "flrc", "measured"])
 def test_missing_or_mismatched_statistics_are_refused(name):
     strategy = ALLOCATIONS[name]()
     with pytest.raises(PaluError, match="needs calibration statistics"):
@@ -127,7 +127,7 @@ def test_measured_statistics(tiny_llama, calib_file):
     assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["fisher", "flrc"])
+@pytest.mark.parametrize("name", ["fisher", "flrc", "measured"])
 def test_converter_records_the_allocation(tiny_checkpoints, calib_file, tmp_path, name):
     output = convert_tiny(tiny_checkpoints["llama"], tmp_path / name, calib_file, kv_ratio=0.5, rank_alloc=name)
     palu = json.loads((output / "config.json").read_text())["palu"]
