@@ -2,7 +2,8 @@
 
 A strategy turns one global latent budget into per-layer K and V ranks (every group of a layer shares its ranks,
 which is what the paged kernels need). Strategies that look at the model (``needs_sensitivity``) get a
-:class:`Sensitivity` measured once on the calibration windows (``sensitivity.measure``); the others ignore it.
+:class:`Sensitivity` measured once on the calibration windows (``RankAllocation.measure``: the Fisher pass of
+``sensitivity.py``, or the probes of ``probes.py`` for ``measured``); the others ignore it.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ class Sensitivity:
 
     ``fisher[kind][layer]``: Palu's module score, the mean over the weights of ``sqrt(mean over windows of
     grad^2)`` of the LM loss. ``loss_curves[kind][layer][r]`` (r = 0..group_width): estimated loss increase when
-    every group of that projection keeps rank r: the whitened-SVD tail weighted by the diagonal Fisher of the
-    projection's outputs (non-increasing, 0 at full rank).
+    every group of that projection keeps rank r (non-increasing, 0 at full rank): for the Fisher pass the
+    whitened-SVD tail weighted by the diagonal Fisher of the projection's outputs; for the probes the measured KL
+    divergence, interpolated (then ``fisher`` is empty).
     """
 
     fisher: dict[str, list[float]]

@@ -39,6 +39,7 @@ PROBE_SAMPLES = 4  # calibration windows scored by every probe (the first ones o
 # Probe ranks as fractions of the group width (SmolLM2 joint, width 192: 16, 32, 64, 128), rounded to PROBE_STEP.
 PROBE_FRACTIONS = (1 / 12, 1 / 6, 1 / 3, 2 / 3)
 PROBE_STEP = 8  # the truncation error is evaluated on this rank grid, linear in between
+GRAM_BATCH = 8  # calibration windows per forward in the Gram pass (the converter's default --batch-size)
 _MEMO: dict[tuple, tuple[Sensitivity, float]] = {}
 
 
@@ -107,6 +108,7 @@ def curve_from_probes(record: ProbeRecord, width: int) -> list[float]:
 @torch.no_grad()
 def probe(model: nn.Module, windows: torch.Tensor, layout: LayerLayout, device: torch.device,
           decomposition: str) -> dict[str, list[ProbeRecord]]:
+    """Walk the layers with the converter's Gram pass; at each, probe k_proj and v_proj at every probe rank."""
     method = DECOMPOSITIONS[decomposition]()
     samples = windows[:PROBE_SAMPLES]
     (batch,) = calibration.first_layer_inputs(model, samples, samples.shape[0], device)
@@ -115,7 +117,7 @@ def probe(model: nn.Module, windows: torch.Tensor, layout: LayerLayout, device: 
     reference_ce = float(F.nll_loss(reference, targets))
     ranks = probe_ranks(layout.group_width)
     records: dict[str, list[ProbeRecord]] = {kind: [] for kind in KINDS}
-    calib_batches = calibration.first_layer_inputs(model, windows, 8, device)
+    calib_batches = calibration.first_layer_inputs(model, windows, GRAM_BATCH, device)
     layers = model.model.layers
     progress = tqdm(total=len(layers) * len(KINDS) * len(ranks), desc="measured: probes", unit="probe")
     for index, layer, gram in calibration.iterate_layers(model, calib_batches, device, desc="measured: layers"):
