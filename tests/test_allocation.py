@@ -97,7 +97,7 @@ def test_budget_below_the_smallest_ranks_is_refused(strategy):
         allocate(strategy, layout, RankBudget(0.05, 0.5, multiple=16))
 
 
-@pytest.mark.parametrize("name", ["fisher", "flrc"])
+@pytest.mark.parametrize("name", ["fisher", "flrc", "measured"])
 def test_missing_or_mismatched_statistics_are_refused(name):
     strategy = ALLOCATIONS[name]()
     with pytest.raises(PaluError, match="needs calibration statistics"):
@@ -127,10 +127,47 @@ def test_measured_statistics(tiny_llama, calib_file):
     assert all(p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["fisher", "flrc"])
+@pytest.mark.parametrize("name", ["fisher", "flrc", "measured"])
 def test_converter_records_the_allocation(tiny_checkpoints, calib_file, tmp_path, name):
     output = convert_tiny(tiny_checkpoints["llama"], tmp_path / name, calib_file, kv_ratio=0.5, rank_alloc=name)
     palu = json.loads((output / "config.json").read_text())["palu"]
     assert palu["method"]["rank_alloc"] == name and palu["method"]["k_fraction"] is None
     assert palu["method"]["allocation_seconds"] >= 0
     assert abs(sum(palu["k_ranks"]) + sum(palu["v_ranks"]) - 0.5 * 2 * 64 * 2) <= 4
+
+
+def test_probed_curves(tiny_llama, calib_file):
+    """The measured strategy's probes on a real (tiny) model: non-negative non-increasing curves that reach 0 at
+    full rank, probes at the documented ranks, the same numbers twice, weights left as they were."""
+    from transformers import AutoTokenizer
+
+    from vllm_palu.offline.allocation import probes
+    from vllm_palu.offline.calibration import windows_from_text
+
+    model = load_dense_model(tiny_llama)
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    windows = windows_from_text(AutoTokenizer.from_pretrained(tiny_llama), calib_file, 4, 32, seed=0).windows
+    layout = LayerLayout(num_layers=2, num_groups=2, group_width=32)
+    strategy = ALLOCATIONS["measured"]()
+    first, seconds = strategy.measure(model, windows, layout, torch.device("cpu"), "whitened_svd")
+    second, _ = strategy.measure(model, windows, layout, torch.device("cpu"), "whitened_svd")
+    assert first.loss_curves == second.loss_curves and seconds >= 0
+    assert probes.probe_ranks(32) == [8, 24] and probes.probe_ranks(192) == [16, 32, 64, 128]
+    for kind in ("k", "v"):
+        for curve, record in zip(first.loss_curves[kind], first.probes[kind]):
+            assert len(curve) == 33 and curve[-1] == 0.0 and curve[8] > 0
+            assert all(a >= b for a, b in zip(curve, curve[1:]))
+            assert set(record.kl) == {8, 24} and record.error[0] == 1.0 and record.error[-1] < 1e-9
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
+    k_ranks, v_ranks = strategy.allocate(layout, RankBudget(0.5, 0.3), first)
+    assert sum(k_ranks) + sum(v_ranks) == 64
+
+
+def test_measured_allocation_is_the_optimum_of_the_curves():
+    """Dynamic programming finds the cheapest ranks even on non-convex curves where greedy stops short."""
+    from vllm_palu.offline.allocation.measured import cheapest_ranks
+
+    step = [10.0] * 8 + [0.0] * 9  # nothing gained until rank 8 is reached in full
+    smooth = [float(16 - r) for r in range(17)]
+    assert cheapest_ranks([step, smooth], [4, 8, 12, 16], 16) == [8, 8]
+    assert sum(cheapest_ranks([smooth, smooth], [4, 8, 12, 16], 18)) == 16  # tie 16 vs 20: the lower sum

@@ -28,10 +28,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "the KV heads")
     parser.add_argument("--rank-multiple", type=int, default=8, help="round ranks to this multiple (default 8)")
     parser.add_argument("--rank-alloc", default="uniform",
-                        help="uniform (default), fisher (Palu: ranks proportional to the k/v Fisher scores) or flrc "
-                             "(greedy on Fisher-weighted SVD error); fisher/flrc add a layer-by-layer Fisher pass "
-                             "and ignore --k-fraction. Uniform is the default because it measured best on SmolLM2 "
-                             "(docs/RESULTS.md, section 4)")
+                        help="uniform (default), measured (optimal ranks for the loss increase measured by "
+                             "truncating each k/v projection alone: 8 partial forwards per layer), fisher (Palu: "
+                             "ranks proportional to the k/v Fisher scores) or flrc (greedy on Fisher-weighted SVD "
+                             "error; fisher/flrc add a layer-by-layer Fisher pass). All but uniform ignore "
+                             "--k-fraction. measured was best on SmolLM2 but its probe pass is slow on CPU, so "
+                             "uniform stays the default (docs/RESULTS.md, section 4)")
     parser.add_argument("--decomposition", default="whitened_svd", help="whitened_svd (default) or svd")
     parser.add_argument("--latent-rotation", default="none",
                         help="orthogonal rotation folded into each group's latent space, for quantized latents: "

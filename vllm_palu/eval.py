@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     frontier.add_argument("--cache-dir", type=Path,
                           help="converted checkpoints and perplexities, reused across runs (default: --output)")
     frontier.add_argument("--plot", type=Path, help="PNG path (default OUTPUT/frontier.png)")
-    frontier.add_argument("--rank-alloc", default="uniform,fisher,flrc", help="comma list of allocations")
+    frontier.add_argument("--rank-alloc", default="uniform,measured,fisher,flrc", help="comma list of allocations")
     frontier.add_argument("--kv-ratio", default="0.75,0.5,0.375,0.25", help="comma list of kv-ratios")
     frontier.add_argument("--kv-quant", default="none,int8,fp8,int4,int3,int2",
                           help="comma list of dense KV quantization baselines ('none' = the original model)")

@@ -15,7 +15,6 @@ from vllm_palu.errors import PaluError
 from vllm_palu.offline import calibration
 from vllm_palu.offline.allocation import ALLOCATIONS, LayerLayout, RankBudget
 from vllm_palu.offline.allocation.base import total_budget
-from vllm_palu.offline.allocation.sensitivity import measure as measure_sensitivity
 from vllm_palu.offline.checkpoint import (atomic_directory, base_architecture, check_output_path,
                                           copy_auxiliary_files, load_dense_model, read_config)
 from vllm_palu.offline.decompositions import DECOMPOSITIONS, Factorization, relative_error
@@ -118,7 +117,8 @@ def convert(options: ConvertOptions) -> Path:
 
     allocation_seconds = 0.0
     if strategy.needs_sensitivity:
-        sensitivity, allocation_seconds = measure_sensitivity(model, calib.windows, layout, device, key=str(source))
+        sensitivity, allocation_seconds = strategy.measure(model, calib.windows, layout, device,
+                                                           options.decomposition, key=str(source))
         k_ranks, v_ranks = strategy.allocate(layout, budget, sensitivity)
 
     with atomic_directory(output, options.force) as staging:

@@ -21,7 +21,7 @@ from torch import nn
 
 from vllm_palu.errors import PaluError
 
-DEFAULT_ALLOCATIONS = ("uniform", "fisher", "flrc")
+DEFAULT_ALLOCATIONS = ("uniform", "measured", "fisher", "flrc")
 DEFAULT_KV_RATIOS = (0.75, 0.5, 0.375, 0.25)
 DEFAULT_KV_QUANTS = ("none", "int8", "fp8", "int4", "int3", "int2")
 

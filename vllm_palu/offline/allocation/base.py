@@ -2,7 +2,8 @@
 
 A strategy turns one global latent budget into per-layer K and V ranks (every group of a layer shares its ranks,
 which is what the paged kernels need). Strategies that look at the model (``needs_sensitivity``) get a
-:class:`Sensitivity` measured once on the calibration windows (``sensitivity.measure``); the others ignore it.
+:class:`Sensitivity` measured once on the calibration windows (``RankAllocation.measure``: the Fisher pass of
+``sensitivity.py``, or the probes of ``probes.py`` for ``measured``); the others ignore it.
 """
 
 from __future__ import annotations
@@ -48,17 +49,19 @@ class Sensitivity:
 
     ``fisher[kind][layer]``: Palu's module score, the mean over the weights of ``sqrt(mean over windows of
     grad^2)`` of the LM loss. ``loss_curves[kind][layer][r]`` (r = 0..group_width): estimated loss increase when
-    every group of that projection keeps rank r: the whitened-SVD tail weighted by the diagonal Fisher of the
-    projection's outputs (non-increasing, 0 at full rank).
+    every group of that projection keeps rank r (non-increasing, 0 at full rank): for the Fisher pass the
+    whitened-SVD tail weighted by the diagonal Fisher of the projection's outputs; for the probes the measured KL
+    divergence, interpolated (then ``fisher`` is empty).
     """
 
     fisher: dict[str, list[float]]
     loss_curves: dict[str, list[list[float]]]
+    # What the measured strategy's probes saw (``probes.ProbeRecord`` per kind and layer); None for the others.
+    probes: dict | None = None
 
-    def check(self, layout: LayerLayout) -> None:
+    def check(self, layout: LayerLayout, fields: tuple[str, ...] = ("fisher", "loss_curves")) -> None:
         for kind in ("k", "v"):
-            if len(self.fisher.get(kind, [])) != layout.num_layers or \
-                    len(self.loss_curves.get(kind, [])) != layout.num_layers:
+            if any(len(getattr(self, name).get(kind, [])) != layout.num_layers for name in fields):
                 raise PaluError(f"sensitivity statistics do not match the model: need {layout.num_layers} layers "
                                 f"for {kind}_proj")
             for curve in self.loss_curves[kind]:
@@ -73,6 +76,15 @@ class RankAllocation(ABC):
     needs_sensitivity: ClassVar[bool] = False
     # Whether --k-fraction fixes the K/V split (otherwise the strategy splits K vs V itself).
     uses_k_fraction: ClassVar[bool] = True
+    # Which Sensitivity fields allocate() reads.
+    statistics: ClassVar[tuple[str, ...]] = ("fisher", "loss_curves")
+
+    def measure(self, model, windows, layout: LayerLayout, device, decomposition: str,
+                key: str | None = None) -> tuple[Sensitivity, float]:
+        """(statistics, seconds): the layer-by-layer Fisher pass unless the strategy measures something else."""
+        from vllm_palu.offline.allocation.sensitivity import measure  # it imports this module
+
+        return measure(model, windows, layout, device, key=key)
 
     @abstractmethod
     def allocate(self, layout: LayerLayout, budget: RankBudget,
@@ -81,9 +93,9 @@ class RankAllocation(ABC):
 
     def _sensitivity(self, layout: LayerLayout, sensitivity: Sensitivity | None) -> Sensitivity:
         if sensitivity is None:
-            raise PaluError(f"--rank-alloc {self.name} needs calibration statistics (Fisher information); "
-                            "none were measured")
-        sensitivity.check(layout)
+            raise PaluError(f"--rank-alloc {self.name} needs calibration statistics; none were "
+                            "measured")
+        sensitivity.check(layout, self.statistics)
         return sensitivity
 
 
