@@ -69,6 +69,7 @@ SMALL = [  # seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k
     ([40, 70], [7, 70], 4, 4, 4, 32, 8, 48, 32),              # chunked prefill + full prefill, MHA, joint group
     ([130], [128], 2, 1, 1, 64, 40, 72, 16),                   # long prefill, head_dim 64, ranks not x16
     ([9, 90, 33], [1, 7, 33], 6, 3, 3, 32, 16, 16, 64),        # mixed batch, SmolLM2-like joint group
+    ([33, 70], [1, 1], 4, 4, 1, 32, 16, 24, 16),               # MHA decode: one query row per KV head
 ]
 
 

@@ -204,7 +204,7 @@ def _fused_attention(query, kv_cache, k_up, k_bias, cos_sin_cache, is_neox_style
     # Decode: the query tile is one token's heads of a KV head; fused prefill: 64+ rows of several tokens.
     # Decode rows: the KV head's query heads, padded to 4 rather than 16 (Triton pads tiny dots itself; the
     # softmax and the accumulators shrink: 476 -> 421 µs).
-    block_m = _pow2(heads_per_kv, tuning.pop("min_rows", 4)) if decode else max(64, _pow2(heads_per_kv))
+    block_m = _pow2(heads_per_kv, tuning.pop("min_rows", 1)) if decode else max(64, _pow2(heads_per_kv))
     block_q = max(1, block_m // heads_per_kv)
     # Prefill tiles find their request in cu_qblocks (query-tile starts); decode programs are requests and skip it.
     cu_qblocks = query_start_loc if decode else _query_tiles(query_start_loc, block_q)
