@@ -1,36 +1,26 @@
 """Experiment: Triton's automatic warp specialization (tl.range(..., warp_specialize=True)) on the decode loop.
 
-    python scripts/decode_warp_specialize.py
+    PYTHONPATH=. python scripts/decode_warp_specialize.py
 """
 
 from __future__ import annotations
 
-import importlib.util
-import inspect
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 from triton.testing import do_bench
 
-from vllm_palu.attention import kernels, ops
+from scripts.kernel_anatomy import ablated_kernel
+from vllm_palu.attention import ops
 from vllm_palu.bench import Case, build_inputs, floor_us, refcheck
 
 
 def rewritten_kernel(directory: Path, **range_options):
-    source = inspect.getsource(kernels)
-    old = "for kv_tile in range(first, last):"
-    assert old in source
+    """The decode kernel with its KV loop as ``tl.range(first, last, **range_options)``."""
     options = ", ".join(f"{key}={value}" for key, value in range_options.items())
-    source = source.replace(old, f"for kv_tile in tl.range(first, last, {options}):")
-    path = directory / f"ws_{abs(hash(options))}.py"
-    path.write_text(source)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return module.paged_latent_attention_kernel
+    edit = ("for kv_tile in range(first, last):", f"for kv_tile in tl.range(first, last, {options}):")
+    return ablated_kernel(options, [edit], directory)
 
 
 def main() -> None:
