@@ -40,13 +40,8 @@ def decompose_seq(model, windows, k_ranks, v_ranks, layout, options, device):
             target = (weight @ correction).view(layout.num_groups, layout.group_width, -1)
             factors = method.factorize(target, prepared, rank)
             errors[kind].append(round(relative_error(target, factors, gram_c), 6))
-            proj = LowRankProjection(dense.in_features, layout.num_groups, rank, layout.group_width,
-                                     bias=dense.bias is not None, dtype=dense.weight.dtype, device=device)
-            proj.down.weight.data.copy_(factors.down.reshape(-1, dense.in_features))
-            proj.up.weight.data.copy_(factors.up)
-            if dense.bias is not None:
-                proj.up.bias.data.copy_(dense.bias)
-            setattr(layer.self_attn, f"{kind}_proj", proj)
+            setattr(layer.self_attn, f"{kind}_proj",
+                    LowRankProjection.from_factors(dense, factors.down, factors.up, device))
         for c in comp:  # compressed stream through the compressed layer
             out = layer(c.hidden, **c.kwargs); c.hidden = out[0] if isinstance(out, tuple) else out
         layers[index] = layer.to("cpu")

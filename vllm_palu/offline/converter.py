@@ -160,13 +160,8 @@ def decompose_model(model: nn.Module, windows: torch.Tensor, k_ranks: list[int],
             if options.latent_rotation != "none":  # exact: the error below is unchanged
                 factors = Factorization(*rotate_factors(factors.down, factors.up, options.latent_rotation))
             errors[kind].append(round(relative_error(weight, factors, gram), 6))
-            projection = LowRankProjection(dense.in_features, layout.num_groups, rank, layout.group_width,
-                                           bias=dense.bias is not None, dtype=dense.weight.dtype, device=device)
-            projection.down.weight.data.copy_(factors.down.reshape(-1, dense.in_features))
-            projection.up.weight.data.copy_(factors.up)
-            if dense.bias is not None:
-                projection.up.bias.data.copy_(dense.bias)
-            setattr(layer.self_attn, f"{kind}_proj", projection)
+            setattr(layer.self_attn, f"{kind}_proj",
+                    LowRankProjection.from_factors(dense, factors.down, factors.up, device))
     return errors
 
 

@@ -46,6 +46,20 @@ class LowRankProjection(nn.Module):
         # Applied to the latent before reconstruction; the seam where latent quantization is simulated.
         self.latent_hook: Callable[[torch.Tensor], torch.Tensor] | None = None
 
+    @classmethod
+    def from_factors(cls, dense: nn.Linear, down: torch.Tensor, up: torch.Tensor,
+                     device: torch.device | str | None = None) -> "LowRankProjection":
+        """The replacement of ``dense`` with factors ``down [groups, rank, in]``, ``up [groups, width, rank]``
+        (dense's bias moves to the up-projection)."""
+        num_groups, group_width, rank = up.shape
+        projection = cls(dense.in_features, num_groups, rank, group_width, bias=dense.bias is not None,
+                         dtype=dense.weight.dtype, device=device)
+        projection.down.weight.data.copy_(down.reshape(-1, dense.in_features))
+        projection.up.weight.data.copy_(up)
+        if dense.bias is not None:
+            projection.up.bias.data.copy_(dense.bias)
+        return projection
+
     @property
     def rank(self) -> int:
         return self.up.rank
