@@ -125,14 +125,81 @@ def _load_tile(token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K: tl.
 
 
 @triton.jit
+def _attend_tile(kv_tile, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1, bias_lo,
+                 bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, row_pos, col_page, slot_offset,
+                 scale_slot_offset, rope_offset, table_row, cache_group, scale_group, cos_sin_ptr, stride_cb,
+                 stride_sb, scale, STRIDE_CN: tl.constexpr, STRIDE_SN: tl.constexpr, STRIDE_CS: tl.constexpr,
+                 HALF: tl.constexpr, RANK_K: tl.constexpr, RANK_V: tl.constexpr, K0_LIMIT: tl.constexpr,
+                 V0_LIMIT: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, LATENT: tl.constexpr,
+                 KEY_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, DECODE: tl.constexpr, MASKED: tl.constexpr):
+    """One KV tile of the attention loop: load its latents, rebuild and rotate its keys, score them, and fold the
+    tile into the online softmax (m_i, l_i) and the V-latent accumulators. ``MASKED`` false: every position of the
+    tile exists (no bounds masks; the compiler drops the predicates)."""
+    tile_start = kv_tile * BLOCK_N
+    positions = tile_start + cols
+    if MASKED:
+        in_range = cols < kv_end - tile_start
+    else:
+        in_range = tl.full([BLOCK_N], 1, tl.int1)
+    if BLOCK_N >= BLOCK_SIZE:
+        page_index = kv_tile * (BLOCK_N // BLOCK_SIZE) + col_page
+        slot_base = 0
+    else:  # several tiles per page
+        page_index = col_page + tile_start // BLOCK_SIZE
+        slot_base = tile_start % BLOCK_SIZE
+    pages = tl.load(table_row + page_index, mask=in_range, other=0).to(tl.int64)
+    token_ptrs = cache_group + pages * stride_cb + (slot_offset + slot_base * STRIDE_CN)
+    scale_rows = scale_group + pages * stride_sb + (scale_slot_offset + slot_base * STRIDE_SN)
+    latent_0, latent_1, v_0, v_1, v_scale, v_min = _load_tile(
+        token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V,
+        LATENT, KEY_DTYPE)
+    key_lo = _rebuild_half(latent_0, latent_1, up_lo_0, up_lo_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)
+    key_hi = _rebuild_half(latent_0, latent_1, up_hi_0, up_hi_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)
+    if HAS_BIAS:
+        key_lo += bias_lo[None, :]
+        key_hi += bias_hi[None, :]
+    rope = cos_sin_ptr + tile_start.to(tl.int64) * STRIDE_CS + rope_offset
+    cos = tl.load(rope, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
+    sin = tl.load(rope + HALF, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
+    rot_lo = key_lo * cos - key_hi * sin
+    rot_hi = key_hi * cos + key_lo * sin
+
+    scores = (tl.dot(rot_lo, q_lo) + tl.dot(rot_hi, q_hi)) * scale  # [BLOCK_N, BLOCK_M]
+    if MASKED:
+        visible = in_range[:, None] & row_valid[None, :]
+        if not DECODE:
+            visible = visible & (positions[:, None] <= row_pos[None, :])
+        scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=0))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(scores - m_safe[None, :])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=0)
+    if LATENT == 0:
+        acc_0 = acc_0 * alpha[None, :] + tl.dot(v_0, p.to(v_0.dtype))
+        if SPLIT_V:
+            acc_1 = acc_1 * alpha[None, :] + tl.dot(v_1, p.to(v_1.dtype))
+    else:  # sum_n p (code scale + min) = codes @ (p scale) + sum_n p min
+        p_scaled = (p * v_scale[:, None]).to(v_0.dtype)
+        offset = 0.0
+        if LATENT == 2:
+            offset = tl.sum(p * v_min[:, None], axis=0)[None, :]
+        acc_0 = acc_0 * alpha[None, :] + tl.dot(v_0, p_scaled) + offset
+        if SPLIT_V:
+            acc_1 = acc_1 * alpha[None, :] + tl.dot(v_1, p_scaled) + offset
+    return m_new, l_i, acc_0, acc_1
+
+
+@triton.jit
 def paged_latent_attention_kernel(
     q_ptr, cache_ptr, scale_ptr, k_up_ptr, k_bias_ptr, cos_sin_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr,
     cu_qblocks_ptr, out_ptr, partial_ptr, stats_ptr,
     num_reqs, num_heads, scale,
     stride_qt, stride_qh,
-    stride_cb, stride_cg, stride_cn,
-    stride_sb, stride_sg, stride_sn,
-    stride_bt, stride_cs,
+    stride_cb, stride_cg, STRIDE_CN: tl.constexpr,
+    stride_sb, stride_sg, STRIDE_SN: tl.constexpr,
+    stride_bt, STRIDE_CS: tl.constexpr,
     stride_ot, stride_oh,
     stride_pt, stride_ph, stride_ps,
     HEADS_PER_KV: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
@@ -193,6 +260,8 @@ def paged_latent_attention_kernel(
                       other=0.0).to(KEY_DTYPE)
     up_hi_1 = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K,
                       other=0.0).to(KEY_DTYPE)
+    bias_lo = dims  # unused without a bias
+    bias_hi = dims
     if HAS_BIAS:
         bias_lo = tl.load(k_bias_ptr + kv_head * HEAD_DIM + dims).to(KEY_DTYPE)
         bias_hi = tl.load(k_bias_ptr + kv_head * HEAD_DIM + HALF + dims).to(KEY_DTYPE)
@@ -214,47 +283,33 @@ def paged_latent_attention_kernel(
     cache_group = cache_ptr + group.to(tl.int64) * stride_cg
     scale_group = scale_ptr + group.to(tl.int64) * stride_sg
     table_row = block_table_ptr + request.to(tl.int64) * stride_bt
-    for kv_tile in range(first, last):
-        positions, in_range, token_ptrs, scale_rows = _tile_rows(
-            kv_tile, cols, kv_end, table_row, cache_group, scale_group, stride_cb, stride_cn, stride_sb, stride_sn,
-            BLOCK_N, BLOCK_SIZE)
-        latent_0, latent_1, v_0, v_1, v_scale, v_min = _load_tile(
-            token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT,
-            KEY_DTYPE)
-        key_lo = _rebuild_half(latent_0, latent_1, up_lo_0, up_lo_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)
-        key_hi = _rebuild_half(latent_0, latent_1, up_hi_0, up_hi_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)
-        if HAS_BIAS:
-            key_lo += bias_lo[None, :]
-            key_hi += bias_hi[None, :]
-        rope = cos_sin_ptr + positions.to(tl.int64)[:, None] * stride_cs + dims[None, :]
-        cos = tl.load(rope, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
-        sin = tl.load(rope + HALF, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
-        rot_lo = key_lo * cos - key_hi * sin
-        rot_hi = key_hi * cos + key_lo * sin
-
-        scores = tl.dot(rot_lo, q_lo) + tl.dot(rot_hi, q_hi)  # [BLOCK_N, BLOCK_M]
-        visible = in_range[:, None] & row_valid[None, :]
-        if not DECODE:
-            visible = visible & (positions[:, None] <= row_pos[None, :])
-        scores = tl.where(visible, scores * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=0))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(scores - m_safe[None, :])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, axis=0)
-        if LATENT == 0:
-            acc_0 = acc_0 * alpha[None, :] + tl.dot(v_0, p.to(v_0.dtype))
-            if SPLIT_V:
-                acc_1 = acc_1 * alpha[None, :] + tl.dot(v_1, p.to(v_1.dtype))
-        else:  # sum_n p (code scale + min) = codes @ (p scale) + sum_n p min
-            p_scaled = (p * v_scale[:, None]).to(v_0.dtype)
-            offset = 0.0
-            if LATENT == 2:
-                offset = tl.sum(p * v_min[:, None], axis=0)[None, :]
-            acc_0 = acc_0 * alpha[None, :] + tl.dot(v_0, p_scaled) + offset
-            if SPLIT_V:
-                acc_1 = acc_1 * alpha[None, :] + tl.dot(v_1, p_scaled) + offset
-        m_i = m_new
+    # Loop-invariant parts of the tile addressing: each column's page within the tile and slot within its page.
+    if BLOCK_N >= BLOCK_SIZE:
+        col_page = cols // BLOCK_SIZE
+        col_slot = cols % BLOCK_SIZE
+    else:
+        col_page = cols * 0
+        col_slot = cols
+    slot_offset = col_slot * STRIDE_CN
+    scale_slot_offset = col_slot * STRIDE_SN
+    rope_offset = cols[:, None] * STRIDE_CS + dims[None, :]
+    # Tiles wholly inside the context run without bounds masks (decode: no causal mask either); the last, partial
+    # tile of the split runs masked.
+    full_last = tl.maximum(first, tl.minimum(last, kv_end // BLOCK_N)) if DECODE else first
+    for kv_tile in range(first, full_last):
+        m_i, l_i, acc_0, acc_1 = _attend_tile(
+            kv_tile, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1, bias_lo, bias_hi,
+            cols, dims, rk0, rk1, rv0, rv1, row_valid, row_pos, col_page, slot_offset, scale_slot_offset, rope_offset,
+            table_row, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale, STRIDE_CN, STRIDE_SN,
+            STRIDE_CS, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT, KEY_DTYPE, ACC_DTYPE,
+            BLOCK_N, BLOCK_SIZE, HAS_BIAS, DECODE, False)
+    for kv_tile in range(full_last, last):
+        m_i, l_i, acc_0, acc_1 = _attend_tile(
+            kv_tile, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1, bias_lo, bias_hi,
+            cols, dims, rk0, rk1, rv0, rv1, row_valid, row_pos, col_page, slot_offset, scale_slot_offset, rope_offset,
+            table_row, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale, STRIDE_CN, STRIDE_SN,
+            STRIDE_CS, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT, KEY_DTYPE, ACC_DTYPE,
+            BLOCK_N, BLOCK_SIZE, HAS_BIAS, DECODE, True)
 
     out_token = (q_start + row_token).to(tl.int64)
     if USE_SPLITS:

@@ -1,0 +1,131 @@
+"""Compile the decode kernel for the H200 (sm_90) on a machine without a GPU, and print what the compiler made of
+it: registers, spills, shared memory and the SASS instruction mix of the KV loop. Lets kernel variants be
+judged by instruction counts before spending GPU time on timing them.
+
+    python scripts/compile_sm90.py [--tiles 64:2:3,128:4:3] [--rows 4] [--latent auto|fp8|int4] [--dump DIR]
+
+Needs only Triton (its bundled ptxas and nvdisasm); the Triton on the GPU machine is 3.6, so use the same
+version here for numbers that carry over (``pip install --no-deps --target DIR triton==3.6.0``,
+``PYTHONPATH=DIR``). The shapes are the benchmark's Llama-3-8B case at kv-ratio 0.5 (K rank 48, V rank 80).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from vllm_palu.attention import kernels
+from vllm_palu.attention.ops import _rank_tiles
+
+POINTERS = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "scale_ptr": "*fp16", "k_up_ptr": "*bf16", "k_bias_ptr": "*bf16",
+            "cos_sin_ptr": "*fp16", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_ptr": "*i32",
+            "cu_qblocks_ptr": "*i32", "out_ptr": "*bf16", "partial_ptr": "*fp32", "stats_ptr": "*fp32"}
+STRIDE_CONSTEXPRS = {"STRIDE_CN": 128, "STRIDE_SN": 128, "STRIDE_CS": 128}  # if the kernel declares them
+SCALARS = {"num_reqs": "i32", "num_heads": "i32", "scale": "fp32"}
+
+
+ACC = tl.float16
+
+
+def decode_constexprs(rows: int, block_n: int, latent: str, rank_k: int = 48, rank_v: int = 80) -> dict:
+    return dict(HEADS_PER_KV=4, GROUP_SIZE=1, HEAD_DIM=128, HALF=64, KEY_DTYPE=tl.float16, ACC_DTYPE=ACC,
+                BLOCK_Q=1, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_SIZE=16, NUM_SPLITS=16, HAS_BIAS=False,
+                USE_SPLITS=True, DECODE=True, **_rank_tiles(rank_k, rank_v, latent))
+
+
+def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int):
+    """Compile ``fn`` for sm_90 with every non-constexpr argument typed as the decode benchmark passes it (strides
+    are i32 and, like Triton's specialization of real strides, known to be multiples of 16 except the unit ones)."""
+    signature, attrs = {}, {}
+    for index, name in enumerate(fn.arg_names):
+        if name in STRIDE_CONSTEXPRS and name not in constexprs:
+            constexprs = {**constexprs, name: STRIDE_CONSTEXPRS[name]}
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in POINTERS:
+            signature[name] = POINTERS[name]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = SCALARS.get(name, "i32")
+            if name.startswith("stride"):
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+INSTRUCTION = re.compile(r"^[0-9a-f-]{2}:[^\t]*\t(?:@!?U?P\w+ )?([A-Z][A-Z0-9_.]*)(.*)$")
+
+
+def loops(sass: str) -> list[collections.Counter]:
+    """Opcode counts of every loop body (a label up to a branch back to it), in program order. Triton's SASS lists
+    instructions as ``control\tOPCODE operands;`` under ``LBBn:`` labels."""
+    labels: dict[str, int] = {}
+    instructions: list[str] = []
+    bodies = []
+    for line in sass.splitlines():
+        label = re.match(r"^(\w+):$", line)
+        if label:
+            labels[label.group(1)] = len(instructions)
+            continue
+        match = INSTRUCTION.match(line)
+        if not match:
+            continue
+        instructions.append(match.group(1))
+        target = match.group(2).strip(" ;")
+        if match.group(1).startswith("BRA") and target in labels:
+            bodies.append(collections.Counter(instructions[labels[target]:]))
+    return bodies
+
+
+def resources(compiled) -> str:
+    """Registers and spill stores from ``cuobjdump --dump-resource-usage`` (the launcher's n_regs needs a GPU)."""
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([str(tools / "cuobjdump"), "--dump-resource-usage", cubin.name], check=True,
+                               capture_output=True, text=True).stdout
+    registers = re.search(r"REG:(\d+)", usage).group(1)
+    spills = re.search(r"STACK:(\d+)", usage).group(1)
+    return f"{registers} registers, stack {spills} B"
+
+
+def report(name: str, compiled, dump: Path | None = None) -> None:
+    print(f"{name}: {resources(compiled)}, shared {compiled.metadata.shared} B")
+    for body in loops(compiled.asm["sass"]):
+        print(f"   loop of {sum(body.values())} instructions: "
+              + ", ".join(f"{op} {count}" for op, count in body.most_common(24)))
+    if dump is not None:
+        dump.mkdir(parents=True, exist_ok=True)
+        for kind in ("ttgir", "ptx", "sass"):
+            (dump / f"{name.replace(' ', '_')}.{kind}").write_text(compiled.asm[kind])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiles", default="64:2:3", help="block_n:warps:stages,...")
+    parser.add_argument("--rows", type=int, default=4)
+    parser.add_argument("--latent", default="auto", choices=["auto", "fp8", "int4"])
+    parser.add_argument("--dump", type=Path)
+    parser.add_argument("--cache-dtype", default="bf16", help="element type of 16-bit latent pages (bf16, fp16)")
+    args = parser.parse_args()
+    POINTERS["cache_ptr"] = "*u8" if args.latent != "auto" else f"*{args.cache_dtype}"
+    for tile in args.tiles.split(","):
+        block_n, warps, stages = map(int, tile.split(":"))
+        compiled = compile_kernel(kernels.paged_latent_attention_kernel,
+                                  decode_constexprs(args.rows, block_n, args.latent), warps, stages)
+        report(f"{args.latent} {block_n}x{warps}w{stages}s", compiled, args.dump)
+
+
+if __name__ == "__main__":
+    main()
