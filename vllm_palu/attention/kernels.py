@@ -125,15 +125,25 @@ def _load_tile(token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K: tl.
 
 
 @triton.jit
-def _attend_tile(kv_tile, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1, bias_lo,
-                 bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, row_pos, col_page, slot_offset,
-                 scale_slot_offset, rope_offset, table_row, cache_group, scale_group, cos_sin_ptr, stride_cb,
+def _tile_pages(kv_tile, valid, table_row, col_page, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Block-table entry of each position of a KV tile (0 where ``valid`` is false)."""
+    if BLOCK_N >= BLOCK_SIZE:
+        page_index = kv_tile * (BLOCK_N // BLOCK_SIZE) + col_page
+    else:  # several tiles per page
+        page_index = col_page + kv_tile * BLOCK_N // BLOCK_SIZE
+    return tl.load(table_row + page_index, mask=valid, other=0)
+
+
+@triton.jit
+def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1, bias_lo,
+                 bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, row_pos, slot_offset,
+                 scale_slot_offset, rope_offset, cache_group, scale_group, cos_sin_ptr, stride_cb,
                  stride_sb, scale, STRIDE_CN: tl.constexpr, STRIDE_SN: tl.constexpr, STRIDE_CS: tl.constexpr,
                  HALF: tl.constexpr, RANK_K: tl.constexpr, RANK_V: tl.constexpr, K0_LIMIT: tl.constexpr,
                  V0_LIMIT: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, LATENT: tl.constexpr,
                  KEY_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, DECODE: tl.constexpr, MASKED: tl.constexpr):
-    """One KV tile of the attention loop: load its latents, rebuild and rotate its keys, score them, and fold the
+    """One KV tile of the attention loop (``pages``: its block-table entries, one per position): load its latents, rebuild and rotate its keys, score them, and fold the
     tile into the online softmax (m_i, l_i) and the V-latent accumulators. ``MASKED`` false: every position of the
     tile exists (no bounds masks; the compiler drops the predicates)."""
     tile_start = kv_tile * BLOCK_N
@@ -142,13 +152,8 @@ def _attend_tile(kv_tile, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, u
         in_range = cols < kv_end - tile_start
     else:
         in_range = tl.full([BLOCK_N], 1, tl.int1)
-    if BLOCK_N >= BLOCK_SIZE:
-        page_index = kv_tile * (BLOCK_N // BLOCK_SIZE) + col_page
-        slot_base = 0
-    else:  # several tiles per page
-        page_index = col_page + tile_start // BLOCK_SIZE
-        slot_base = tile_start % BLOCK_SIZE
-    pages = tl.load(table_row + page_index, mask=in_range, other=0).to(tl.int64)
+    slot_base = 0 if BLOCK_N >= BLOCK_SIZE else tile_start % BLOCK_SIZE  # several tiles per page
+    pages = pages.to(tl.int64)
     token_ptrs = cache_group + pages * stride_cb + (slot_offset + slot_base * STRIDE_CN)
     scale_rows = scale_group + pages * stride_sb + (scale_slot_offset + slot_base * STRIDE_SN)
     latent_0, latent_1, v_0, v_1, v_scale, v_min = _load_tile(
@@ -294,22 +299,28 @@ def paged_latent_attention_kernel(
     scale_slot_offset = col_slot * STRIDE_SN
     rope_offset = cols[:, None] * STRIDE_CS + dims[None, :]
     # Tiles wholly inside the context run without bounds masks (decode: no causal mask either); the last, partial
-    # tile of the split runs masked.
+    # tile of the split runs masked. The full tiles' block-table entries are loaded one tile ahead, so the
+    # software pipeliner sees the latent loads as direct loads and double-buffers them.
     full_last = tl.maximum(first, tl.minimum(last, kv_end // BLOCK_N)) if DECODE else first
+    pages = _tile_pages(first, cols < tl.where(first < full_last, BLOCK_N, 0), table_row, col_page, BLOCK_N, BLOCK_SIZE)
     for kv_tile in range(first, full_last):
+        next_pages = _tile_pages(kv_tile + 1, cols < tl.where(kv_tile + 1 < full_last, BLOCK_N, 0), table_row,
+                                 col_page, BLOCK_N, BLOCK_SIZE)
         m_i, l_i, acc_0, acc_1 = _attend_tile(
-            kv_tile, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1, bias_lo, bias_hi,
-            cols, dims, rk0, rk1, rv0, rv1, row_valid, row_pos, col_page, slot_offset, scale_slot_offset, rope_offset,
-            table_row, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale, STRIDE_CN, STRIDE_SN,
-            STRIDE_CS, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT, KEY_DTYPE, ACC_DTYPE,
-            BLOCK_N, BLOCK_SIZE, HAS_BIAS, DECODE, False)
+            kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1, bias_lo,
+            bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, row_pos, slot_offset, scale_slot_offset, rope_offset,
+            cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale, STRIDE_CN, STRIDE_SN, STRIDE_CS, HALF,
+            RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT, KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE,
+            HAS_BIAS, DECODE, False)
+        pages = next_pages
     for kv_tile in range(full_last, last):
+        pages = _tile_pages(kv_tile, cols < kv_end - kv_tile * BLOCK_N, table_row, col_page, BLOCK_N, BLOCK_SIZE)
         m_i, l_i, acc_0, acc_1 = _attend_tile(
-            kv_tile, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1, bias_lo, bias_hi,
-            cols, dims, rk0, rk1, rv0, rv1, row_valid, row_pos, col_page, slot_offset, scale_slot_offset, rope_offset,
-            table_row, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale, STRIDE_CN, STRIDE_SN,
-            STRIDE_CS, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT, KEY_DTYPE, ACC_DTYPE,
-            BLOCK_N, BLOCK_SIZE, HAS_BIAS, DECODE, True)
+            kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1, bias_lo,
+            bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, row_pos, slot_offset, scale_slot_offset, rope_offset,
+            cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale, STRIDE_CN, STRIDE_SN, STRIDE_CS, HALF,
+            RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT, KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE,
+            HAS_BIAS, DECODE, True)
 
     out_token = (q_start + row_token).to(tl.int64)
     if USE_SPLITS:

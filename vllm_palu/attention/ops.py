@@ -189,10 +189,17 @@ def _fused_attention(query, kv_cache, k_up, k_bias, cos_sin_cache, is_neox_style
 
     heads_per_kv = num_heads // kv_heads
     decode = max_query_len == 1
-    # Defaults measured on the H200 with scripts/kernel_variants.py (docs/KERNEL_NOTES.md).
-    wide = latent_dtype == "int4" and decode  # int4 tiles: 128 tokens, 4 warps (532 vs 561 µs)
-    tuning = {"num_warps": 4 if wide or not decode else 2, "num_stages": 3, **tuning}
-    block_n = tuning.pop("block_n", (128 if wide else 64) if query.device.type == "cuda" else 32)
+    # Defaults measured on the H200 (docs/KERNEL_NOTES.md "Version 3.3"): decode with 16-bit latents takes
+    # one-warp programs of 32 keys with double-buffered latents (3 stages); quantized latents, whose
+    # dequantization needs the registers, two-warp programs of 64 keys with one buffer (2 stages).
+    if not decode:
+        block_n, tile = 64, {"num_warps": 4, "num_stages": 3}
+    elif latent_dtype == "auto":
+        block_n, tile = 32, {"num_warps": 1, "num_stages": 3}
+    else:
+        block_n, tile = 64, {"num_warps": 2, "num_stages": 2}
+    tuning = {**tile, **tuning}
+    block_n = tuning.pop("block_n", block_n if query.device.type == "cuda" else 32)
     programs_per_sm = tuning.pop("programs_per_sm", 8)
     ranks = _rank_tiles(rank_k, out.shape[-1], latent_dtype, tuning.pop("split_ranks", True))
     decode = tuning.pop("decode_kernel", decode) and decode
