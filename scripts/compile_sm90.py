@@ -1,8 +1,8 @@
 """Compile the decode kernel for the H200 (sm_90) on a machine without a GPU, and print what the compiler made of
-it: registers, spills, shared memory and the SASS instruction mix of the KV loop. Lets kernel variants be
-judged by instruction counts before spending GPU time on timing them.
+it: registers, spills, shared memory and the SASS instruction mix of each KV loop (full tiles, then the masked last
+tile). Lets kernel variants be judged by instruction counts before spending GPU time on timing them.
 
-    python scripts/compile_sm90.py [--tiles 64:2:3,128:4:3] [--rows 4] [--latent auto|fp8|int4] [--dump DIR]
+    python scripts/compile_sm90.py [--tiles 32:1:3,64:2:2] [--rows 4] [--latent auto|fp8|int4] [--dump DIR]
 
 Needs only Triton (its bundled ptxas and nvdisasm); the Triton on the GPU machine is 3.6, so use the same
 version here for numbers that carry over (``pip install --no-deps --target DIR triton==3.6.0``,
@@ -29,15 +29,14 @@ from vllm_palu.attention.ops import _rank_tiles
 POINTERS = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "scale_ptr": "*fp16", "k_up_ptr": "*bf16", "k_bias_ptr": "*bf16",
             "cos_sin_ptr": "*fp16", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_ptr": "*i32",
             "cu_qblocks_ptr": "*i32", "out_ptr": "*bf16", "partial_ptr": "*fp32", "stats_ptr": "*fp32"}
-STRIDE_CONSTEXPRS = {"STRIDE_CN": 128, "STRIDE_SN": 128, "STRIDE_CS": 128}  # if the kernel declares them
+# Row strides the kernel takes as constexprs (16-bit rows of 48 + 80 latents; quantized pages differ, which moves
+# immediates, not the instruction mix).
+STRIDE_CONSTEXPRS = {"STRIDE_CN": 128, "STRIDE_SN": 128, "STRIDE_CS": 128}
 SCALARS = {"num_reqs": "i32", "num_heads": "i32", "scale": "fp32"}
 
 
-ACC = tl.float16
-
-
 def decode_constexprs(rows: int, block_n: int, latent: str, rank_k: int = 48, rank_v: int = 80) -> dict:
-    return dict(HEADS_PER_KV=4, GROUP_SIZE=1, HEAD_DIM=128, HALF=64, KEY_DTYPE=tl.float16, ACC_DTYPE=ACC,
+    return dict(HEADS_PER_KV=4, GROUP_SIZE=1, HEAD_DIM=128, HALF=64, KEY_DTYPE=tl.float16, ACC_DTYPE=tl.float16,
                 BLOCK_Q=1, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_SIZE=16, NUM_SPLITS=16, HAS_BIAS=False,
                 USE_SPLITS=True, DECODE=True, **_rank_tiles(rank_k, rank_v, latent))
 
@@ -113,7 +112,7 @@ def report(name: str, compiled, dump: Path | None = None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiles", default="64:2:3", help="block_n:warps:stages,...")
+    parser.add_argument("--tiles", default="32:1:3", help="block_n:warps:stages,... (default: the decode default)")
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--latent", default="auto", choices=["auto", "fp8", "int4"])
     parser.add_argument("--dump", type=Path)

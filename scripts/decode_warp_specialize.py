@@ -17,9 +17,9 @@ from vllm_palu.bench import Case, build_inputs, floor_us, refcheck
 
 
 def rewritten_kernel(directory: Path, **range_options):
-    """The decode kernel with its KV loop as ``tl.range(first, last, **range_options)``."""
+    """The decode kernel with its main KV loop (the full tiles) as ``tl.range(first, full_last, **range_options)``."""
     options = ", ".join(f"{key}={value}" for key, value in range_options.items())
-    edit = ("for kv_tile in range(first, last):", f"for kv_tile in tl.range(first, last, {options}):")
+    edit = ("for kv_tile in range(first, full_last):", f"for kv_tile in tl.range(first, full_last, {options}):")
     return ablated_kernel(options, [edit], directory)
 
 

@@ -33,7 +33,7 @@ VARIANTS = {  # name: (latent format, tuning)
     "fp8 latents, 16-row query tile (v3)": ("fp8", {"min_rows": 16}),
     "int4 latents": ("int4", {}),
 }
-TILES = [(64, 2, 3), (32, 2, 3), (64, 4, 3), (128, 4, 3)]  # (block_n, num_warps, num_stages)
+TILES = [(32, 1, 3), (64, 2, 3), (64, 2, 2), (128, 4, 3)]  # (block_n, num_warps, num_stages)
 
 
 def main() -> None:

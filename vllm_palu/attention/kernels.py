@@ -135,17 +135,18 @@ def _tile_pages(kv_tile, valid, table_row, col_page, BLOCK_N: tl.constexpr, BLOC
 
 
 @triton.jit
-def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1, bias_lo,
-                 bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, row_pos, slot_offset,
-                 scale_slot_offset, rope_offset, cache_group, scale_group, cos_sin_ptr, stride_cb,
-                 stride_sb, scale, STRIDE_CN: tl.constexpr, STRIDE_SN: tl.constexpr, STRIDE_CS: tl.constexpr,
+def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1,
+                 bias_lo, bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, row_pos, slot_offset, scale_slot_offset,
+                 rope_offset, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
+                 STRIDE_CN: tl.constexpr, STRIDE_SN: tl.constexpr, STRIDE_CS: tl.constexpr,
                  HALF: tl.constexpr, RANK_K: tl.constexpr, RANK_V: tl.constexpr, K0_LIMIT: tl.constexpr,
                  V0_LIMIT: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, LATENT: tl.constexpr,
                  KEY_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, DECODE: tl.constexpr, MASKED: tl.constexpr):
-    """One KV tile of the attention loop (``pages``: its block-table entries, one per position): load its latents, rebuild and rotate its keys, score them, and fold the
-    tile into the online softmax (m_i, l_i) and the V-latent accumulators. ``MASKED`` false: every position of the
-    tile exists (no bounds masks; the compiler drops the predicates)."""
+    """One KV tile of the attention loop (``pages``: its block-table entries, one per position): load its latents,
+    rebuild and rotate its keys, score them, and fold the tile into the online softmax (m_i, l_i) and the V-latent
+    accumulators. ``MASKED`` false: every position of the tile exists (no bounds masks; the compiler drops the
+    predicates)."""
     tile_start = kv_tile * BLOCK_N
     positions = tile_start + cols
     if MASKED:
@@ -302,7 +303,8 @@ def paged_latent_attention_kernel(
     # tile of the split runs masked. The full tiles' block-table entries are loaded one tile ahead, so the
     # software pipeliner sees the latent loads as direct loads and double-buffers them.
     full_last = tl.maximum(first, tl.minimum(last, kv_end // BLOCK_N)) if DECODE else first
-    pages = _tile_pages(first, cols < tl.where(first < full_last, BLOCK_N, 0), table_row, col_page, BLOCK_N, BLOCK_SIZE)
+    pages = _tile_pages(first, cols < tl.where(first < full_last, BLOCK_N, 0), table_row, col_page, BLOCK_N,
+                        BLOCK_SIZE)
     for kv_tile in range(first, full_last):
         next_pages = _tile_pages(kv_tile + 1, cols < tl.where(kv_tile + 1 < full_last, BLOCK_N, 0), table_row,
                                  col_page, BLOCK_N, BLOCK_SIZE)
