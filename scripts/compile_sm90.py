@@ -35,13 +35,14 @@ STRIDE_CONSTEXPRS = {"STRIDE_CN": 128, "STRIDE_SN": 128, "STRIDE_CS": 128}
 SCALARS = {"num_reqs": "i32", "num_heads": "i32", "scale": "fp32"}
 
 
-def decode_constexprs(rows: int, block_n: int, latent: str, rank_k: int = 48, rank_v: int = 80) -> dict:
-    return dict(HEADS_PER_KV=4, GROUP_SIZE=1, HEAD_DIM=128, HALF=64, KEY_DTYPE=tl.float16, ACC_DTYPE=tl.float16,
+def decode_constexprs(rows: int, block_n: int, latent: str, rank_k: int = 48, rank_v: int = 80,
+                      rope_shift: bool = False) -> dict:
+    return dict(ROPE_SHIFT=rope_shift, HEADS_PER_KV=4, GROUP_SIZE=1, HEAD_DIM=128, HALF=64, KEY_DTYPE=tl.float16, ACC_DTYPE=tl.float16,
                 BLOCK_Q=1, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_SIZE=16, NUM_SPLITS=16, HAS_BIAS=False,
                 USE_SPLITS=True, DECODE=True, **_rank_tiles(rank_k, rank_v, latent))
 
 
-def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int):
+def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int, maxnreg: int | None = None):
     """Compile ``fn`` for sm_90 with every non-constexpr argument typed as the decode benchmark passes it (strides
     are i32 and, like Triton's specialization of real strides, known to be multiples of 16 except the unit ones)."""
     signature, attrs = {}, {}
@@ -59,7 +60,7 @@ def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int):
                 attrs[(index,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn, signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(source, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                          options={"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg})
 
 
 INSTRUCTION = re.compile(r"^[0-9a-f-]{2}:[^\t]*\t(?:@!?U?P\w+ )?([A-Z][A-Z0-9_.]*)(.*)$")
@@ -116,14 +117,17 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4)
     parser.add_argument("--latent", default="auto", choices=["auto", "fp8", "int4"])
     parser.add_argument("--dump", type=Path)
+    parser.add_argument("--maxnreg", type=int, help="register cap per thread (Triton's maxnreg option)")
+    parser.add_argument("--rope-shift", action="store_true", help="rotary by tile offset + query shift (ROPE_SHIFT)")
     parser.add_argument("--cache-dtype", default="bf16", help="element type of 16-bit latent pages (bf16, fp16)")
     args = parser.parse_args()
     POINTERS["cache_ptr"] = "*u8" if args.latent != "auto" else f"*{args.cache_dtype}"
     for tile in args.tiles.split(","):
         block_n, warps, stages = map(int, tile.split(":"))
         compiled = compile_kernel(kernels.paged_latent_attention_kernel,
-                                  decode_constexprs(args.rows, block_n, args.latent), warps, stages)
-        report(f"{args.latent} {block_n}x{warps}w{stages}s", compiled, args.dump)
+                                  decode_constexprs(args.rows, block_n, args.latent, rope_shift=args.rope_shift), warps, stages,
+                                  args.maxnreg)
+        report(f"{args.latent} {block_n}x{warps}w{stages}s{' shift' if args.rope_shift else ''}", compiled, args.dump)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from vllm_palu.bench import Case, build_inputs, floor_us, refcheck
 
 VARIANTS = {  # name: (latent format, tuning)
     "bf16 latents": ("auto", {}),
+    "bf16 latents, rotary table per tile (v3.3)": ("auto", {"rope_shift": False}),
     "bf16 latents, padded ranks": ("auto", {"split_ranks": False}),
     "bf16 latents, fp32 rebuild accumulation": ("auto", {"acc_dtype": torch.float32}),
     "bf16 latents, 16-row query tile (v3)": ("auto", {"min_rows": 16}),
@@ -33,7 +34,7 @@ VARIANTS = {  # name: (latent format, tuning)
     "fp8 latents, 16-row query tile (v3)": ("fp8", {"min_rows": 16}),
     "int4 latents": ("int4", {}),
 }
-TILES = [(32, 1, 3), (64, 2, 3), (64, 2, 2), (128, 4, 3)]  # (block_n, num_warps, num_stages)
+TILES = [(16, 1, 3), (32, 1, 3), (64, 2, 3), (64, 2, 2), (128, 4, 3)]  # (block_n, num_warps, num_stages)
 
 
 def main() -> None:

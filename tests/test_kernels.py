@@ -114,6 +114,27 @@ def test_split_kv_matches_reference(num_splits):
     check(case, num_splits=num_splits)
 
 
+@pytest.mark.parametrize("rope_shift, block_n", [(True, 16), (True, 32), (False, 32)])
+@pytest.mark.parametrize("neox", [True, False])
+def test_decode_rotary_by_tile_offset(rope_shift, block_n, neox):
+    """Decode rotates keys by their offset in the tile and the query back by the tile start (R(s + j) = R(s) R(j));
+    both ways, with a key bias, GPT-J pairs and a partial last tile, equal the reference."""
+    case = make_case([150, 64, 97], [1, 1, 1], 4, 2, 1, 32, 16, 24, 16, DTYPES[0], bias=True, seed=11)
+    assert ops.rotary_is_shiftable(case["cos_sin_cache"], block_n)
+    check(case, is_neox_style=neox, tuning={"rope_shift": rope_shift, "block_n": block_n})
+
+
+def test_scaled_rotary_table_is_not_shifted():
+    """A table carrying a magnitude (YaRN's mscale) does not compose as rotations: the launcher falls back to the
+    per-tile table, and the output still equals the reference on that table."""
+    case = make_case([150, 64], [1, 1], 4, 2, 1, 32, 16, 24, 16, DTYPES[0], seed=12)
+    table = case["cos_sin_cache"]
+    assert ops.rotary_is_shiftable(table, 32)
+    table.mul_(1.05)  # in place: the answer cached for this table must not survive
+    assert not ops.rotary_is_shiftable(table, 32)
+    check(case)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs > 2^31 cache elements: GPU only")
 def test_huge_cache_indexing():
     """Blocks beyond 2^31 elements (8.7 GB bf16 cache; the shuffled block table lands mostly past it): 32-bit

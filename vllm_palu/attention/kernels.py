@@ -6,7 +6,9 @@ request's block table, loads latent tiles (dequantizing fp8 / int4 pages in regi
 on tensor cores (``latent @ k_up``), rotates them with the model's cos/sin table at each key's position, scores the
 query rows of that KV head, and accumulates ``P @ v_latent`` with an online softmax; ``reduce_splits_kernel``
 combines KV splits. Keys are rebuilt in two rotary halves (``lo``, ``hi``) so rotation needs no register shuffles;
-GPT-J-style rotary is handled by the launcher permuting k_up rows and query columns the same way. Variants tried and
+GPT-J-style rotary is handled by the launcher permuting k_up rows and query columns the same way. Decode rotates
+keys by their offset in the tile and the query back by the tile's start (``ROPE_SHIFT``), so the rotary table is
+read one row per tile instead of one row per key. Variants tried and
 their measurements: docs/KERNEL_NOTES.md.
 """
 
@@ -137,16 +139,19 @@ def _tile_pages(kv_tile, valid, table_row, col_page, BLOCK_N: tl.constexpr, BLOC
 @triton.jit
 def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1,
                  bias_lo, bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, row_pos, slot_offset, scale_slot_offset,
-                 rope_offset, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
+                 rope_offset, cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb,
+                 scale,
                  STRIDE_CN: tl.constexpr, STRIDE_SN: tl.constexpr, STRIDE_CS: tl.constexpr,
                  HALF: tl.constexpr, RANK_K: tl.constexpr, RANK_V: tl.constexpr, K0_LIMIT: tl.constexpr,
                  V0_LIMIT: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, LATENT: tl.constexpr,
                  KEY_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, DECODE: tl.constexpr, MASKED: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, DECODE: tl.constexpr, MASKED: tl.constexpr, ROPE_SHIFT: tl.constexpr):
     """One KV tile of the attention loop (``pages``: its block-table entries, one per position): load its latents,
     rebuild and rotate its keys, score them, and fold the tile into the online softmax (m_i, l_i) and the V-latent
     accumulators. ``MASKED`` false: every position of the tile exists (no bounds masks; the compiler drops the
-    predicates)."""
+    predicates). ``ROPE_SHIFT``: keys are rotated by their offset in the tile (``cos_offsets``, ``sin_offsets``:
+    loop-invariant) and the query back by the tile's start, since R(start + j) = R(start) R(j) (the launcher
+    checks that the model's table obeys this); no cos/sin tile is loaded."""
     tile_start = kv_tile * BLOCK_N
     positions = tile_start + cols
     if MASKED:
@@ -165,13 +170,24 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_
     if HAS_BIAS:
         key_lo += bias_lo[None, :]
         key_hi += bias_hi[None, :]
-    rope = cos_sin_ptr + tile_start.to(tl.int64) * STRIDE_CS + rope_offset
-    cos = tl.load(rope, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
-    sin = tl.load(rope + HALF, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
+    if ROPE_SHIFT:
+        start_row = cos_sin_ptr + tile_start.to(tl.int64) * STRIDE_CS + dims[:, None]
+        start_cos = tl.load(start_row).to(KEY_DTYPE)
+        start_sin = tl.load(start_row + HALF).to(KEY_DTYPE)
+        q_tile_lo = q_lo * start_cos + q_hi * start_sin  # R(-start) q, in the key dtype like the keys' rotation
+        q_tile_hi = q_hi * start_cos - q_lo * start_sin
+        cos = cos_offsets
+        sin = sin_offsets
+    else:
+        rope = cos_sin_ptr + tile_start.to(tl.int64) * STRIDE_CS + rope_offset
+        cos = tl.load(rope, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
+        sin = tl.load(rope + HALF, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
+        q_tile_lo = q_lo
+        q_tile_hi = q_hi
     rot_lo = key_lo * cos - key_hi * sin
     rot_hi = key_hi * cos + key_lo * sin
 
-    scores = (tl.dot(rot_lo, q_lo) + tl.dot(rot_hi, q_hi)) * scale  # [BLOCK_N, BLOCK_M]
+    scores = (tl.dot(rot_lo, q_tile_lo) + tl.dot(rot_hi, q_tile_hi)) * scale  # [BLOCK_N, BLOCK_M]
     if MASKED:
         visible = in_range[:, None] & row_valid[None, :]
         if not DECODE:
@@ -214,7 +230,7 @@ def paged_latent_attention_kernel(
     ACC_DTYPE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLITS: tl.constexpr,
     DECODE: tl.constexpr, LATENT: tl.constexpr, K0_LIMIT: tl.constexpr, K1_OFFSET: tl.constexpr,
-    V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr,
+    V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr, ROPE_SHIFT: tl.constexpr = False,
 ):
     """One program per (query tile, KV head, KV split); ``DECODE``: every request has one new token and the
     query tile is the request.
@@ -299,6 +315,12 @@ def paged_latent_attention_kernel(
     slot_offset = col_slot * STRIDE_CN
     scale_slot_offset = col_slot * STRIDE_SN
     rope_offset = cols[:, None] * STRIDE_CS + dims[None, :]
+    cos_offsets = rope_offset  # unused without ROPE_SHIFT
+    sin_offsets = rope_offset
+    if ROPE_SHIFT:
+        # Rows 0 .. BLOCK_N - 1 of the table: the rotation of each key by its offset in the tile.
+        cos_offsets = tl.load(cos_sin_ptr + rope_offset).to(KEY_DTYPE)
+        sin_offsets = tl.load(cos_sin_ptr + rope_offset + HALF).to(KEY_DTYPE)
     # Tiles wholly inside the context run without bounds masks (decode: no causal mask either); the last, partial
     # tile of the split runs masked. The full tiles' block-table entries are loaded one tile ahead, so the
     # software pipeliner sees the latent loads as direct loads and double-buffers them.
@@ -309,20 +331,20 @@ def paged_latent_attention_kernel(
         next_pages = _tile_pages(kv_tile + 1, cols < tl.where(kv_tile + 1 < full_last, BLOCK_N, 0), table_row,
                                  col_page, BLOCK_N, BLOCK_SIZE)
         m_i, l_i, acc_0, acc_1 = _attend_tile(
-            kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1, bias_lo,
-            bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, row_pos, slot_offset, scale_slot_offset, rope_offset,
-            cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale, STRIDE_CN, STRIDE_SN, STRIDE_CS, HALF,
-            RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT, KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE,
-            HAS_BIAS, DECODE, False)
+            kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1,
+            bias_lo, bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, row_pos, slot_offset, scale_slot_offset,
+            rope_offset, cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
+            STRIDE_CN, STRIDE_SN, STRIDE_CS, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT,
+            KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, DECODE, False, ROPE_SHIFT)
         pages = next_pages
     for kv_tile in range(full_last, last):
         pages = _tile_pages(kv_tile, cols < kv_end - kv_tile * BLOCK_N, table_row, col_page, BLOCK_N, BLOCK_SIZE)
         m_i, l_i, acc_0, acc_1 = _attend_tile(
-            kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1, bias_lo,
-            bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, row_pos, slot_offset, scale_slot_offset, rope_offset,
-            cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale, STRIDE_CN, STRIDE_SN, STRIDE_CS, HALF,
-            RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT, KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE,
-            HAS_BIAS, DECODE, True)
+            kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1,
+            bias_lo, bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, row_pos, slot_offset, scale_slot_offset,
+            rope_offset, cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
+            STRIDE_CN, STRIDE_SN, STRIDE_CS, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT,
+            KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, DECODE, True, False)
 
     out_token = (q_start + row_token).to(tl.int64)
     if USE_SPLITS:

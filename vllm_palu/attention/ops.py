@@ -9,6 +9,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from torch.utils.weak import WeakIdKeyDictionary
 
 from vllm_palu.attention.latent_quant import page_views, quantize_rows, rank_v_of_row
 from vllm_palu.attention.kernels import paged_latent_attention_kernel, reduce_splits_kernel, write_latents_kernel
@@ -34,7 +35,11 @@ def rank_chunks(rank: int) -> tuple[int, int]:
 
 TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 LATENT_CODES = {"auto": 0, "fp8": 1, "int4": 2}  # the kernel's LATENT constexpr
-_converted_tables: dict[tuple, torch.Tensor] = {}
+# Facts derived once per rotary table, keyed by the table object (vLLM keeps one per model) and its version
+# counter (in-place edits): a freed table's entries go with it, so a new table at the same address is never
+# mistaken for it.
+_converted_tables = WeakIdKeyDictionary()  # table -> {(version, dtype): converted table}
+_shiftable_tables = WeakIdKeyDictionary()  # table -> {(version, block_n): bool}
 last_kernel = None  # the last compiled attention kernel launched (registers, SASS: scripts/kernel_anatomy.py)
 
 
@@ -43,12 +48,40 @@ def rotary_table(cos_sin_cache: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     bf16 -> fp16 costs two conversions per element there)."""
     if cos_sin_cache.dtype == dtype:
         return cos_sin_cache
-    key = (cos_sin_cache.data_ptr(), tuple(cos_sin_cache.shape), cos_sin_cache.dtype, dtype)
-    if key not in _converted_tables:
-        if len(_converted_tables) > 64:  # tables are per model, not per call: this only guards a leak
-            _converted_tables.clear()
-        _converted_tables[key] = cos_sin_cache.to(dtype)
-    return _converted_tables[key]
+    known = _converted_tables.setdefault(cos_sin_cache, {})
+    key = (cos_sin_cache._version, dtype)
+    if key not in known:
+        known.clear()
+        known[key] = cos_sin_cache.to(dtype)
+    return known[key]
+
+
+
+def rotary_is_shiftable(table: torch.Tensor, block_n: int) -> bool:
+    """Whether rows of the cos/sin table are rotations that compose, R(start + j) = R(start) R(j), for every tile
+    start (a multiple of ``block_n``) and offset j < block_n: true of cos/sin(position x frequency) with any
+    frequencies (plain, linear, NTK, Llama-3 scaling), false where the table carries a magnitude (YaRN's mscale:
+    cos^2 + sin^2 != 1) or changes frequencies along positions. The tolerances admit a bf16 table of 128K
+    positions (angles rounded in fp32, entries in bf16: composition error up to ~0.01). Decided once per table
+    (one device sync; never while a CUDA graph is being captured: there the answer is no, always correct)."""
+    known = _shiftable_tables.setdefault(table, {})
+    key = (table._version, block_n)
+    if key not in known:
+        if table.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
+        positions, width = table.shape
+        usable = (positions // block_n) * block_n
+        if usable < 2 * block_n:
+            return False
+        rows = table[:usable].float().view(usable // block_n, block_n, width)
+        half = width // 2
+        cos, sin = rows[..., :half], rows[..., half:]
+        norm_error = (cos * cos + sin * sin - 1).abs().max()
+        composed_cos = cos[:, :1] * cos[:1] - sin[:, :1] * sin[:1]
+        composed_sin = sin[:, :1] * cos[:1] + cos[:, :1] * sin[:1]
+        composed_error = torch.maximum((composed_cos - cos).abs().max(), (composed_sin - sin).abs().max())
+        known[key] = bool((norm_error <= 1e-2) & (composed_error <= 3e-2))
+    return known[key]
 
 
 def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: torch.Tensor,
@@ -144,8 +177,8 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     all, default one each), those take the fused kernel and the rest the prefill path; without it every request
     takes the prefill path. ``latent_dtype`` "fp8" / "int4": the cache holds quantized pages
     (:mod:`vllm_palu.attention.latent_quant`). ``tuning`` (benchmarks, scripts/kernel_variants.py): block_n,
-    num_warps, num_stages, programs_per_sm, split_ranks, key_dtype, acc_dtype, convert_table, decode_kernel,
-    min_rows (decode query tile rows), prefill ("workspace" or "fused") and the prefill_* keys of
+    num_warps, num_stages, maxnreg, programs_per_sm, split_ranks, key_dtype, acc_dtype, convert_table, rope_shift,
+    decode_kernel, min_rows (decode query tile rows), prefill ("workspace" or "fused") and the prefill_* keys of
     :func:`prefill_latent_attention`; defaults are the measured best."""
     num_tokens, num_heads, _ = query.shape
     rank_k = k_up.shape[-1]
@@ -189,13 +222,22 @@ def _fused_attention(query, kv_cache, k_up, k_bias, cos_sin_cache, is_neox_style
 
     heads_per_kv = num_heads // kv_heads
     decode = max_query_len == 1
-    # Defaults measured on the H200 (docs/KERNEL_NOTES.md "Version 3.3"): decode with 16-bit latents takes
-    # one-warp programs of 32 keys with double-buffered latents (3 stages); quantized latents, whose
-    # dequantization needs the registers, two-warp programs of 64 keys with one buffer (2 stages).
+    # 16-bit models rebuild, rotate and score keys in fp16: packed math and half the registers of fp32 tiles.
+    key_dtype = tuning.pop("key_dtype", torch.float32 if query.dtype == torch.float32 else torch.float16)
+    acc_dtype = tuning.pop("acc_dtype", torch.float32 if key_dtype == torch.bfloat16 else key_dtype)
+    if tuning.pop("convert_table", True):
+        cos_sin_cache = rotary_table(cos_sin_cache, key_dtype)
+    # Defaults measured on the H200 (docs/KERNEL_NOTES.md "Version 3.4"). Decode with 16-bit latents: one-warp
+    # programs with double-buffered latents (3 stages), keys rotated by their offset in the tile (a loop-invariant
+    # table) and the query back by the tile's start, so no cos/sin tile is staged per KV tile; 16-key tiles for GQA
+    # with latent rows of 128+ (Llama-3-8B kv 0.5: 347 -> 322 us), 32 keys otherwise. Quantized latents, whose
+    # dequantization needs the registers: two-warp programs of 64 keys, one buffer, the per-tile table.
     if not decode:
         block_n, tile = 64, {"num_warps": 4, "num_stages": 3}
     elif latent_dtype == "auto":
-        block_n, tile = 32, {"num_warps": 1, "num_stages": 3}
+        wide = heads_per_kv > 1 and kv_cache.shape[-1] >= 128  # latent row: rank_k + rank_v
+        block_n = 16 if wide and rotary_is_shiftable(cos_sin_cache, 16) else 32
+        tile = {"num_warps": 1, "num_stages": 3}
     else:
         block_n, tile = 64, {"num_warps": 2, "num_stages": 2}
     tuning = {**tile, **tuning}
@@ -203,11 +245,8 @@ def _fused_attention(query, kv_cache, k_up, k_bias, cos_sin_cache, is_neox_style
     programs_per_sm = tuning.pop("programs_per_sm", 8)
     ranks = _rank_tiles(rank_k, out.shape[-1], latent_dtype, tuning.pop("split_ranks", True))
     decode = tuning.pop("decode_kernel", decode) and decode
-    # 16-bit models rebuild, rotate and score keys in fp16: packed math and half the registers of fp32 tiles.
-    key_dtype = tuning.pop("key_dtype", torch.float32 if query.dtype == torch.float32 else torch.float16)
-    acc_dtype = tuning.pop("acc_dtype", torch.float32 if key_dtype == torch.bfloat16 else key_dtype)
-    if tuning.pop("convert_table", True):
-        cos_sin_cache = rotary_table(cos_sin_cache, key_dtype)
+    rope_shift = (tuning.pop("rope_shift", latent_dtype == "auto") and decode
+                  and rotary_is_shiftable(cos_sin_cache, block_n))
     # Decode: the query tile is one token's heads of a KV head; fused prefill: 64+ rows of several tokens.
     # Decode rows: the KV head's query heads, padded to a power of two only (not to 16: Triton pads tiny dots
     # itself, and the softmax and accumulators shrink; Llama-3-8B 476 -> 421 µs, Llama-2-7B kv 0.25 1113 -> 962).
@@ -234,7 +273,7 @@ def _fused_attention(query, kv_cache, k_up, k_bias, cos_sin_cache, is_neox_style
     shapes = dict(HEADS_PER_KV=heads_per_kv, GROUP_SIZE=group_size, HEAD_DIM=head_dim, HALF=head_dim // 2,
                   KEY_DTYPE=TRITON_DTYPES[key_dtype], ACC_DTYPE=TRITON_DTYPES[acc_dtype], BLOCK_N=block_n,
                   BLOCK_SIZE=kv_cache.shape[2], NUM_SPLITS=num_splits, HAS_BIAS=k_bias is not None,
-                  USE_SPLITS=use_splits, **ranks, **tuning)
+                  USE_SPLITS=use_splits, ROPE_SHIFT=rope_shift, **ranks, **tuning)
     bias = k_bias if k_bias is not None else k_up_heads  # unused when HAS_BIAS is false
     global last_kernel
     last_kernel = paged_latent_attention_kernel[(programs, kv_heads, num_splits)](
