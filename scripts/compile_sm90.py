@@ -37,8 +37,8 @@ SCALARS = {"num_reqs": "i32", "num_heads": "i32", "scale": "fp32"}
 
 def decode_constexprs(rows: int, block_n: int, latent: str, rank_k: int = 48, rank_v: int = 80,
                       rope_shift: bool = False) -> dict:
-    return dict(ROPE_SHIFT=rope_shift, HEADS_PER_KV=4, GROUP_SIZE=1, HEAD_DIM=128, HALF=64, KEY_DTYPE=tl.float16, ACC_DTYPE=tl.float16,
-                BLOCK_Q=1, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_SIZE=16, NUM_SPLITS=16, HAS_BIAS=False,
+    return dict(ROPE_SHIFT=rope_shift, HEADS_PER_KV=4, GROUP_SIZE=1, HEAD_DIM=128, HALF=64, KEY_DTYPE=tl.float16,
+                ACC_DTYPE=tl.float16, BLOCK_Q=1, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_SIZE=16, NUM_SPLITS=16, HAS_BIAS=False,
                 USE_SPLITS=True, DECODE=True, **_rank_tiles(rank_k, rank_v, latent))
 
 
@@ -124,9 +124,8 @@ def main() -> None:
     POINTERS["cache_ptr"] = "*u8" if args.latent != "auto" else f"*{args.cache_dtype}"
     for tile in args.tiles.split(","):
         block_n, warps, stages = map(int, tile.split(":"))
-        compiled = compile_kernel(kernels.paged_latent_attention_kernel,
-                                  decode_constexprs(args.rows, block_n, args.latent, rope_shift=args.rope_shift), warps, stages,
-                                  args.maxnreg)
+        constexprs = decode_constexprs(args.rows, block_n, args.latent, rope_shift=args.rope_shift)
+        compiled = compile_kernel(kernels.paged_latent_attention_kernel, constexprs, warps, stages, args.maxnreg)
         report(f"{args.latent} {block_n}x{warps}w{stages}s{' shift' if args.rope_shift else ''}", compiled, args.dump)
 
 

@@ -56,7 +56,6 @@ def rotary_table(cos_sin_cache: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
     return known[key]
 
 
-
 def rotary_is_shiftable(table: torch.Tensor, block_n: int) -> bool:
     """Whether rows of the cos/sin table are rotations that compose, R(start + j) = R(start) R(j), for every tile
     start (a multiple of ``block_n``) and offset j < block_n: true of cos/sin(position x frequency) with any
@@ -73,14 +72,19 @@ def rotary_is_shiftable(table: torch.Tensor, block_n: int) -> bool:
         usable = (positions // block_n) * block_n
         if usable < 2 * block_n:
             return False
-        rows = table[:usable].float().view(usable // block_n, block_n, width)
         half = width // 2
-        cos, sin = rows[..., :half], rows[..., half:]
-        norm_error = (cos * cos + sin * sin - 1).abs().max()
-        composed_cos = cos[:, :1] * cos[:1] - sin[:, :1] * sin[:1]
-        composed_sin = sin[:, :1] * cos[:1] + cos[:, :1] * sin[:1]
-        composed_error = torch.maximum((composed_cos - cos).abs().max(), (composed_sin - sin).abs().max())
-        known[key] = bool((norm_error <= 1e-2) & (composed_error <= 3e-2))
+        offset_cos, offset_sin = table[:block_n, :half].float(), table[:block_n, half:].float()
+        worst = torch.zeros((), device=table.device)  # largest error / its tolerance, over every row
+        chunk = max(block_n, 4096 // block_n * block_n)  # bounded temporaries (a 128K-row table in fp32: 64 MB)
+        for start in range(0, usable, chunk):
+            rows = table[start:min(start + chunk, usable)].float().view(-1, block_n, width)
+            cos, sin = rows[..., :half], rows[..., half:]
+            start_cos, start_sin = cos[:, :1], sin[:, :1]
+            worst = torch.stack([
+                worst, (cos * cos + sin * sin - 1).abs().max() / 1e-2,
+                (start_cos * offset_cos - start_sin * offset_sin - cos).abs().max() / 3e-2,
+                (start_sin * offset_cos + start_cos * offset_sin - sin).abs().max() / 3e-2]).max()
+        known[key] = bool(worst <= 1)
     return known[key]
 
 
