@@ -38,8 +38,8 @@ SCALARS = {"num_reqs": "i32", "num_heads": "i32", "scale": "fp32"}
 def decode_constexprs(rows: int, block_n: int, latent: str, rank_k: int = 48, rank_v: int = 80,
                       rope_shift: bool = False) -> dict:
     return dict(ROPE_SHIFT=rope_shift, HEADS_PER_KV=4, GROUP_SIZE=1, HEAD_DIM=128, HALF=64, KEY_DTYPE=tl.float16,
-                ACC_DTYPE=tl.float16, BLOCK_Q=1, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_SIZE=16, NUM_SPLITS=16, HAS_BIAS=False,
-                USE_SPLITS=True, DECODE=True, **_rank_tiles(rank_k, rank_v, latent))
+                ACC_DTYPE=tl.float16, BLOCK_Q=1, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_SIZE=16, NUM_SPLITS=16,
+                HAS_BIAS=False, USE_SPLITS=True, DECODE=True, **_rank_tiles(rank_k, rank_v, latent))
 
 
 def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int, maxnreg: int | None = None):
