@@ -5,14 +5,25 @@ bandwidth, and the roofline floor ``max(bytes / 4.3 TB/s, FLOPs / 790 TFLOP/s)``
 FLOPs include key reconstruction). Baselines: torch SDPA with the flash and cuDNN backends on contiguous K/V, and the
 public Palu approach (rebuild all keys, then attend), and FlashInfer's paged decode with bf16 and fp8 pages where
 FlashInfer is importable (``vllm_palu.bench_flashinfer``). Writes JSON, a markdown table and a PNG plot.
+
+``python -m vllm_palu.bench headline --repeats 6``: the headline decode shape only, Palu and the dense kernels
+timed in alternation with the SM clock sampled during each timing (``ClockMonitor``). The Palu decode kernels are
+compute-bound and follow the SM clock, which the H200 lowers under its power cap, while memory-bound dense decode
+does not slow down: a single pair of timings can land anywhere in that range, the alternation shows it.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
+import shutil
+import statistics
+import subprocess
 import sys
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -124,7 +135,151 @@ def refcheck(case: Case, device, latent: str = "auto", tuning: dict | None = Non
     return float((got - expected).norm() / expected.norm())
 
 
-def time_case(case: Case, device) -> dict:
+SMI_QUERY = "timestamp,clocks.sm,power.draw,clocks_event_reasons.active"
+POWER_CAP_REASON = 0x4  # nvidia-smi's "SW power cap" throttle reason bit
+
+
+def parse_smi_sample(line: str) -> tuple[float, float, float, int] | None:
+    """One line of ``nvidia-smi --query-gpu=SMI_QUERY --format=csv,noheader,nounits``: (unix time, SM MHz,
+    watts, throttle reasons); None for lines that are not samples (errors, "[N/A]")."""
+    parts = [part.strip() for part in line.split(",")]
+    if len(parts) != 4:
+        return None
+    try:
+        stamp = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
+        return stamp, float(parts[1]), float(parts[2]), int(parts[3], 16)
+    except ValueError:
+        return None
+
+
+class ClockMonitor:
+    """SM clock and power sampled by nvidia-smi every ``period_ms`` in the background, for as long as the context
+    is open; ``window(start, end)`` summarizes the samples taken between two ``time.time()`` stamps. Without
+    nvidia-smi every summary is empty (the benchmark still runs)."""
+
+    def __init__(self, period_ms: int = 50):
+        self.period_ms = period_ms
+        self.samples: list[tuple[float, float, float, int]] = []
+        self._process = None
+        self._reader = None
+
+    def __enter__(self) -> ClockMonitor:
+        if shutil.which("nvidia-smi"):
+            self._process = subprocess.Popen(
+                ["nvidia-smi", f"--query-gpu={SMI_QUERY}", "--format=csv,noheader,nounits", "-lms",
+                 str(self.period_ms)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            self._reader = threading.Thread(target=self._read, daemon=True)
+            self._reader.start()
+        return self
+
+    def _read(self) -> None:
+        for line in self._process.stdout:
+            sample = parse_smi_sample(line)
+            if sample is not None:
+                self.samples.append(sample)
+
+    def __exit__(self, *exc) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait()
+            self._reader.join(timeout=1)
+
+    def window(self, start: float, end: float) -> dict:
+        inside = [sample for sample in self.samples if start <= sample[0] <= end]
+        if not inside:
+            return {}
+        return {"sm_mhz": statistics.median(sample[1] for sample in inside),
+                "watts": max(sample[2] for sample in inside),
+                "power_capped": any(sample[3] & POWER_CAP_REASON for sample in inside)}
+
+
+def timed_with_clock(fn, monitor: ClockMonitor) -> dict:
+    """Median time of ``fn`` (do_bench) and the SM clock while it ran. nvidia-smi's samples arrive with a lag,
+    so the window is read after a short wait."""
+    from triton.testing import do_bench
+
+    start = time.time()
+    us = do_bench(fn, return_mode="median") * 1e3
+    end = time.time()
+    time.sleep(2.5 * monitor.period_ms / 1e3)
+    return {"us": us, **monitor.window(start, end)}
+
+
+def headline(device, repeats: int, out_dir: Path) -> list[dict]:
+    """Llama-3-8B kv 0.5 gs 1, batch 16, 32K context: Palu (bf16, fp8, int4 latents) and flash / cuDNN SDPA
+    timed in alternation ``repeats`` times, each timing with its SM clock; prints and writes each round's
+    speed-ups over the best dense time of the same round."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from vllm_palu.attention import ops
+
+    case = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768)
+    inputs = {latent: build_inputs(case, torch.bfloat16, device, latent) for latent in LATENTS}
+    q = torch.randn(case.batch, case.heads, 1, case.head_dim, device=device, dtype=torch.bfloat16)
+    k = torch.randn(case.batch, case.kv_heads, case.context, case.head_dim, device=device, dtype=torch.bfloat16)
+    v = torch.randn_like(k)
+
+    def palu(latent):
+        return lambda: ops.paged_latent_attention(**inputs[latent], max_query_len=1, max_seq_len=case.context)
+
+    def sdpa(backend):
+        def run():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return run
+
+    kernels = {"palu": palu("auto"), "palu_fp8": palu("fp8"), "palu_int4": palu("int4"),
+               "flash": sdpa(SDPBackend.FLASH_ATTENTION), "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
+    rounds = []
+    with ClockMonitor() as monitor:
+        for index in range(repeats):
+            timings = {name: timed_with_clock(fn, monitor) for name, fn in kernels.items()}
+            best_dense = min(timings["flash"]["us"], timings["cudnn"]["us"])
+            rounds.append({"round": index, **{name: timing for name, timing in timings.items()},
+                           **{f"speedup{name[4:]}": best_dense / timings[name]["us"]
+                              for name in ("palu", "palu_fp8", "palu_int4")}})
+            mhz = lambda t: f"{t['sm_mhz']:.0f} MHz" if "sm_mhz" in t else "clock n/a"  # noqa: E731
+            print(f"round {index}: palu {timings['palu']['us']:.0f} us ({mhz(timings['palu'])}), "
+                  f"cudnn {timings['cudnn']['us']:.0f} us ({mhz(timings['cudnn'])}), flash "
+                  f"{timings['flash']['us']:.0f} us: {rounds[-1]['speedup']:.2f}x; fp8 "
+                  f"{rounds[-1]['speedup_fp8']:.2f}x, int4 {rounds[-1]['speedup_int4']:.2f}x", flush=True)
+    floor = floor_us(case.palu_bytes(), case.palu_flops())
+    speedups = [r["speedup"] for r in rounds]
+    print(f"bf16 latents: median {statistics.median(speedups):.2f}x (range {min(speedups):.2f}-{max(speedups):.2f}x) "
+          f"the best dense decode; median {statistics.median(floor / r['palu']['us'] for r in rounds):.0%} of the "
+          f"{floor:.0f} us floor")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "headline.json").write_text(json.dumps({"case": asdict(case), "floor_us": floor, "rounds": rounds},
+                                                      indent=1))
+    plot_headline(rounds, out_dir / "headline.png")
+    return rounds
+
+
+def plot_headline(rounds: list[dict], path: Path) -> None:
+    """Time against the SM clock of each timing: Palu's points fall as the clock rises, dense decode stays flat."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, label in (("palu", "Palu bf16 latents"), ("palu_fp8", "Palu fp8 latents"),
+                        ("palu_int4", "Palu int4 latents"), ("flash", "flash SDPA"), ("cudnn", "cuDNN SDPA")):
+        points = [(r[name]["sm_mhz"], r[name]["us"]) for r in rounds if "sm_mhz" in r[name]]
+        if points:
+            ax.scatter(*zip(*points), label=label, s=18)
+    ax.set_xlabel("median SM clock during the timing (MHz)")
+    ax.set_ylabel("µs per layer (Llama-3-8B kv 0.5, b16, 32K)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+
+
+def time_case(case: Case, device, monitor: ClockMonitor | None = None) -> dict:
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -137,10 +292,12 @@ def time_case(case: Case, device) -> dict:
            "dense_floor_us": floor_us(case.dense_bytes(), case.dense_flops())}
     for latent in LATENTS if case.query_len == 1 else ("auto",):
         inputs = build_inputs(case, torch.bfloat16, device, latent)
-        us = do_bench(lambda: ops.paged_latent_attention(**inputs, max_query_len=case.query_len,
-                                                         max_seq_len=case.context), return_mode="median") * 1e3
+        timing = timed_with_clock(lambda: ops.paged_latent_attention(
+            **inputs, max_query_len=case.query_len, max_seq_len=case.context), monitor or ClockMonitor())
+        us = timing["us"]
         suffix = "" if latent == "auto" else f"_{latent}"
         row[f"palu{suffix}_us"] = us
+        row[f"palu{suffix}_sm_mhz"] = timing.get("sm_mhz")
         row[f"palu{suffix}_floor_us"] = floor_us(case.palu_bytes(latent), case.palu_flops())
         row[f"palu{suffix}_roofline_fraction"] = row[f"palu{suffix}_floor_us"] / us
         row[f"palu{suffix}_bandwidth_tbs"] = case.palu_bytes(latent) / us / 1e6
@@ -158,8 +315,10 @@ def time_case(case: Case, device) -> dict:
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("cudnn", SDPBackend.CUDNN_ATTENTION)):
         try:
             with sdpa_kernel(backend):
-                row[f"{name}_us"] = do_bench(lambda: F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=mask, enable_gqa=True), return_mode="median") * 1e3
+                timing = timed_with_clock(lambda: F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, enable_gqa=True), monitor or ClockMonitor())
+                row[f"{name}_us"] = timing["us"]
+                row[f"{name}_sm_mhz"] = timing.get("sm_mhz")
         except RuntimeError as error:
             row[f"{name}_us"] = None
             row[f"{name}_error"] = str(error).splitlines()[0][:120]
@@ -260,7 +419,7 @@ def write_outputs(rows: list[dict], out_dir: Path) -> None:
     (out_dir / "kernels.json").write_text(json.dumps(rows, indent=1))
     lines = ["| model | kv ratio | gs | batch | ctx | q | ranks k/v | best dense µs (flash / cudnn / flashinfer) | "
              "flashinfer fp8 KV µs | dense floor µs | palu bf16 µs (floor, of floor, speed-up) | fp8 latents | "
-             "int4 latents |", "|" + "---|" * 13]
+             "int4 latents | SM MHz palu / cudnn |", "|" + "---|" * 14]
 
     def palu(r: dict, suffix: str) -> str:
         if f"palu{suffix}_us" not in r:
@@ -275,7 +434,8 @@ def write_outputs(rows: list[dict], out_dir: Path) -> None:
                      f"{r['query_len']} | {r['rank_k']}/{r['rank_v']} | {fmt(r['best_dense_us'])} "
                      f"({fmt(r['flash_us'])} / {fmt(r['cudnn_us'])} / {fmt(r.get('flashinfer_us'))}) | "
                      f"{fmt(r.get('flashinfer_fp8_us'))} | {r['dense_floor_us']:.0f} | {palu(r, '')} | "
-                     f"{palu(r, '_fp8')} | {palu(r, '_int4')} |")
+                     f"{palu(r, '_fp8')} | {palu(r, '_int4')} | {fmt(r.get('palu_sm_mhz'))} / "
+                     f"{fmt(r.get('cudnn_sm_mhz'))} |")
     (out_dir / "kernels.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
@@ -307,9 +467,10 @@ def write_outputs(rows: list[dict], out_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vllm_palu.bench")
-    parser.add_argument("what", choices=["kernels", "tune"])
+    parser.add_argument("what", choices=["kernels", "tune", "headline"])
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     parser.add_argument("--quick", action="store_true", help="only the headline cases")
+    parser.add_argument("--repeats", type=int, default=6, help="headline: rounds of alternating timings")
     args = parser.parse_args(argv)
     import torch
     from tqdm import tqdm
@@ -318,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: the kernel benchmark needs an NVIDIA GPU", file=sys.stderr)
         return 2
     device = torch.device("cuda")
+    if args.what == "headline":
+        headline(device, args.repeats, args.out)
+        return 0
     if args.what == "tune":
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "tune.json").write_text(json.dumps(tune(device), indent=1))
@@ -326,15 +490,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         cases = [c for c in cases if c.context == 32768]
     rows = []
-    for case in tqdm(cases, desc="kernel benchmark"):
-        errors = {latent: refcheck(case, device, latent) for latent in LATENTS}
-        if not max(errors.values()) < 2e-2:
-            print(f"error: refcheck failed for {case}: relative errors {errors}", file=sys.stderr)
-            return 1
-        rows.append({**time_case(case, device), "refcheck_error": errors})
-        print(json.dumps(rows[-1]), flush=True)
-        (args.out / "kernels.json").parent.mkdir(parents=True, exist_ok=True)
-        (args.out / "kernels.json").write_text(json.dumps(rows, indent=1))  # partial results survive a timeout
+    with ClockMonitor() as monitor:
+        for case in tqdm(cases, desc="kernel benchmark"):
+            errors = {latent: refcheck(case, device, latent) for latent in LATENTS}
+            if not max(errors.values()) < 2e-2:
+                print(f"error: refcheck failed for {case}: relative errors {errors}", file=sys.stderr)
+                return 1
+            rows.append({**time_case(case, device, monitor), "refcheck_error": errors})
+            print(json.dumps(rows[-1]), flush=True)
+            (args.out / "kernels.json").parent.mkdir(parents=True, exist_ok=True)
+            (args.out / "kernels.json").write_text(json.dumps(rows, indent=1))  # partial results survive a timeout
     write_outputs(rows, args.out)
     return 0
 
