@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call: kernel tests at full size on the GPU, then the kernel benchmark (JSON, table, PNG in $OUT).
+# One device call: kernel tests at full size on the GPU, then the kernel benchmark (JSON, table, PNG in $OUT) and
+# the headline shape timed in alternation with its SM clock.
 # Usage on the GPU machine (no vLLM there):  bash scripts/gpu_check.sh [--quick]
 # FlashInfer baseline (optional): FLASHINFER_WHEELS=DIR with flashinfer-python (JIT-only, e.g. 0.5.3) and
 # apache-tvm-ffi wheels carried to the machine (`pip download` them here; see vllm_palu/bench_flashinfer.py).
@@ -14,3 +15,5 @@ fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 PALU_KERNEL_TESTS_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -15
 python3 -m vllm_palu.bench kernels --out "$OUT" "$@" 2>&1 | grep -v '^{' | tail -60
+# The headline shape again, Palu and dense decode alternating, with the SM clock of each timing.
+python3 -m vllm_palu.bench headline --repeats 4 --out "$OUT" 2>&1 | grep -v Warning | tail -6

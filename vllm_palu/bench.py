@@ -205,10 +205,11 @@ def timed_with_clock(fn, monitor: ClockMonitor) -> dict:
     return {"us": us, **monitor.window(start, end)}
 
 
-def headline(device, repeats: int, out_dir: Path) -> list[dict]:
+def headline(device, repeats: int, out_dir: Path) -> list[dict] | None:
     """Llama-3-8B kv 0.5 gs 1, batch 16, 32K context: Palu (bf16, fp8, int4 latents) and flash / cuDNN SDPA
     timed in alternation ``repeats`` times, each timing with its SM clock; prints and writes each round's
-    speed-ups over the best dense time of the same round."""
+    speed-ups over the best dense time of the same round. None (nothing timed) if a kernel fails its reference
+    check."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -216,6 +217,10 @@ def headline(device, repeats: int, out_dir: Path) -> list[dict]:
     from vllm_palu.attention import ops
 
     case = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768)
+    errors = {latent: refcheck(case, device, latent) for latent in LATENTS}
+    if not max(errors.values()) < 2e-2:
+        print(f"error: refcheck failed for {case}: relative errors {errors}", file=sys.stderr)
+        return None
     inputs = {latent: build_inputs(case, torch.bfloat16, device, latent) for latent in LATENTS}
     q = torch.randn(case.batch, case.heads, 1, case.head_dim, device=device, dtype=torch.bfloat16)
     k = torch.randn(case.batch, case.kv_heads, case.context, case.head_dim, device=device, dtype=torch.bfloat16)
@@ -237,7 +242,7 @@ def headline(device, repeats: int, out_dir: Path) -> list[dict]:
         for index in range(repeats):
             timings = {name: timed_with_clock(fn, monitor) for name, fn in kernels.items()}
             best_dense = min(timings["flash"]["us"], timings["cudnn"]["us"])
-            rounds.append({"round": index, **{name: timing for name, timing in timings.items()},
+            rounds.append({"round": index, **timings,
                            **{f"speedup{name[4:]}": best_dense / timings[name]["us"]
                               for name in ("palu", "palu_fp8", "palu_int4")}})
             mhz = lambda t: f"{t['sm_mhz']:.0f} MHz" if "sm_mhz" in t else "clock n/a"  # noqa: E731
@@ -251,8 +256,8 @@ def headline(device, repeats: int, out_dir: Path) -> list[dict]:
           f"the best dense decode; median {statistics.median(floor / r['palu']['us'] for r in rounds):.0%} of the "
           f"{floor:.0f} us floor")
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "headline.json").write_text(json.dumps({"case": asdict(case), "floor_us": floor, "rounds": rounds},
-                                                      indent=1))
+    (out_dir / "headline.json").write_text(json.dumps({"case": asdict(case), "floor_us": floor,
+                                                       "refcheck_error": errors, "rounds": rounds}, indent=1))
     plot_headline(rounds, out_dir / "headline.png")
     return rounds
 
@@ -480,8 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     device = torch.device("cuda")
     if args.what == "headline":
-        headline(device, args.repeats, args.out)
-        return 0
+        return 0 if headline(device, args.repeats, args.out) is not None else 1
     if args.what == "tune":
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "tune.json").write_text(json.dumps(tune(device), indent=1))
