@@ -4,6 +4,7 @@ shape contract as :mod:`vllm_palu.attention.reference` (the fp32 oracle); the ke
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -19,7 +20,8 @@ LOG2E = 1.4426950408889634
 
 
 def _pow2(value: int, minimum: int = 16) -> int:
-    return max(minimum, triton.next_power_of_2(value))
+    """Smallest power of two >= value (at least ``minimum``); plain int arithmetic, it runs on every launch."""
+    return max(minimum, 1 << max(value - 1, 0).bit_length())
 
 
 def rank_chunks(rank: int) -> tuple[int, int]:
@@ -128,15 +130,25 @@ def choose_num_splits(programs: int, max_seq_len: int, block_n: int, device: tor
     least 4 KV tiles per split."""
     if device.type != "cuda":
         return 1
-    multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
-    wanted = math.ceil(programs_per_sm * multiprocessors / max(programs, 1))
+    wanted = math.ceil(programs_per_sm * _multiprocessors(device) / max(programs, 1))
     most = max(1, max_seq_len // (4 * block_n))  # keep >= 4 tiles per split
-    return int(min(triton.next_power_of_2(wanted), triton.next_power_of_2(most) // 2 or 1, 64))
+    return int(min(_pow2(wanted, 1), _pow2(most, 1) // 2 or 1, 64))
+
+
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _rank_tiles(rank_k: int, rank_v: int, latent_dtype: str, split_ranks: bool = True) -> dict:
     """The kernels' rank constexprs: tiles covering the K and V latents (one chunk, or two with less padding; int4
-    pages hold both halves of a rank in one byte tile: two chunks of rank / 2)."""
+    pages hold both halves of a rank in one byte tile: two chunks of rank / 2). Computed once per shape: this
+    runs on every launch."""
+    return dict(_rank_tile_items(rank_k, rank_v, latent_dtype, split_ranks))
+
+
+@functools.lru_cache(maxsize=256)
+def _rank_tile_items(rank_k: int, rank_v: int, latent_dtype: str, split_ranks: bool) -> tuple:
     if latent_dtype == "int4":
         rk0 = rk1 = _pow2(rank_k // 2)
         rv0 = rv1 = _pow2(rank_v // 2)
@@ -145,10 +157,10 @@ def _rank_tiles(rank_k: int, rank_v: int, latent_dtype: str, split_ranks: bool =
         rk0, rk1 = rank_chunks(rank_k) if split_ranks else (_pow2(rank_k), 0)
         rv0, rv1 = rank_chunks(rank_v) if split_ranks else (_pow2(rank_v), 0)
         k_limit, v_limit = rank_k, rank_v
-    return dict(RANK_K=rank_k, RANK_V=rank_v, RK0=rk0, RK1=max(rk1, 16), RV0=rv0, RV1=max(rv1, 16),
-                SPLIT_K=rk1 > 0, SPLIT_V=rv1 > 0, LATENT=LATENT_CODES[latent_dtype], K0_LIMIT=k_limit,
-                K1_OFFSET=k_limit if latent_dtype == "int4" else rk0, V0_LIMIT=v_limit,
-                V1_OFFSET=v_limit if latent_dtype == "int4" else rv0)
+    return tuple(dict(RANK_K=rank_k, RANK_V=rank_v, RK0=rk0, RK1=max(rk1, 16), RV0=rv0, RV1=max(rv1, 16),
+                      SPLIT_K=rk1 > 0, SPLIT_V=rv1 > 0, LATENT=LATENT_CODES[latent_dtype], K0_LIMIT=k_limit,
+                      K1_OFFSET=k_limit if latent_dtype == "int4" else rk0, V0_LIMIT=v_limit,
+                      V1_OFFSET=v_limit if latent_dtype == "int4" else rv0).items())
 
 
 def _cache_views(kv_cache: torch.Tensor, latent_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
