@@ -260,10 +260,15 @@ def test_quantized_latents_with_key_bias(shape, mode):
 
 
 @pytest.mark.parametrize("mode", ["fp8", "int4"])
-def test_write_latents_quantizes_rows(mode):
+@pytest.mark.parametrize("ranks,dtype", [((16, 24), torch.float32), ((48, 80), torch.bfloat16),
+                                         ((2, 6), torch.float16)])
+def test_write_latents_quantizes_rows(mode, ranks, dtype):
+    """The fused quantize-and-scatter kernel writes exactly the bytes of the PyTorch contract (codes, fp16 scales
+    and minima, page layout), for latents spanning six orders of magnitude between rows; padding slots untouched."""
     generator = torch.Generator().manual_seed(1)
-    k_latent = torch.randn(4, 2, 16, generator=generator).to(DEVICE)
-    v_latent = torch.randn(4, 2, 24, generator=generator).to(DEVICE)
+    magnitude = 10.0 ** (torch.rand(4, 2, 1, generator=generator) * 6 - 3)
+    k_latent = (torch.randn(4, 2, ranks[0], generator=generator) * magnitude).to(dtype).to(DEVICE)
+    v_latent = (torch.randn(4, 2, ranks[1], generator=generator) * magnitude + 1).to(dtype).to(DEVICE)
     rows = quantize_rows(k_latent, v_latent, mode)
     cache = torch.randint(0, 255, (6, 2, 16, rows.shape[-1]), dtype=torch.uint8, generator=generator).to(DEVICE)
     expected = pages_to_rows(cache, mode)
@@ -274,6 +279,26 @@ def test_write_latents_quantizes_rows(mode):
     reference_cache = rows_to_pages(pages_to_rows(cache, mode), mode)
     reference.write_latents(reference_cache, slots, k_latent, v_latent, latent_dtype=mode)
     assert torch.equal(reference_cache, cache)
+
+
+@pytest.mark.parametrize("mode", ["fp8", "int4"])
+def test_write_latents_rounds_ties_to_even(mode):
+    """Values exactly halfway between two codes (scale 1 by construction): fp8 124 -> 128, 9.5 -> 10, 2^-9 * 1.5
+    -> 2^-8 (subnormal), a tiny negative -> -0; int4 2.5 -> 2, 3.5 -> 4. The kernel must agree with the PyTorch
+    contract bit for bit."""
+    if mode == "fp8":
+        k = torch.tensor([448.0, 124.0, 9.5, -9.5, 1.5 * 2 ** -9, -120.0, -2 ** -12, 7.25])  # -2^-12 -> -0
+    else:
+        k = torch.tensor([0.0, 15.0, 2.5, 3.5, 4.5, 14.5, 0.5, 1.0])
+    k_latent = k.view(1, 1, 8).to(DEVICE)
+    v_latent = k.flip(0).view(1, 1, 8).to(DEVICE)
+    rows = quantize_rows(k_latent, v_latent, mode)
+    cache = torch.zeros(1, 1, 16, rows.shape[-1], dtype=torch.uint8, device=DEVICE)
+    ops.write_latents(cache, torch.tensor([5], device=DEVICE), k_latent, v_latent, latent_dtype=mode)
+    assert torch.equal(pages_to_rows(cache, mode)[0, 0, 5], rows[0, 0])
+    k_back, _ = dequantize_rows(rows[0, 0], 8, 8, mode)
+    expected = [448, 128, 10, -10, 2 ** -8, -120, 0, 7] if mode == "fp8" else [0, 15, 2, 4, 4, 14, 0, 1]
+    assert k_back.tolist() == expected
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs: GPU only")

@@ -41,6 +41,90 @@ def write_latents_kernel(
 
 
 @triton.jit
+def _round_half_even(y):
+    """Round fp32 values of magnitude < 2^22 to the nearest integer, ties to even: adding and removing 1.5 * 2^23
+    leaves no fraction bits, and fp32 addition rounds to nearest even (exact on GPUs and in the interpreter)."""
+    return (y + 12582912.0) - 12582912.0
+
+
+@triton.jit
+def _round_to_e4m3(x):
+    """fp32 values within [-448, 448] rounded to the e4m3 grid (3 mantissa bits, subnormal below 2^-6), ties to
+    even, sign kept (-0 for negatives that round to zero, as PyTorch's conversion), in fp32; the conversion to
+    float8 that follows is then exact (the interpreter's own rounding can carry into the exponent wrongly)."""
+    exponent = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+    step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(e - 3)
+    inverse_step = ((3 - exponent + 127) << 23).to(tl.float32, bitcast=True)  # 2^(3 - e): products stay exact
+    rounded = _round_half_even(x * inverse_step) * step
+    sign = x.to(tl.int32, bitcast=True) & -2147483648  # x's sign bit (Triton's -y is 0 - y: +0 for y = 0)
+    return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _quantize_latent(x_ptr, payload_row, scale_row, RANK: tl.constexpr, PAD: tl.constexpr, INT4: tl.constexpr):
+    """Quantize one token's K or V latent (``vllm_palu.attention.latent_quant``'s contract, bit for bit: IEEE
+    divisions, scales rounded to fp16 before use, round-half-even codes) and store its payload bytes and fp16
+    scale (and minimum) at the given row pointers."""
+    if INT4:  # byte j holds codes j (low nibble) and j + RANK/2 (high nibble)
+        half = tl.arange(0, PAD // 2)
+        in_half = half < RANK // 2
+        low_x = tl.load(x_ptr + half, mask=in_half, other=0.0).to(tl.float32)
+        high_x = tl.load(x_ptr + RANK // 2 + half, mask=in_half, other=0.0).to(tl.float32)
+        top = tl.maximum(tl.max(tl.where(in_half, low_x, float("-inf"))),
+                         tl.max(tl.where(in_half, high_x, float("-inf"))))
+        bottom = tl.minimum(tl.min(tl.where(in_half, low_x, float("inf"))),
+                            tl.min(tl.where(in_half, high_x, float("inf"))))
+        scale = tl.minimum(tl.maximum(tl.math.div_rn(top - bottom, 15.0), 2.0 ** -24), 65504.0).to(tl.float16)
+        minimum = tl.minimum(tl.maximum(bottom, -65504.0), 65504.0).to(tl.float16)
+        scale32 = scale.to(tl.float32)
+        minimum32 = minimum.to(tl.float32)
+        low_code = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(low_x - minimum32, scale32)), 0.0), 15.0)
+        high_code = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(high_x - minimum32, scale32)), 0.0),
+                               15.0)
+        packed = low_code.to(tl.uint8) | (high_code.to(tl.uint8) << 4)
+        tl.store(payload_row + half, packed, mask=in_half)
+        tl.store(scale_row, scale)
+        tl.store(scale_row + 1, minimum)
+    else:  # fp8 e4m3, symmetric
+        index = tl.arange(0, PAD)
+        inside = index < RANK
+        x = tl.load(x_ptr + index, mask=inside, other=0.0).to(tl.float32)
+        scale = tl.minimum(tl.maximum(tl.math.div_rn(tl.max(tl.abs(x)), 448.0), 2.0 ** -24), 65504.0)
+        scale = scale.to(tl.float16)
+        scaled = tl.minimum(tl.maximum(tl.math.div_rn(x, scale.to(tl.float32)), -448.0), 448.0)
+        codes = _round_to_e4m3(scaled).to(tl.float8e4nv)
+        tl.store(payload_row + index, codes.to(tl.uint8, bitcast=True), mask=inside)
+        tl.store(scale_row, scale)
+
+
+@triton.jit
+def write_quantized_latents_kernel(
+    k_ptr, v_ptr, payload_ptr, scale_ptr, slot_ptr,
+    stride_kt, stride_kg, stride_vt, stride_vg,
+    stride_pb, stride_pg, stride_pn, stride_sb, stride_sg, stride_sn,
+    BLOCK_SIZE: tl.constexpr, RANK_K: tl.constexpr, RANK_V: tl.constexpr,
+    PAD_K: tl.constexpr, PAD_V: tl.constexpr, INT4: tl.constexpr,
+):
+    """Quantize a token's K and V latents of one group into its cache slot: payload bytes (K then V) in the
+    page's payload rows, fp16 scales (and minima for int4: K scale, K min, V scale, V min) in its scale rows.
+    One launch instead of the PyTorch quantization plus two scatters."""
+    token = tl.program_id(0)
+    group = tl.program_id(1)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    if slot < 0:  # padding token
+        return
+    page = slot // BLOCK_SIZE
+    position = slot % BLOCK_SIZE
+    payload_row = payload_ptr + page * stride_pb + group * stride_pg + position * stride_pn
+    scale_row = scale_ptr + page * stride_sb + group * stride_sg + position * stride_sn
+    k_bytes: tl.constexpr = RANK_K // 2 if INT4 else RANK_K
+    scales_per_latent: tl.constexpr = 2 if INT4 else 1
+    _quantize_latent(k_ptr + token * stride_kt + group * stride_kg, payload_row, scale_row, RANK_K, PAD_K, INT4)
+    _quantize_latent(v_ptr + token * stride_vt + group * stride_vg, payload_row + k_bytes,
+                     scale_row + scales_per_latent, RANK_V, PAD_V, INT4)
+
+
+@triton.jit
 def _find_request(cu_qblocks_ptr, num_reqs, tile):
     """Largest request index i with cu_qblocks[i] <= tile (binary search; cu_qblocks has num_reqs + 1 entries)."""
     lo = 0

@@ -12,8 +12,9 @@ import triton
 import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
-from vllm_palu.attention.latent_quant import page_views, quantize_rows, rank_v_of_row
-from vllm_palu.attention.kernels import paged_latent_attention_kernel, reduce_splits_kernel, write_latents_kernel
+from vllm_palu.attention.latent_quant import SCALE_BYTES, check_ranks, page_views, rank_v_of_row, row_bytes
+from vllm_palu.attention.kernels import (paged_latent_attention_kernel, reduce_splits_kernel, write_latents_kernel,
+                                        write_quantized_latents_kernel)
 from vllm_palu.attention.prefill_kernels import prefill_attention_kernel, rebuild_context_kernel
 
 LOG2E = 1.4426950408889634
@@ -93,17 +94,12 @@ def rotary_is_shiftable(table: torch.Tensor, block_n: int) -> bool:
 def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: torch.Tensor,
                   v_latent: torch.Tensor, latent_dtype: str = "auto") -> None:
     """kv_cache ``[blocks, G, block_size, row]`` (last dim contiguous), latents ``[T, G, rank]``; fp8/int4 latents
-    are quantized into uint8 rows first (:mod:`vllm_palu.attention.latent_quant`), then scattered as bytes."""
-    if latent_dtype != "auto":
-        rows = quantize_rows(k_latent, v_latent, latent_dtype)
-        payload, scales = page_views(kv_cache, latent_dtype)
-        split = payload.shape[-1]
-        for region, part in ((payload, rows[..., :split]), (scales, rows[..., split:])):
-            half = part.shape[-1] // 2  # the scatter kernel copies a row as two parts
-            write_latents(region, slot_mapping, part[..., :half], part[..., half:])
-        return
+    are quantized and scattered into the page layout by one kernel (:mod:`vllm_palu.attention.latent_quant`)."""
     tokens, groups, rank_k = k_latent.shape
     rank_v = v_latent.shape[-1]
+    if latent_dtype != "auto":
+        _write_quantized(kv_cache, slot_mapping, k_latent, v_latent, latent_dtype)
+        return
     assert kv_cache.shape[1] == groups and kv_cache.shape[-1] == rank_k + rank_v and kv_cache.stride(-1) == 1
     assert k_latent.stride(-1) == 1 and v_latent.stride(-1) == 1 and slot_mapping.shape[0] >= tokens
     if tokens == 0:
@@ -114,6 +110,29 @@ def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: 
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
         BLOCK_SIZE=kv_cache.shape[2], RANK_K=rank_k, RANK_V=rank_v, PAD_K=_pow2(rank_k, 1),
         PAD_V=_pow2(rank_v, 1))
+
+
+def _write_quantized(kv_cache, slot_mapping, k_latent, v_latent, latent_dtype) -> None:
+    """fp8 / int4 latents quantized and scattered into the page layout by one kernel (the contract and its
+    PyTorch oracle: :mod:`vllm_palu.attention.latent_quant`)."""
+    tokens, groups, rank_k = k_latent.shape
+    rank_v = v_latent.shape[-1]
+    problem = check_ranks(rank_k, rank_v, latent_dtype)
+    if problem:
+        raise ValueError(problem)
+    payload, scales = page_views(kv_cache, latent_dtype)
+    scales = scales.view(torch.float16)
+    assert k_latent.stride(-1) == 1 and v_latent.stride(-1) == 1 and slot_mapping.shape[0] >= tokens
+    assert payload.shape[-1] == row_bytes(rank_k, rank_v, latent_dtype) - SCALE_BYTES[latent_dtype]
+    if tokens == 0:
+        return
+    int4 = latent_dtype == "int4"
+    write_quantized_latents_kernel[(tokens, groups)](
+        k_latent, v_latent, payload, scales, slot_mapping,
+        k_latent.stride(0), k_latent.stride(1), v_latent.stride(0), v_latent.stride(1),
+        payload.stride(0), payload.stride(1), payload.stride(2), scales.stride(0), scales.stride(1),
+        scales.stride(2), BLOCK_SIZE=kv_cache.shape[2], RANK_K=rank_k, RANK_V=rank_v,
+        PAD_K=_pow2(rank_k, 2), PAD_V=_pow2(rank_v, 2), INT4=int4)
 
 
 def rotary_permutation(head_dim: int, is_neox_style: bool, device) -> torch.Tensor | None:
