@@ -8,8 +8,9 @@ query rows of that KV head, and accumulates ``P @ v_latent`` with an online soft
 combines KV splits. Keys are rebuilt in two rotary halves (``lo``, ``hi``) so rotation needs no register shuffles;
 GPT-J-style rotary is handled by the launcher permuting k_up rows and query columns the same way. Decode rotates
 keys by their offset in the tile and the query back by the tile's start (``ROPE_SHIFT``), so the rotary table is
-read one row per tile instead of one row per key. Variants tried and
-their measurements: docs/KERNEL_NOTES.md.
+read one row per tile instead of one row per key. ``write_latents_kernel`` scatters new tokens' 16-bit latents
+into their slots; ``write_quantized_latents_kernel`` quantizes them to fp8 / int4 on the way (the contract of
+:mod:`vllm_palu.attention.latent_quant`, bit for bit). Variants tried and their measurements: docs/KERNEL_NOTES.md.
 """
 
 from __future__ import annotations
