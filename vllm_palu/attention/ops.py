@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch.utils.weak import WeakIdKeyDictionary
 
-from vllm_palu.attention.latent_quant import SCALE_BYTES, check_ranks, page_views, rank_v_of_row, row_bytes
+from vllm_palu.attention.latent_quant import SCALE_BYTES, page_views, rank_v_of_row, row_bytes
 from vllm_palu.attention.kernels import (paged_latent_attention_kernel, reduce_splits_kernel, write_latents_kernel,
                                         write_quantized_latents_kernel)
 from vllm_palu.attention.prefill_kernels import prefill_attention_kernel, rebuild_context_kernel
@@ -117,13 +117,11 @@ def _write_quantized(kv_cache, slot_mapping, k_latent, v_latent, latent_dtype) -
     PyTorch oracle: :mod:`vllm_palu.attention.latent_quant`)."""
     tokens, groups, rank_k = k_latent.shape
     rank_v = v_latent.shape[-1]
-    problem = check_ranks(rank_k, rank_v, latent_dtype)
-    if problem:
-        raise ValueError(problem)
+    payload_bytes = row_bytes(rank_k, rank_v, latent_dtype) - SCALE_BYTES[latent_dtype]  # ValueError: bad ranks
     payload, scales = page_views(kv_cache, latent_dtype)
     scales = scales.view(torch.float16)
     assert k_latent.stride(-1) == 1 and v_latent.stride(-1) == 1 and slot_mapping.shape[0] >= tokens
-    assert payload.shape[-1] == row_bytes(rank_k, rank_v, latent_dtype) - SCALE_BYTES[latent_dtype]
+    assert payload.shape[-1] == payload_bytes
     if tokens == 0:
         return
     int4 = latent_dtype == "int4"
