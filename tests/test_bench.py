@@ -1,5 +1,5 @@
 """The kernel benchmark's clock sampling (pure parsing; the timings themselves need the GPU machine)."""
-from vllm_palu.bench import ClockMonitor, parse_smi_sample
+from benchmarks.gpu_clock import ClockMonitor, parse_smi_sample
 
 
 def test_parse_smi_sample():

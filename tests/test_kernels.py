@@ -14,6 +14,7 @@ DEVICE = os.environ.get("PALU_KERNEL_TESTS_DEVICE", "cpu")  # cpu: TRITON_INTERP
 triton = pytest.importorskip("triton")
 
 from vllm_palu.attention import ops, reference  # noqa: E402
+from vllm_palu.attention.ops import KernelConfig  # noqa: E402
 from vllm_palu.attention.latent_quant import dequantize_rows, pages_to_rows, quantize_rows, rows_to_pages  # noqa: E402,E501
 
 DTYPES = [torch.float32] if DEVICE == "cpu" else [torch.bfloat16, torch.float16]
@@ -90,15 +91,14 @@ def test_attention_matches_reference(shape, dtype):
 
 
 @pytest.mark.parametrize("shape", [SMALL[1], SMALL[3]])
-@pytest.mark.parametrize("acc_dtype", [torch.float32, torch.float16])
-def test_fp16_key_path_matches_reference(shape, acc_dtype):
-    """The fp16 key tiles that 16-bit models use, exercised with fp32 inputs (runs under the interpreter too)."""
+def test_fp16_key_path_matches_reference(shape):
+    """The fp16 key tiles (and fp16 rebuild accumulation) that 16-bit models use, exercised with fp32 inputs (runs
+    under the interpreter too)."""
     seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size = shape
     case = make_case(seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size,
                      torch.float32, seed=7)
     expected = reference.paged_latent_attention(**case, is_neox_style=True)
-    out = ops.paged_latent_attention(**case, is_neox_style=True,
-                                     tuning={"key_dtype": torch.float16, "acc_dtype": acc_dtype})
+    out = ops.paged_latent_attention(**case, is_neox_style=True, config=KernelConfig(key_dtype=torch.float16))
     assert float((out - expected).norm() / expected.norm()) < 5e-3
 
 
@@ -121,18 +121,19 @@ def test_decode_rotary_by_tile_offset(rope_shift, block_n, neox):
     both ways, with a key bias, GPT-J pairs and a partial last tile, equal the reference."""
     case = make_case([150, 64, 97], [1, 1, 1], 4, 2, 1, 32, 16, 24, 16, DTYPES[0], bias=True, seed=11)
     assert ops.rotary_is_shiftable(case["cos_sin_cache"], block_n)
-    check(case, is_neox_style=neox, tuning={"rope_shift": rope_shift, "block_n": block_n})
+    check(case, is_neox_style=neox, config=KernelConfig(rope_shift=rope_shift, decode_block_n=block_n))
 
 
 def test_scaled_rotary_table_is_not_shifted():
-    """A table carrying a magnitude (YaRN's mscale) does not compose as rotations: the launcher falls back to the
+    """A table carrying a magnitude (YaRN's mscale) does not compose as rotations: the plan falls back to the
     per-tile table, and the output still equals the reference on that table."""
     case = make_case([150, 64], [1, 1], 4, 2, 1, 32, 16, 24, 16, DTYPES[0], seed=12)
-    table = case["cos_sin_cache"]
-    assert ops.rotary_is_shiftable(table, 32)
-    table.mul_(1.05)  # in place: the answer cached for this table must not survive
-    assert not ops.rotary_is_shiftable(table, 32)
-    check(case)
+    scaled = dict(case, cos_sin_cache=case["cos_sin_cache"] * 1.05)
+    assert ops.rotary_is_shiftable(case["cos_sin_cache"], 32)
+    assert not ops.rotary_is_shiftable(scaled["cos_sin_cache"], 32)
+    plan = ops.plan_layer(scaled["k_up"], None, scaled["cos_sin_cache"], True, 4, 24, 1.0)
+    assert not plan.decode["ROPE_SHIFT"]
+    check(scaled)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs > 2^31 cache elements: GPU only")
@@ -144,32 +145,24 @@ def test_huge_cache_indexing():
     check(case)
 
 
-@pytest.mark.parametrize("prefill", ["workspace", "fused"])
-def test_gptj_rotary_and_key_bias(prefill):
-    case = make_case([50], [4], 4, 2, 1, 32, 16, 24, 16, DTYPES[0], bias=True, seed=3)
-    check(case, is_neox_style=False, tuning={"prefill": prefill})
+@pytest.mark.parametrize("query_lens", [[4], [1]])  # the prefill path, the decode kernel
+def test_gptj_rotary_and_key_bias(query_lens):
+    case = make_case([50], query_lens, 4, 2, 1, 32, 16, 24, 16, DTYPES[0], bias=True, seed=3)
+    check(case, is_neox_style=False)
 
 
 PREFILL = [SMALL[2], SMALL[3], SMALL[4]] + ([FULL[1], FULL[3]] if DEVICE == "cuda" else [])
 
 
-@pytest.mark.parametrize("shape", PREFILL)
-def test_fused_prefill_matches_reference(shape):
-    """The fused kernel still serves prefill when asked (benchmarks compare the two paths)."""
-    seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size = shape
-    check(make_case(seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size,
-                    DTYPES[0], seed=4), tuning={"prefill": "fused"})
-
-
 @pytest.mark.parametrize("workspace_tokens", [16, 48])
 @pytest.mark.parametrize("shape", PREFILL)
 def test_prefill_windows_match_reference(shape, workspace_tokens):
-    """A workspace far smaller than the contexts: the prefill path runs window by window and merges windows as
-    KV splits (requests shorter than a window leave empty windows behind)."""
+    """A workspace far smaller than the contexts: the prefill path runs window by window, carrying the softmax
+    state from window to window (requests shorter than a window see empty windows)."""
     seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size = shape
     workspace_tokens *= len(seq_lens) * (16 if DEVICE == "cuda" else 1)
     check(make_case(seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size,
-                    DTYPES[0], seed=6), tuning={"prefill_workspace_tokens": workspace_tokens})
+                    DTYPES[0], seed=6), config=KernelConfig(prefill_workspace_tokens=workspace_tokens))
 
 
 def test_padding_decodes_without_tokens_then_prefill():
@@ -301,22 +294,128 @@ def test_write_latents_rounds_ties_to_even(mode):
     assert k_back.tolist() == expected
 
 
+def decode_step(case, latent_dtype="auto"):
+    """What the backend does for a decode batch: plan once, then write the batch's new latents and attend, with the
+    split count and scratch of the batch size."""
+    num_requests = case["seq_lens"].shape[0]
+    plan = ops.plan_layer(case["k_up"], case["k_bias"], case["cos_sin_cache"], True, case["query"].shape[1],
+                          case["kv_cache"].shape[-1] - case["k_up"].shape[-1], case["scale"], latent_dtype)
+    splits = ops.decode_splits(num_requests, plan.kv_heads, plan.multiprocessors)
+    partial, stats = ops.decode_scratch(plan.num_heads, plan.rank_v, plan.kv_heads, num_requests,
+                                        plan.multiprocessors, DEVICE)
+    return plan, splits, partial, stats
+
+
+def test_launchers_run_on_inference_tensors():
+    """vLLM runs the model under torch.inference_mode(), where its rotary table, weights and metadata are inference
+    tensors (no version counter: reading ``_version`` raised in vLLM 0.33 on the first forward). Plan, write the new
+    tokens' latents, decode and prefill exactly as the backend does, all on inference tensors."""
+    with torch.inference_mode():
+        case = make_case([40, 70, 9], [1, 1, 9], 4, 2, 1, 32, 16, 24, 16, DTYPES[0], seed=13)
+        assert case["cos_sin_cache"].is_inference() and case["k_up"].is_inference()
+        positions = [39, 69] + list(range(9))  # the new tokens: each request's last query_len positions
+        requests = [0, 1] + [2] * 9
+        slots = torch.tensor([int(case["block_table"][r, p // 16]) * 16 + p % 16 for r, p in zip(requests, positions)],
+                             device=DEVICE)
+        generator = torch.Generator(device=DEVICE).manual_seed(3)
+        new_k = torch.randn(11, 2, 16, generator=generator, device=DEVICE).to(DTYPES[0])
+        new_v = torch.randn(11, 2, 24, generator=generator, device=DEVICE).to(DTYPES[0])
+        plan, splits, partial, stats = decode_step(case)
+        ops.write_latents(case["kv_cache"], slots, new_k, new_v)
+        expected = reference.paged_latent_attention(**case, is_neox_style=True)
+        out = torch.full_like(expected, float("nan"), dtype=case["query"].dtype)
+        ops.decode_attention(plan, case["query"], case["kv_cache"], case["query_start_loc"], case["seq_lens"],
+                             case["block_table"], out, 2, 4, partial.new_empty(2 * 4 * 4 * 32),
+                             stats.new_empty(2 * 4 * 4 * 2))
+        ops.prefill_attention(plan, case["query"], case["kv_cache"], case["query_start_loc"], case["seq_lens"],
+                              case["block_table"], out, 2, 1, 2, 9, 9)
+    assert torch.equal(reference.gather_latents(case["kv_cache"], case["block_table"][1], 70)[:, 69, :16],
+                       new_k[1])
+    assert torch.isfinite(out).all()
+    assert float((out.float() - expected).norm() / expected.norm()) < TOLERANCE[DTYPES[0]]
+
+
+@pytest.mark.parametrize("kv_heads, multiprocessors", [(8, 132), (1, 132), (32, 132), (3, 1)])
+def test_split_count_and_scratch_cover_every_batch_size(kv_heads, multiprocessors):
+    """The split count is a function of the batch size alone (CUDA graphs hold one grid per captured size), a power
+    of two within the reduction's tile, and the builder's scratch, allocated once, holds every batch's splits."""
+    max_requests = 512
+    partial, stats = ops.decode_scratch(32, 88, kv_heads, max_requests, multiprocessors, "cpu")
+    for requests in range(1, max_requests + 1):
+        splits = ops.decode_splits(requests, kv_heads, multiprocessors)
+        assert splits & (splits - 1) == 0 and 1 <= splits <= ops.MAX_SPLITS
+        if splits > 1:
+            assert requests * splits * 32 * 128 <= partial.numel() and requests * splits * 32 * 2 <= stats.numel()
+    assert ops.decode_splits(1, kv_heads, multiprocessors) >= ops.decode_splits(max_requests, kv_heads,
+                                                                                 multiprocessors)
+
+
+class LaunchRecorder:
+    """Stands in for a Triton kernel: records each launch's grid and arguments instead of running it."""
+
+    def __init__(self):
+        self.launches = []
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
+
+
+@pytest.mark.parametrize("latent_dtype", ["auto", "fp8"])
+def test_launchers_read_no_device_tensor(monkeypatch, latent_dtype):
+    """A launcher decides everything from the plan and host-side sizes: run it on "meta" tensors (any read of a
+    value raises) with the kernels recorded instead of launched. This is what lets decode run inside CUDA graphs
+    and keeps host time per call low. The decode grid depends on the batch size, never on context lengths."""
+    kernels = {name: LaunchRecorder() for name in ("write_latents_kernel", "write_quantized_latents_kernel",
+                                                  "decode_attention_kernel", "reduce_splits_kernel",
+                                                  "rebuild_context_kernel", "prefill_attention_kernel")}
+    for name, recorder in kernels.items():
+        monkeypatch.setattr(ops, name, recorder)
+    case = make_case([40, 70, 9], [1, 1, 9], 4, 2, 1, 32, 16, 24, 16, torch.float32, seed=13)
+    plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], False, 4, 24, 0.2, latent_dtype)
+    row = 40 if latent_dtype == "auto" else 44
+    meta = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
+    cache = meta(20, 2, 16, row, dtype=torch.float32 if latent_dtype == "auto" else torch.uint8)
+    query, out = meta(11, 4, 32), meta(11, 4, 24)
+    qsl, seq_lens = meta(4, dtype=torch.int32), meta(3, dtype=torch.int32)
+    table, slots = meta(3, 8, dtype=torch.int32), meta(11, dtype=torch.int64)
+    ops.write_latents(cache, slots, meta(11, 2, 16), meta(11, 2, 24), latent_dtype, 11)
+    ops.decode_attention(plan, query, cache, qsl, seq_lens, table, out, 2, 4, meta(2 * 4 * 4 * 32), meta(64))
+    ops.prefill_attention(plan, query, cache, qsl, seq_lens, table, out, 2, 1, 2, 9, 300)
+    decode_grid = kernels["decode_attention_kernel"].launches[0][0]
+    assert decode_grid == (2, 2, 4) and kernels["reduce_splits_kernel"].launches[0][0] == (2, 4)
+    assert len(kernels["prefill_attention_kernel"].launches) == len(kernels["rebuild_context_kernel"].launches)
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs: GPU only")
-def test_decode_replays_in_a_cuda_graph_with_new_lengths():
-    """Captured once with a fixed grid (split count from the largest context), replayed after the metadata
-    buffers change in place: the kernel derives each split's range from seq_lens, so replays stay exact."""
-    case = make_case([3000, 17, 900], [1, 1, 1], 32, 8, 1, 128, 48, 80, 16, torch.bfloat16, seed=9)
-    longer = make_case([2000, 2900, 5], [1, 1, 1], 32, 8, 1, 128, 48, 80, 16, torch.bfloat16, seed=10)
+@pytest.mark.parametrize("latent_dtype", ["auto", "fp8"])
+def test_decode_replays_in_a_cuda_graph_with_new_lengths(latent_dtype):
+    """The decode step (decode kernel and split reduction with the batch size's split count and persistent
+    scratch), captured once and replayed after the metadata buffers change in place (other contexts, other
+    blocks, new queries): each split's range comes from seq_lens on the device, so replays equal the reference."""
+    shape = ([3000, 17, 900], [1, 1, 1], 32, 8, 1, 128, 48, 80, 16)
+    longer_shape = ([2000, 2900, 5], *shape[1:])
+    if latent_dtype == "auto":
+        case, longer = make_case(*shape, torch.bfloat16, seed=9), make_case(*longer_shape, torch.bfloat16, seed=10)
+    else:
+        case, longer = (quantized_case(s, latent_dtype, torch.bfloat16, seed=seed)[0]
+                        for s, seed in ((shape, 9), (longer_shape, 10)))
     static = {name: value.clone() if torch.is_tensor(value) else value for name, value in case.items()}
     static["kv_cache"] = torch.cat([case["kv_cache"], longer["kv_cache"]])  # room for both cases' blocks
-    static["cos_sin_cache"] = longer["cos_sin_cache"] if len(longer["cos_sin_cache"]) > len(case["cos_sin_cache"]) \
-        else case["cos_sin_cache"]
+    static["cos_sin_cache"] = rope_cache(4096, 128).to(DEVICE)
     static["block_table"] = torch.zeros(3, 256, dtype=torch.int32, device=DEVICE)
     static["block_table"][:, :case["block_table"].shape[1]] = case["block_table"]
+    plan = ops.plan_layer(static["k_up"], None, static["cos_sin_cache"], True, 32, 80, static["scale"],
+                          latent_dtype)
+    splits = ops.decode_splits(3, plan.kv_heads, plan.multiprocessors)
+    partial, stats = ops.decode_scratch(32, 80, 8, 3, plan.multiprocessors, DEVICE)
+    assert splits > 1
     out = torch.empty(3, 32, 80, dtype=torch.bfloat16, device=DEVICE)
-    launch = lambda: ops.paged_latent_attention(**static, is_neox_style=True, out=out,  # noqa: E731
-                                                max_query_len=1, max_seq_len=4096)
-    launch()  # compile and convert tables outside the capture
+
+    def launch():
+        ops.decode_attention(plan, static["query"], static["kv_cache"], static["query_start_loc"],
+                             static["seq_lens"], static["block_table"], out, 3, splits, partial, stats)
+
+    launch()  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         launch()
@@ -326,5 +425,5 @@ def test_decode_replays_in_a_cuda_graph_with_new_lengths():
     static["seq_lens"].copy_(longer["seq_lens"])
     static["query"].copy_(longer["query"])
     graph.replay()
-    expected = reference.paged_latent_attention(**dict(static, block_table=static["block_table"]), is_neox_style=True)
+    expected = reference.paged_latent_attention(**static, is_neox_style=True, latent_dtype=latent_dtype)
     assert float((out.float() - expected).norm() / expected.norm()) < TOLERANCE[torch.bfloat16]

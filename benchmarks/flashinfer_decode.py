@@ -1,4 +1,4 @@
-"""FlashInfer's paged decode as a dense baseline for ``python -m vllm_palu.bench kernels`` (bf16 and fp8 KV pages).
+"""FlashInfer's paged decode as a dense baseline for ``python -m benchmarks.kernels`` (bf16 and fp8 KV pages).
 
 FlashInfer is optional: without it the benchmark leaves these columns out. On the GPU machine nothing can be
 downloaded, so carry a JIT-only release (flashinfer-python 0.5.3: a 7 MB py3-none-any wheel) and apache-tvm-ffi,
@@ -9,6 +9,8 @@ downloaded, so carry a JIT-only release (flashinfer-python 0.5.3: a 7 MB py3-non
 from __future__ import annotations
 
 from dataclasses import asdict
+
+from benchmarks.kernel_cases import Case
 
 PAGE = 16  # tokens per page, as in the Palu benchmark's cache
 
@@ -62,8 +64,6 @@ def decode_us(case, device) -> dict:
         from triton.testing import do_bench
     except ImportError:
         return {}
-    from vllm_palu.bench import Case
-
     small = Case(**{**asdict(case), "batch": 2, "context": 4096})
     workspace = torch.empty(256 * 1024 * 1024, dtype=torch.uint8, device=device)
     row = {"flashinfer_version": flashinfer.__version__}
