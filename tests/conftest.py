@@ -4,9 +4,13 @@ import os
 import sys
 from pathlib import Path
 
-# The Triton kernel tests run under the interpreter on machines without a GPU. The switch must be on before the
-# first `import triton` anywhere in the session (triton.language's own jit helpers are decorated at import).
-if os.environ.get("PALU_KERNEL_TESTS_DEVICE", "cpu") == "cpu":
+# The Triton kernel tests run under the interpreter on machines without a GPU (and on the GPU machine, at full size,
+# on the GPU). The switch must be on before the first `import triton` anywhere in the session (triton.language's own
+# jit helpers are decorated at import); importing torch does not import Triton.
+import torch  # noqa: E402
+
+os.environ.setdefault("PALU_KERNEL_TESTS_DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+if os.environ["PALU_KERNEL_TESTS_DEVICE"] == "cpu":
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402

@@ -35,7 +35,7 @@ def run_vllm(spec: dict, timeout: int = 600, env: dict[str, str] | None = None) 
                             timeout=timeout, env={**os.environ, **(env or {})})
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert result.returncode == 0 and lines, f"vLLM run failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return json.loads(lines[-1].removeprefix("RESULT "))
+    return {**json.loads(lines[-1].removeprefix("RESULT ")), "log": (result.stdout + result.stderr)[-200_000:]}
 
 
 def reference_greedy(model, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -57,3 +57,32 @@ def reference_prompt_logprobs(model, ids: list[int]) -> list[float]:
     with torch.no_grad():
         logprobs = model(torch.tensor([ids]), use_cache=False).logits[0, :-1].float().log_softmax(-1)
     return logprobs.gather(-1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+
+
+ON_GPU = torch.cuda.is_available()
+KV_CACHE_BYTES = 2 ** 30  # the KV memory of every test engine (the CPU build: VLLM_CPU_KVCACHE_SPACE=1)
+CAPTURE_SIZES = [1, 2, 4, 8, 16, 32]  # fewer CUDA graphs than vLLM's default: faster start-up
+
+
+def engine_args(**overrides) -> dict:
+    """vLLM engine settings of the serving tests on this machine. The CPU build runs eager. On a GPU, vLLM's
+    defaults (torch.compile, FULL CUDA graphs for decode batches, piecewise graphs around attention otherwise)
+    with a fixed KV memory and fewer capture sizes."""
+    settings = {"dtype": "float32", "max_model_len": 512, "block_size": 32}
+    if ON_GPU:
+        settings.update(kv_cache_memory_bytes=KV_CACHE_BYTES,
+                        compilation_config={"cudagraph_capture_sizes": CAPTURE_SIZES})
+    else:
+        settings["enforce_eager"] = True
+    return {**settings, **overrides}
+
+
+def serve_args() -> list[str]:
+    """The same settings as `vllm serve` flags."""
+    import json
+
+    args = ["--dtype", "float32", "--max-model-len", "512", "--block-size", "32"]
+    if ON_GPU:
+        return args + ["--kv-cache-memory-bytes", str(KV_CACHE_BYTES), "--compilation-config",
+                       json.dumps({"cudagraph_capture_sizes": CAPTURE_SIZES})]
+    return args + ["--enforce-eager"]

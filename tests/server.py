@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -14,7 +15,9 @@ from typing import Iterator
 
 import requests
 
-VLLM = str(Path(sys.executable).with_name("vllm"))
+# The console script beside this interpreter (a venv), else the one on PATH (the GPU machine's /tmp/site/bin).
+VLLM = str(Path(sys.executable).with_name("vllm")) if Path(sys.executable).with_name("vllm").exists() \
+    else shutil.which("vllm") or "vllm"
 
 
 def free_port() -> int:

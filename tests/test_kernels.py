@@ -1,6 +1,6 @@
 """Triton kernels vs the PyTorch oracle on fresh random inputs over a parameter matrix. On the build machine they
 run under TRITON_INTERPRET=1 (small shapes, fp32: the interpreter miscomputes bf16 dots); on a GPU at full size
-with PALU_KERNEL_TESTS_DEVICE=cuda."""
+(PALU_KERNEL_TESTS_DEVICE, set by conftest.py: cuda where a GPU is visible)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-DEVICE = os.environ.get("PALU_KERNEL_TESTS_DEVICE", "cpu")  # cpu: TRITON_INTERPRET=1, set by conftest.py
+DEVICE = os.environ["PALU_KERNEL_TESTS_DEVICE"]  # cpu: TRITON_INTERPRET=1, set by conftest.py
 
 triton = pytest.importorskip("triton")
 

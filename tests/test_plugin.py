@@ -149,3 +149,59 @@ def test_decode_first_reordering_hooks():
     batch = SimpleNamespace(max_query_len=7, num_reqs=4, num_actual_tokens=10,
                             query_start_loc_cpu=torch.tensor([0, 1, 1, 3, 10]))
     assert split_decodes_and_prefills(batch, decode_threshold=1) == (2, 2, 1, 9)
+
+
+def test_cuda_graph_support_hook():
+    """The builder declares FULL CUDA graphs for pure decode batches; vLLM then keeps its default
+    FULL_AND_PIECEWISE mode (under NEVER it would fall back, as it did before)."""
+    from vllm.config import CompilationConfig
+    from vllm.config.compilation import CompilationMode, CUDAGraphMode
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from vllm_palu.attention.backend import PaluAttentionMetadataBuilder
+
+    support = PaluAttentionMetadataBuilder.get_cudagraph_support(None, None)
+    assert support == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+    assert {"build", "build_for_cudagraph_capture"} <= set(dir(PaluAttentionMetadataBuilder))
+
+    def resolved(level):
+        config = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE)
+        return config.resolve_cudagraph_mode_and_sizes(level, "PaluAttentionBackend")
+
+    assert resolved(support) == CUDAGraphMode.FULL_AND_PIECEWISE
+    assert resolved(AttentionCGSupport.NEVER) != CUDAGraphMode.FULL_AND_PIECEWISE
+
+
+def test_weight_post_processing_hooks():
+    """Where the backend plans its kernels and the model folds weights: vLLM's loader calls each attention layer's
+    process_weights_after_loading(model dtype), then the model's own process_weights_after_loading()."""
+    from types import SimpleNamespace
+
+    import torch
+    from torch import nn
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+    from vllm.model_executor.model_loader.utils import process_weights_after_loading
+
+    calls = []
+
+    class Layer(nn.Module, AttentionLayerBase):
+        def get_attn_backend(self):
+            return None
+
+        def get_kv_cache_spec(self, vllm_config):
+            return None
+
+        def process_weights_after_loading(self, act_dtype):
+            calls.append(("layer", act_dtype))
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = Layer()
+
+        def process_weights_after_loading(self):
+            calls.append("model")
+
+    config = SimpleNamespace(dtype=torch.bfloat16, quantization=None, word_embeddings_untied_by_checkpoint=False)
+    process_weights_after_loading(Model(), config, torch.device("cpu"))
+    assert calls == [("layer", torch.bfloat16), "model"]

@@ -8,9 +8,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
+import torch
 from transformers import AutoTokenizer
 
-from helpers import convert_tiny, reference_greedy, reference_prompt_logprobs
+from helpers import ON_GPU, convert_tiny, reference_greedy, reference_prompt_logprobs, serve_args
 from server import vllm_server
 from vllm_palu.offline.checkpoint import load_palu_model
 
@@ -28,8 +29,7 @@ def tiny_palu(tiny_checkpoints, calib_file, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(tiny_palu, tmp_path_factory):
     log = tmp_path_factory.mktemp("logs") / "serve.log"
-    with vllm_server(tiny_palu, "--attention-backend", "PALU", "--dtype", "float32", "--enforce-eager",
-                     "--max-model-len", "512", "--block-size", "32", log=log) as url:
+    with vllm_server(tiny_palu, "--attention-backend", "PALU", *serve_args(), log=log) as url:
         yield url, log
 
 
@@ -45,7 +45,7 @@ def test_models_endpoint_and_startup_log(server, tiny_palu):
     url, log = server
     assert [m["id"] for m in requests.get(f"{url}/v1/models", timeout=30).json()["data"]] == [str(tiny_palu)]
     text = log.read_text()
-    assert "attention backend PALU (selected by the model)" in text and "CPU KV cache size" in text
+    assert "attention backend PALU (selected by the model)" in text and "KV cache size" in text
 
 
 def test_completions_greedy_equal_reference(server, tiny_palu):
@@ -109,13 +109,13 @@ def test_eight_concurrent_requests(server, tiny_palu):
     assert together == alone
 
 
+@pytest.mark.skipif(ON_GPU and torch.cuda.device_count() < 2, reason="tensor parallelism on a GPU needs two")
 def test_tensor_parallel_two_ranks(tiny_palu, tmp_path):
     """vLLM's own distributed engine, TP=2: each rank caches one of the two latent groups per layer. The build
     machine has one NUMA node and two cores, so the ranks' OpenMP threads are bound by hand."""
     tokenizer = AutoTokenizer.from_pretrained(tiny_palu)
     prompts = [tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS]
-    with vllm_server(tiny_palu, "--tensor-parallel-size", "2", "--dtype", "float32", "--enforce-eager",
-                     "--max-model-len", "512", "--block-size", "32", log=tmp_path / "tp2.log",
+    with vllm_server(tiny_palu, "--tensor-parallel-size", "2", *serve_args(), log=tmp_path / "tp2.log",
                      env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) as url:
         body = complete(url, tiny_palu, prompt=prompts, max_tokens=MAX_TOKENS, return_token_ids=True)
     served = [c["token_ids"] for c in sorted(body["choices"], key=lambda c: c["index"])]

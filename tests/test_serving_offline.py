@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 from transformers import AutoTokenizer
 
-from helpers import convert_tiny, reference_greedy, reference_prompt_logprobs, run_vllm
+from helpers import ON_GPU, convert_tiny, engine_args, reference_greedy, reference_prompt_logprobs, run_vllm
 from tiny_models import CORPUS
 from vllm_palu.attention.latent_quant import row_bytes
 from vllm_palu.offline.checkpoint import load_palu_model
 
-ENGINE = {"enforce_eager": True, "dtype": "float32", "max_model_len": 512, "block_size": 32}  # CPU_ATTN (dense baseline) needs 32
+ENGINE = engine_args()  # fp32, blocks of 32 (CPU_ATTN, the CPU build's dense baseline, needs 32)
 PROMPTS = ["The capital of France is", "Low-rank projections compress", "A paged cache stores",
            "Rotary position embeddings rotate pairs"]
 MAX_TOKENS = 32
@@ -151,7 +151,7 @@ def test_perplexity_through_vllm_equals_reference(palu_models, calib_file, tmp_p
 
 @pytest.mark.parametrize("batching", ["plain", "mixed"])
 def test_triton_kernels_in_vllm_match_the_pytorch_path(palu_models, batching):
-    """The backend forced onto the Triton kernels (interpreted on CPU, fp32) serves the same greedy tokens.
+    """The Triton kernels (interpreted on CPU, fp32) and the PyTorch path serve the same greedy tokens.
     "mixed": a long prompt prefilled in 16-token chunks while the short ones decode, so batches hold decodes (first,
     reordered by vLLM: the decode kernel) and a prompt chunk (the prefill path) together."""
     model_dir = palu_models["qwen2"]
@@ -159,8 +159,9 @@ def test_triton_kernels_in_vllm_match_the_pytorch_path(palu_models, batching):
     prompts = token_prompts(model_dir, texts)
     llm = ENGINE if batching == "plain" else {**ENGINE, "max_num_batched_tokens": 16, "enable_chunked_prefill": True}
     spec = {"model": str(model_dir), "llm": llm, "prompts": prompts, "max_tokens": 12}
-    triton = run_vllm(spec, env={"PALU_ATTENTION_KERNELS": "triton", "TRITON_INTERPRET": "1"})
-    torch_path = run_vllm(spec, env={"PALU_ATTENTION_KERNELS": "torch"})
+    triton = run_vllm(spec, env={"PALU_ATTENTION_KERNELS": "triton", **({} if ON_GPU else {"TRITON_INTERPRET": "1"})})
+    # The PyTorch path reads the batch's sizes on the host: it runs eagerly, outside CUDA graphs.
+    torch_path = run_vllm({**spec, "llm": {**llm, "enforce_eager": True}}, env={"PALU_ATTENTION_KERNELS": "torch"})
     assert triton["tokens"] == torch_path["tokens"] == reference_greedy(load_palu_model(model_dir), prompts, 12)
 
 

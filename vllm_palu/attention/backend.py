@@ -162,10 +162,12 @@ class PaluAttentionImpl(AttentionImpl):
         self.latent_dtype = KV_CACHE_DTYPE_LATENTS[kv_cache_dtype]  # auto, fp8 or int4
         self.plan = None  # the Triton kernels' per-layer facts (ops.LayerPlan); None: the PyTorch path
         self.kernels = None  # vllm_palu.attention.ops once planned (imports Triton)
+        self.prepared = False
 
     def prepare(self, layer) -> None:
         """Plan the Triton kernels for ``layer`` once its weights are loaded (before vLLM warms up and captures
         CUDA graphs): up-projection layout, rotary table in the key dtype, tiles (:func:`ops.plan_layer`)."""
+        self.prepared = True
         if uses_triton_kernels(layer.k_up.device):
             from vllm_palu.attention import ops
 
@@ -187,9 +189,9 @@ class PaluAttentionImpl(AttentionImpl):
             return output
         metadata, plan, tokens = attn_metadata, self.plan, attn_metadata.num_actual_tokens
         if plan is None:
-            if kv_cache.is_cuda:
-                raise RuntimeError("PALU attention on CUDA needs its kernel plan: the layer's "
-                                   "process_weights_after_loading did not run")
+            if not self.prepared:
+                raise RuntimeError("PALU attention was not prepared: its layer's process_weights_after_loading "
+                                   "did not run")
             self._forward_reference(layer, query, key, value, kv_cache, metadata, output)
             return output
         ops = self.kernels

@@ -130,11 +130,12 @@ def write_quantized_latents_kernel(
 
 @triton.jit
 def _rebuild_half(latent_0, latent_1, up_0, up_1, SPLIT_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                  KEY_DTYPE: tl.constexpr):
-    """One rotary half of a key tile: ``latent @ up`` over the rank chunks (the second chunk may be absent)."""
-    key = tl.dot(latent_0, up_0, out_dtype=ACC_DTYPE)
+                  KEY_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One rotary half of a key tile: ``latent @ up`` over the rank chunks (the second chunk may be absent).
+    ``DOT_PRECISION``: "ieee" for fp32 operands (fp32 models; Triton's default would be tf32)."""
+    key = tl.dot(latent_0, up_0, out_dtype=ACC_DTYPE, input_precision=DOT_PRECISION)
     if SPLIT_K:
-        key = tl.dot(latent_1, up_1, key, out_dtype=ACC_DTYPE)
+        key = tl.dot(latent_1, up_1, key, out_dtype=ACC_DTYPE, input_precision=DOT_PRECISION)
     return key.to(KEY_DTYPE)
 
 
@@ -206,7 +207,8 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_
                  HALF: tl.constexpr, RANK_K: tl.constexpr, RANK_V: tl.constexpr, K0_LIMIT: tl.constexpr,
                  V0_LIMIT: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, LATENT: tl.constexpr,
                  KEY_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, ROPE_SHIFT: tl.constexpr):
+                 HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, ROPE_SHIFT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
     """One KV tile of the decode loop (``pages``: its block-table entries, one per position): load its latents,
     rebuild and rotate its keys, score them, and fold the tile into the online softmax (m_i, l_i) and the V-latent
     accumulators. ``MASKED`` false: every position of the tile exists (no bounds masks; the compiler drops the
@@ -225,8 +227,8 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_
     latent_0, latent_1, v_0, v_1, v_scale, v_min = _load_tile(
         token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V,
         LATENT, KEY_DTYPE)
-    key_lo = _rebuild_half(latent_0, latent_1, up_lo_0, up_lo_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)
-    key_hi = _rebuild_half(latent_0, latent_1, up_hi_0, up_hi_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE)
+    key_lo = _rebuild_half(latent_0, latent_1, up_lo_0, up_lo_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE, DOT_PRECISION)
+    key_hi = _rebuild_half(latent_0, latent_1, up_hi_0, up_hi_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE, DOT_PRECISION)
     if HAS_BIAS:
         key_lo += bias_lo[None, :]
         key_hi += bias_hi[None, :]
@@ -247,7 +249,8 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_
     rot_lo = key_lo * cos - key_hi * sin
     rot_hi = key_hi * cos + key_lo * sin
 
-    scores = (tl.dot(rot_lo, q_tile_lo) + tl.dot(rot_hi, q_tile_hi)) * scale  # [BLOCK_N, BLOCK_M]
+    scores = (tl.dot(rot_lo, q_tile_lo, input_precision=DOT_PRECISION)
+              + tl.dot(rot_hi, q_tile_hi, input_precision=DOT_PRECISION)) * scale  # [BLOCK_N, BLOCK_M]
     if MASKED:
         scores = tl.where(in_range[:, None] & row_valid[None, :], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=0))
@@ -256,9 +259,9 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=0)
     if LATENT == 0:
-        acc_0 = acc_0 * alpha[None, :] + tl.dot(v_0, p.to(v_0.dtype))
+        acc_0 = acc_0 * alpha[None, :] + tl.dot(v_0, p.to(v_0.dtype), input_precision=DOT_PRECISION)
         if SPLIT_V:
-            acc_1 = acc_1 * alpha[None, :] + tl.dot(v_1, p.to(v_1.dtype))
+            acc_1 = acc_1 * alpha[None, :] + tl.dot(v_1, p.to(v_1.dtype), input_precision=DOT_PRECISION)
     else:  # sum_n p (code scale + min) = codes @ (p scale) + sum_n p min
         p_scaled = (p * v_scale[:, None]).to(v_0.dtype)
         offset = 0.0
@@ -294,7 +297,7 @@ def decode_attention_kernel(
     RV0: tl.constexpr, RV1: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, KEY_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, LATENT: tl.constexpr, K0_LIMIT: tl.constexpr, K1_OFFSET: tl.constexpr,
-    V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr, ROPE_SHIFT: tl.constexpr,
+    V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr, ROPE_SHIFT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program per (request, KV head, KV split) of a decode batch: each request has one new token (already in
     the cache) and attends over its whole context. The grid's third dimension is the split count; with more than
@@ -389,7 +392,7 @@ def decode_attention_kernel(
             bias_lo, bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset,
             rope_offset, cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
             STRIDE_CN, STRIDE_SN, STRIDE_CS, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT,
-            KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, False, ROPE_SHIFT)
+            KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, False, ROPE_SHIFT, DOT_PRECISION)
         pages = next_pages
     for kv_tile in range(full_last, last):
         pages = _tile_pages(kv_tile, cols < seq_len - kv_tile * BLOCK_N, table_row, col_page, BLOCK_N, BLOCK_SIZE)
@@ -398,7 +401,7 @@ def decode_attention_kernel(
             bias_lo, bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset,
             rope_offset, cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
             STRIDE_CN, STRIDE_SN, STRIDE_CS, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT,
-            KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, True, False)
+            KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, True, False, DOT_PRECISION)
 
     if num_splits > 1:
         num_heads = HEADS_PER_KV * tl.num_programs(1)
@@ -419,7 +422,7 @@ def decode_attention_kernel(
                      mask=row_valid[None, :] & (rv1[:, None] < RANK_V))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # one compiled kernel for every split count
 def reduce_splits_kernel(
     partial_ptr, stats_ptr, out_ptr, seq_lens_ptr, query_start_ptr, num_splits,
     stride_ot, stride_oh,

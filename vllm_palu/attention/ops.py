@@ -82,6 +82,7 @@ class LayerPlan:
     query_permutation: torch.Tensor | None  # GPT-J rotary: head dims reordered into NeoX halves
     rotary: torch.Tensor  # [positions, head_dim] cos | sin, in key dtype
     multiprocessors: int  # of the device (1 on CPU): sets the decode split count
+    fp32_placeholder: torch.Tensor  # passed for an unused fp32 pointer (one compiled kernel whether used or not)
     decode: dict = field(repr=False)  # constexprs and launch options of decode_attention_kernel
     prefill_tile: tuple[int, int, int, int] = (0, 0, 0, 0)  # block_m, block_n, warps, stages
     prefill_workspace_tokens: int = 0
@@ -195,7 +196,8 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     decode = dict(HEADS_PER_KV=heads_per_kv, GROUP_SIZE=group_size, HEAD_DIM=head_dim, HALF=head_dim // 2,
                   PAD_V=_pow2(rank_v), KEY_DTYPE=TRITON_DTYPES[key_dtype], ACC_DTYPE=TRITON_DTYPES[acc_dtype],
                   BLOCK_M=_pow2(heads_per_kv, 1), BLOCK_N=block_n, HAS_BIAS=k_bias is not None,
-                  ROPE_SHIFT=rope_shift, num_warps=config.decode_warps or warps,
+                  ROPE_SHIFT=rope_shift, DOT_PRECISION=_dot_precision(key_dtype),
+                  num_warps=config.decode_warps or warps,
                   num_stages=config.decode_stages or stages, **ranks)
     # Prefill tiles: scripts measured on the H200 (docs/KERNEL_NOTES.md, prefill).
     prefill_block_n = config.prefill_block_n or (64 if on_gpu else 16)
@@ -207,6 +209,7 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
                      k_up=k_up_heads.contiguous(), k_bias=None if k_bias is None else k_bias.contiguous(),
                      query_permutation=permutation, rotary=rotary,
                      multiprocessors=torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 1,
+                     fp32_placeholder=torch.empty(1, dtype=torch.float32, device=device),
                      decode=decode, prefill_tile=prefill_tile,
                      prefill_workspace_tokens=config.prefill_workspace_tokens, ranks=ranks)
 
@@ -256,6 +259,11 @@ def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: 
         payload.stride(0), payload.stride(1), payload.stride(2), scales.stride(0), scales.stride(1),
         scales.stride(2), BLOCK_SIZE=kv_cache.shape[2], RANK_K=rank_k, RANK_V=rank_v,
         PAD_K=_pow2(rank_k, 2), PAD_V=_pow2(rank_v, 2), INT4=latent_dtype == "int4")
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 models get IEEE fp32 tensor-core products (Triton's fp32 default is tf32); 16-bit operands ignore it."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _cache_views(kv_cache: torch.Tensor, latent_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -317,7 +325,7 @@ def prefill_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tens
     values = query.new_empty(num_requests * window, num_groups, plan.rank_v)
     pad_v = _pow2(plan.rank_v)
     state = (query.new_empty(query.shape[0] - first_token, plan.num_heads, pad_v + 2, dtype=torch.float32)
-             if num_windows > 1 else out)  # unused with one window
+             if num_windows > 1 else plan.fp32_placeholder)  # unused with one window
     payload, scales = _cache_views(kv_cache, plan.latent_dtype)
     bias = plan.k_bias if plan.k_bias is not None else plan.k_up  # unused when HAS_BIAS is false
     for index in range(num_windows):
@@ -329,7 +337,7 @@ def prefill_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tens
             keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
             GROUP_SIZE=plan.group_size, HEAD_DIM=plan.head_dim, HALF=plan.head_dim // 2, **plan.ranks,
             OPERAND_DTYPE=TRITON_DTYPES[query.dtype], HAS_BIAS=plan.k_bias is not None, BLOCK_N=block_n,
-            BLOCK_SIZE=payload.shape[2], num_warps=4)
+            BLOCK_SIZE=payload.shape[2], DOT_PRECISION=_dot_precision(query.dtype), num_warps=4)
         prefill_attention_kernel[(triton.cdiv(max_query_len, block_q), num_requests, plan.kv_heads)](
             query, keys, values, seq_lens, query_start_loc, out, state, plan.scale,
             first_request, first_token, start, window, index == 0, index == num_windows - 1,
@@ -337,7 +345,7 @@ def prefill_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tens
             out.stride(0), out.stride(1),
             HEADS_PER_KV=plan.heads_per_kv, GROUP_SIZE=plan.group_size, HEAD_DIM=plan.head_dim,
             RANK_V=plan.rank_v, PAD_V=pad_v, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
-            num_warps=warps, num_stages=stages)
+            DOT_PRECISION=_dot_precision(query.dtype), num_warps=warps, num_stages=stages)
 
 
 def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: torch.Tensor,

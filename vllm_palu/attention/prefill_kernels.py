@@ -49,7 +49,7 @@ def rebuild_context_kernel(
     RANK_V: tl.constexpr, RK0: tl.constexpr, RK1: tl.constexpr, RV0: tl.constexpr, RV1: tl.constexpr,
     SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, K0_LIMIT: tl.constexpr, K1_OFFSET: tl.constexpr,
     V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr, LATENT: tl.constexpr, OPERAND_DTYPE: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Workspace row ``r * window_tokens + (position - window_start)`` (r: the request's index among the prefill
     requests, which start at ``first_request``) gets the rotated keys of every KV head ``[kv_heads, HEAD_DIM]`` and
@@ -88,9 +88,9 @@ def rebuild_context_kernel(
     up_hi_1 = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K,
                       other=0.0)
     key_lo = _rebuild_half(latent_0, latent_1, up_lo_0.to(OPERAND_DTYPE), up_lo_1.to(OPERAND_DTYPE), SPLIT_K,
-                           tl.float32, tl.float32)
+                           tl.float32, tl.float32, DOT_PRECISION)
     key_hi = _rebuild_half(latent_0, latent_1, up_hi_0.to(OPERAND_DTYPE), up_hi_1.to(OPERAND_DTYPE), SPLIT_K,
-                           tl.float32, tl.float32)
+                           tl.float32, tl.float32, DOT_PRECISION)
     if HAS_BIAS:
         key_lo += tl.load(k_bias_ptr + kv_head * HEAD_DIM + dims).to(tl.float32)[None, :]
         key_hi += tl.load(k_bias_ptr + kv_head * HEAD_DIM + HALF + dims).to(tl.float32)[None, :]
@@ -131,6 +131,7 @@ def prefill_attention_kernel(
     stride_ot, stride_oh,
     HEADS_PER_KV: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, RANK_V: tl.constexpr,
     PAD_V: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """One program per (query tile, prefill request, KV head) over one workspace window. With several windows
     (``first_window`` / ``last_window`` false), the running softmax state of every query row lives in
@@ -182,7 +183,7 @@ def prefill_attention_kernel(
         positions = start + cols
         in_range = positions < window_end
         keys_t = tl.load(key_cols + (base + positions)[None, :] * stride_kr, mask=in_range[None, :], other=0.0)
-        scores = tl.dot(q, keys_t) * scale  # [BLOCK_M, BLOCK_N]
+        scores = tl.dot(q, keys_t, input_precision=DOT_PRECISION) * scale  # [BLOCK_M, BLOCK_N]
         if start >= unmasked_end:
             visible = in_range[None, :] & (positions[None, :] <= row_pos[:, None])
             scores = tl.where(visible, scores, float("-inf"))
@@ -193,7 +194,7 @@ def prefill_attention_kernel(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         values = tl.load(value_cols + (base + positions)[:, None] * stride_vr,
                          mask=in_range[:, None] & (rv[None, :] < RANK_V), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values)
+        acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
         m_i = m_new
 
     if last_window:

@@ -1,0 +1,65 @@
+"""The metadata builder as vLLM drives it each step: host-side sizes and vLLM's own persistent tensors in, no read of
+a device tensor (the device fields are "meta" tensors here, which raise on any read), the split-KV scratch shared by
+every batch (and every captured CUDA graph), the split count a function of the batch size."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from vllm.v1.attention.backend import CommonAttentionMetadata
+
+from vllm_palu.attention import ops
+from vllm_palu.attention.backend import KERNELS_ENV, PaluAttentionMetadataBuilder
+
+HEADS, KV_HEADS, RANK_V, MAX_SEQS = 32, 8, 88, 64
+
+
+@pytest.fixture
+def builder(monkeypatch):
+    monkeypatch.setenv(KERNELS_ENV, "triton")
+    model_config = SimpleNamespace(get_num_kv_heads=lambda parallel: KV_HEADS,
+                                   get_num_attention_heads=lambda parallel: HEADS)
+    vllm_config = SimpleNamespace(model_config=model_config, parallel_config=None,
+                                  scheduler_config=SimpleNamespace(max_num_seqs=MAX_SEQS))
+    spec = SimpleNamespace(head_size_v=RANK_V, num_kv_heads=KV_HEADS)
+    return PaluAttentionMetadataBuilder(spec, ["layer.0"], vllm_config, torch.device("meta"))
+
+
+def batch(query_lens: list[int], context_lens: list[int]) -> CommonAttentionMetadata:
+    """vLLM's common metadata with its device tensors on "meta" and its host copies on the CPU."""
+    starts = torch.tensor([0] + query_lens).cumsum(0).to(torch.int32)
+    meta = dict(dtype=torch.int32, device="meta")
+    return CommonAttentionMetadata(
+        query_start_loc=torch.empty(len(query_lens) + 1, **meta), query_start_loc_cpu=starts,
+        seq_lens=torch.empty(len(query_lens), **meta), num_reqs=len(query_lens),
+        num_actual_tokens=int(starts[-1]), max_query_len=max(query_lens), max_seq_len=max(context_lens),
+        block_table_tensor=torch.empty(len(query_lens), 64, **meta),
+        slot_mapping=torch.empty(int(starts[-1]), dtype=torch.int64, device="meta"),
+        seq_lens_cpu_upper_bound=torch.tensor(context_lens, dtype=torch.int32))
+
+
+def test_decode_batch_uses_persistent_scratch_and_batch_size_splits(builder):
+    common = batch([1] * 3, [4000, 17, 900])
+    first = builder.build(0, common)
+    again = builder.build_for_cudagraph_capture(batch([1] * 3, [1, 1, 1]))
+    assert (first.num_decodes, first.num_prefills, first.num_decode_tokens) == (3, 0, 3)
+    assert first.num_splits == again.num_splits == ops.decode_splits(3, KV_HEADS, 1)
+    assert first.partial is again.partial is builder.partial and first.stats is builder.stats
+    assert first.seq_lens is common.seq_lens and first.block_table is common.block_table_tensor
+
+
+def test_mixed_batch_bounds_come_from_host_copies(builder):
+    metadata = builder.build(0, batch([1, 1, 300, 7], [50, 9000, 300, 2000]))
+    assert (metadata.num_decodes, metadata.num_prefills, metadata.num_decode_tokens) == (2, 2, 2)
+    assert metadata.max_query_len == 300 and metadata.max_prefill_seq_len == 2000
+
+
+def test_scratch_holds_every_batch_size_the_builder_serves(builder):
+    pad_v = 128
+    for requests in range(1, MAX_SEQS + 1):
+        splits = builder.build(0, batch([1] * requests, [64] * requests)).num_splits
+        if splits > 1:
+            assert requests * splits * HEADS * pad_v <= builder.partial.numel()
+            assert requests * splits * HEADS * 2 <= builder.stats.numel()
