@@ -1,4 +1,4 @@
-"""FlashInfer's paged decode as a dense baseline for ``python -m benchmarks.kernels`` (bf16 and fp8 KV pages).
+"""FlashInfer's paged decode as a dense baseline for ``python -m benchmarks.attention_kernels`` (bf16 and fp8 KV pages).
 
 FlashInfer is optional: without it the benchmark leaves these columns out. On the GPU machine nothing can be
 downloaded, so carry a JIT-only release (flashinfer-python 0.5.3: a 7 MB py3-none-any wheel) and apache-tvm-ffi,

@@ -14,6 +14,6 @@ if [ -n "${FLASHINFER_WHEELS:-}" ]; then
 fi
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader
 PALU_KERNEL_TESTS_DEVICE=cuda python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -15
-python3 -m benchmarks.kernels kernels --out "$OUT" "$@" 2>&1 | grep -v '^{' | tail -60
+python3 -m benchmarks.attention_kernels kernels --out "$OUT" "$@" 2>&1 | grep -v '^{' | tail -60
 # The headline shape again, Palu and dense decode alternating, with the SM clock of each timing.
-python3 -m benchmarks.kernels headline --repeats 4 --out "$OUT" 2>&1 | grep -v Warning | tail -6
+python3 -m benchmarks.attention_kernels headline --repeats 4 --out "$OUT" 2>&1 | grep -v Warning | tail -6

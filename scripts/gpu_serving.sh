@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # The serving work of one GPU lease, in real vLLM 0.33 (torch 2.14, triton 3.8) brought over with
-# ../shared/gpu-stack (staged in /root/stage by the device tool, see ../shared/gpu-stack/README.md):
+# ../shared/gpu-stack (staged in /root/stage by the device tool, see ../shared/gpu-stack/README.md). One device call
+# per phase, in this order, on one machine:
 #
 #   bash scripts/gpu_serving.sh tests   install the stack into /tmp/site (once per machine); kernel tests at full
 #                                       size; serving tests on CUDA: bf16 against FLASH_ATTN and the fp32
 #                                       reference, `vllm serve` over HTTP (8 concurrent requests), offline LLM
-#                                       (chunked prefill, prefix caching, preemption)
-#   bash scripts/gpu_serving.sh bench   end-to-end serving benchmark (benchmarks/serve.py), host time per attention
-#                                       call (benchmarks/host_time.py), the kernel microbenchmark
+#                                       (chunked prefill, prefix caching)
+#   bash scripts/gpu_serving.sh serve   end-to-end benchmark (benchmarks/serve.py): dense bf16 and PALU kv 0.5 /
+#                                       0.25 engines; host time per attention call; `vllm serve` + `vllm bench serve`
+#   bash scripts/gpu_serving.sh extra   the fp8 configurations (dense fp8 KV, PALU fp8 latents) into the same
+#                                       results, and the kernel microbenchmark
 #
 # Each step is time-boxed within the phase's BUDGET (one device call runs at most 600 s); logs land in $OUT (what the
 # device tool brings back) as one tarball, refreshed after every step, plus summary-PHASE.txt, also printed.
 set -uo pipefail
-phase=${1:?usage: gpu_serving.sh tests|bench}
+phase=${1:?usage: gpu_serving.sh tests|serve|extra}
 OUT=${OUT:-results/gpu}
 BUDGET=${BUDGET:-570}  # seconds for the whole phase: one device call runs at most 600
 logs=/tmp/palu-gpu/$phase
-mkdir -p "$OUT" "$logs"
+results=/tmp/palu-gpu/results  # benchmark results shared by the phases (serve.json gains rows phase by phase)
+mkdir -p "$OUT" "$logs" "$results"
 summary=$OUT/summary-$phase.txt
 
 step() {  # step NAME SECONDS COMMAND...: run within what is left of the budget, log to $logs/NAME.log
@@ -33,7 +37,7 @@ step() {  # step NAME SECONDS COMMAND...: run within what is left of the budget,
     local status=$?
     { echo "== $name: exit $status after $((SECONDS - start)) s (limit $seconds s)"; tail -n 12 "$logs/$name.log"; } \
         | tee -a "$summary"
-    tar -czf "$OUT/$phase.tar.gz" -C /tmp/palu-gpu "$phase"  # after every step: survives a kill at the limit
+    tar -czf "$OUT/$phase.tar.gz" -C /tmp/palu-gpu "$phase" results  # after every step: survives a kill
 }
 
 if [ "$phase" = tests ] && [ ! -d /tmp/site/vllm ]; then
@@ -42,23 +46,32 @@ fi
 source .gpu-stack/bin/env.sh
 export PALU_KERNEL_TESTS_DEVICE=cuda PALU_TEST_REPORT_DIR=$logs/report VLLM_CPU_KVCACHE_SPACE=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader | tee -a "$summary"
-python3 -c "import torch, triton, vllm; print('torch', torch.__version__, 'triton', triton.__version__, 'vllm', vllm.__version__)" \
-    2>&1 | tail -1 | tee -a "$summary"
+python3 -c "import torch, triton, vllm; print(torch.__version__, triton.__version__, vllm.__version__)" 2>&1 \
+    | tail -1 | tee -a "$summary"
 
+# The same engine settings for every benchmark configuration: fewer CUDA-graph sizes than vLLM's default, for
+# start-up time (identical for dense and PALU).
+ENGINE='{"compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64, 128, 192, 256, 288]}}'
+SERVE_ARGS=${SERVE_ARGS:---capacity 0,1024,512}  # capacity: half the default output, to fit the call
 case $phase in
 tests)  # in order of what the rest depends on; each later step gets what is left of the budget
     step kernel-tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py
     step serving-gpu 240 python3 -m pytest -q -p no:cacheprovider tests/test_serving_gpu.py
     cat "$logs/report/bf16_serving.json" 2>/dev/null | tee -a "$summary"
-    step serving-http 150 python3 -m pytest -q -p no:cacheprovider tests/test_server.py
+    step serving-http 120 python3 -m pytest -q -p no:cacheprovider tests/test_server.py
     step serving-offline 200 python3 -m pytest -q -p no:cacheprovider tests/test_serving_offline.py \
-        -k "chunked or attention_reads or triton_kernels or full_rank"
+        -k "chunked or attention_reads"
     ;;
-bench)
-    step serve 330 python3 benchmarks/serve.py run --out "$logs/serve" --deadline 310 ${SERVE_ARGS:-}
-    step serve-http 110 python3 benchmarks/serve.py http --out "$logs/serve" ${HTTP_ARGS:-}
-    step host-time 110 python3 benchmarks/host_time.py --out "$logs/host" ${HOST_ARGS:-}
-    step kernels 90 python3 -m benchmarks.kernels kernels --quick --out "$logs/kernels"
+serve)
+    step serve 330 python3 benchmarks/serve.py run --out "$results/serve" --deadline 320 \
+        --configs dense-bf16,palu-0.5,palu-0.25 --engine-args "$ENGINE" $SERVE_ARGS
+    step host-time 100 python3 benchmarks/host_time.py --out "$results/host" ${HOST_ARGS:-}
+    step serve-http 140 python3 benchmarks/serve.py http --out "$results/serve" --engine-args "$ENGINE"
+    ;;
+extra)
+    step serve-fp8 240 python3 benchmarks/serve.py run --out "$results/serve" --deadline 230 \
+        --configs dense-fp8,palu-0.5-fp8 --engine-args "$ENGINE" $SERVE_ARGS
+    step kernels 150 python3 -m benchmarks.attention_kernels kernels --quick --out "$results/kernels"
     ;;
 *)
     echo "unknown phase $phase" >&2

@@ -74,7 +74,7 @@ def largest_difference(a: list[list[float]], b: list[list[float]]) -> float:
 @pytest.fixture(scope="module")
 def dense_noise(models, dense_run) -> float:
     """Dense bf16 serving's largest logprob error against the fp32 reference, on its own greedy sequences."""
-    reference = AutoModelForCausalLM.from_pretrained(models["dense"], torch_dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(models["dense"], dtype=torch.float32)
     noise = largest_difference(dense_run["scores"], fp32_scores(reference, dense_run["scored_sequences"]))
     REPORT["dense_bf16_vs_fp32_max_abs_logprob"] = noise
     return noise

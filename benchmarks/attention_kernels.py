@@ -1,9 +1,9 @@
 """Kernel benchmark: Palu's paged latent attention vs dense attention on identical shapes, on an NVIDIA GPU without
 vLLM (a diagnostic: the product's numbers are the served model's, benchmarks/serve.py).
 
-    python -m benchmarks.kernels kernels [--quick] [--out DIR]   every case: JSON, markdown table, PNG
-    python -m benchmarks.kernels headline [--repeats 6]           the headline shape, Palu and dense in alternation
-    python -m benchmarks.kernels tune                             tile / warp / stage / split variants
+    python -m benchmarks.attention_kernels kernels [--quick] [--out DIR]  every case: JSON, markdown, PNG
+    python -m benchmarks.attention_kernels headline [--repeats 6]  the headline shape, Palu and dense alternating
+    python -m benchmarks.attention_kernels tune                    tile / warp / stage / split variants
 
 Per case: median time (CUDA events, ``triton.testing.do_bench``), effective bandwidth, the roofline floor
 (benchmarks/kernel_cases.py) and the SM clock of each timing (benchmarks/gpu_clock.py). Every Palu configuration is
@@ -284,7 +284,7 @@ def write_outputs(rows: list[dict], out_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.attention_kernels")
     parser.add_argument("what", choices=["kernels", "tune", "headline"])
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     parser.add_argument("--quick", action="store_true", help="only the headline cases")
