@@ -67,10 +67,12 @@ serve)
         --configs dense-bf16,palu-0.5,palu-0.25 --engine-args "$ENGINE" $SERVE_ARGS
     step host-time 100 python3 benchmarks/host_time.py --out "$results/host" ${HOST_ARGS:-}
     step serve-http 140 python3 benchmarks/serve.py http --out "$results/serve" --engine-args "$ENGINE"
+    step report 30 python3 benchmarks/serve.py report "$results/serve"
     ;;
 extra)
     step serve-fp8 240 python3 benchmarks/serve.py run --out "$results/serve" --deadline 230 \
         --configs dense-fp8,palu-0.5-fp8 --engine-args "$ENGINE" $SERVE_ARGS
+    step report 30 python3 benchmarks/serve.py report "$results/serve"
     step kernels 150 python3 -m benchmarks.attention_kernels kernels --quick --out "$results/kernels"
     ;;
 *)
