@@ -816,6 +816,8 @@ def http_table(data: dict) -> list[str]:
 
 
 def plot(data: dict, path: Path) -> None:
+    """Left: each configuration's speed on each workload's target metric, relative to its baseline (higher is
+    better), with the target as a tick. Right: steady-state decode time per output token."""
     try:
         import matplotlib
 
@@ -825,23 +827,44 @@ def plot(data: dict, path: Path) -> None:
         print("matplotlib is not installed: no serve.png", flush=True)
         return
     rows = [r for r in ordered(data["rows"]) if r["status"] == "ok"]
-    configs = list(dict.fromkeys(r["config"] for r in rows))
-    workloads = list(dict.fromkeys(r["workload"] for r in rows))
     by_key = {(r["config"], r["workload"]): r for r in rows}
+    configs = [c for c in dict.fromkeys(r["config"] for r in rows) if CONFIGS[c].baseline]
+    workloads = [w for w, _, _, _ in TARGETS if any((c, w) in by_key for c in configs)]
     capacity = {r["config"]: r["kv_capacity_tokens"] for r in rows}
-    figure, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    figure, (speed_axis, tpot_axis) = plt.subplots(1, 2, figsize=(13, 4.8))
     width = 0.8 / max(1, len(configs))
     for index, config in enumerate(configs):
-        positions = [w + (index - (len(configs) - 1) / 2) * width for w in range(len(workloads))]
-        label = f"{config} (KV {capacity[config]:,} tok)"
-        for axis, metric in zip(axes, ("output_tok_s", "tpot_median_ms")):
-            values = [by_key.get((config, w), {}).get(metric) or 0 for w in workloads]
-            axis.bar(positions, values, width, label=label)
-    for axis, title in zip(axes, ("output tokens/s (higher is better)", "median TPOT ms (lower is better)")):
-        axis.set_xticks(range(len(workloads)), workloads)
-        axis.set_title(title)
-    axes[0].legend(fontsize=8)
-    figure.suptitle(f"{data['meta']['shape']} dummy weights, {size_text(data['meta']['kv_memory_bytes'])} KV memory")
+        offset = (index - (len(configs) - 1) / 2) * width
+        speeds = []
+        for workload, metric, sense, _ in TARGETS:
+            if workload not in workloads:
+                continue
+            mine, base = (by_key.get((c, workload), {}).get(metric) for c in (config, CONFIGS[config].baseline))
+            speeds.append((mine / base if sense == ">=" else base / mine) if mine and base else 0)
+        speed_axis.bar([w + offset for w in range(len(workloads))], speeds, width,
+                       label=f"{config} vs {CONFIGS[config].baseline}")
+    for position, (workload, _, sense, bound) in enumerate(t for t in TARGETS if t[0] in workloads):
+        target = bound if sense == ">=" else 1 / bound
+        speed_axis.plot([position - 0.45, position + 0.45], [target, target], "k--", linewidth=1)
+    speed_axis.axhline(1.0, color="grey", linewidth=0.6)
+    speed_axis.set_xticks(range(len(workloads)), [f"{w}\n({m.replace('_', ' ')})" for w, m, _, _ in TARGETS
+                                                  if w in workloads], fontsize=8)
+    speed_axis.set_ylabel("speed vs baseline (x); dashed: target")
+    speed_axis.legend(fontsize=8)
+    decode = [w for w in dict.fromkeys(r["workload"] for r in rows) if any(r.get("decode_tpot_ms") for r in rows
+                                                                            if r["workload"] == w)]
+    every = list(dict.fromkeys(r["config"] for r in rows))
+    width = 0.8 / max(1, len(every))
+    for index, config in enumerate(every):
+        offset = (index - (len(every) - 1) / 2) * width
+        tpot_axis.bar([w + offset for w in range(len(decode))],
+                      [by_key.get((config, w), {}).get("decode_tpot_ms") or 0 for w in decode], width,
+                      label=f"{config} (KV {capacity[config]:,} tokens)")
+    tpot_axis.set_xticks(range(len(decode)), decode)
+    tpot_axis.set_ylabel("decode time per output token, ms (lower is better)")
+    tpot_axis.legend(fontsize=8)
+    figure.suptitle(f"Served model: {data['meta']['shape']} shapes (dummy weights), "
+                    f"{size_text(data['meta']['kv_memory_bytes'])} KV memory per configuration")
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

@@ -134,9 +134,9 @@ def prefill_attention_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """One program per (query tile, prefill request, KV head) over one workspace window. With several windows
-    (``first_window`` / ``last_window`` false), the running softmax state of every query row lives in
-    ``state [prefill tokens, heads, PAD_V + 2]`` (unnormalized sums, then m and l): the first window writes it,
-    later ones fold into it, the last one writes the normalized output."""
+    (``first_window`` / ``last_window`` false), the softmax state of every query row is carried between launches in
+    ``state [prefill tokens, heads, PAD_V + 2]`` (unnormalized sums, then m and l): each window's own state is
+    merged into it after the window's loop, and the last window writes the normalized output."""
     tile = tl.program_id(0)
     local_request = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -168,17 +168,9 @@ def prefill_attention_kernel(
     base = local_request.to(tl.int64) * window_tokens - window_start
     key_cols = keys_ptr + kv_head * stride_kh + dims[:, None]
     value_cols = values_ptr + (kv_head // GROUP_SIZE) * stride_vg + rv[None, :]
-    num_heads = HEADS_PER_KV * tl.num_programs(2)
-    state_rows = state_ptr + ((q_start + row_token - first_token).to(tl.int64) * num_heads + row_head) * (PAD_V + 2)
-    state_mask = row_valid[:, None] & (rv[None, :] < RANK_V)
-    if first_window:
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, PAD_V], tl.float32)
-    else:
-        acc = tl.load(state_rows[:, None] + rv[None, :], mask=state_mask, other=0.0)
-        m_i = tl.load(state_rows + PAD_V, mask=row_valid, other=float("-inf"))
-        l_i = tl.load(state_rows + PAD_V + 1, mask=row_valid, other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, PAD_V], tl.float32)
     for start in range(window_start, window_end, BLOCK_N):
         positions = start + cols
         in_range = positions < window_end
@@ -197,11 +189,26 @@ def prefill_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(values.dtype), values, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    # The windows before this one, folded in after the loop (state kept out of the loop: no registers held across it).
+    num_heads = HEADS_PER_KV * tl.num_programs(2)
+    state_rows = state_ptr + ((q_start + row_token - first_token).to(tl.int64) * num_heads + row_head) * (PAD_V + 2)
+    out_mask = row_valid[:, None] & (rv[None, :] < RANK_V)
+    if not first_window:
+        m_prev = tl.load(state_rows + PAD_V, mask=row_valid, other=float("-inf"))
+        l_prev = tl.load(state_rows + PAD_V + 1, mask=row_valid, other=0.0)
+        acc_prev = tl.load(state_rows[:, None] + rv[None, :], mask=out_mask, other=0.0)
+        m_new = tl.maximum(m_i, m_prev)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        weight_prev = tl.exp2(m_prev - m_safe)
+        weight_this = tl.exp2(m_i - m_safe)
+        acc = acc * weight_this[:, None] + acc_prev * weight_prev[:, None]
+        l_i = l_i * weight_this + l_prev * weight_prev
+        m_i = m_new
     if last_window:
         inverse = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
         out_rows = out_ptr + (q_start + row_token).to(tl.int64)[:, None] * stride_ot + row_head[:, None] * stride_oh
-        tl.store(out_rows + rv[None, :], (acc * inverse[:, None]).to(out_ptr.dtype.element_ty), mask=state_mask)
+        tl.store(out_rows + rv[None, :], (acc * inverse[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
     else:
-        tl.store(state_rows[:, None] + rv[None, :], acc, mask=state_mask)
+        tl.store(state_rows[:, None] + rv[None, :], acc, mask=out_mask)
         tl.store(state_rows + PAD_V, m_i, mask=row_valid)
         tl.store(state_rows + PAD_V + 1, l_i, mask=row_valid)
