@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from vllm_palu.attention import ops, reference
+from vllm_palu.attention.flash_prefill import FlashPrefill
 from vllm_palu.attention.latent_quant import dequantize_rows, pages_to_rows, quantize_rows, row_bytes, rows_to_pages
 from vllm_palu.attention.ops import KernelConfig
 
@@ -105,8 +106,10 @@ def palu_call(case: Case, inputs: dict, config: KernelConfig = KernelConfig(), n
     out = inputs["query"].new_empty(inputs["query"].shape[0], case.heads, rank_v)
     args = (plan, inputs["query"], inputs["kv_cache"], inputs["query_start_loc"], inputs["seq_lens"],
             inputs["block_table"], out)
-    if case.query_len > 1:
-        return (lambda: ops.prefill_attention(*args, 0, case.batch, 0, case.query_len, case.context)), out
+    if case.query_len > 1:  # the prefill path serving takes: vLLM's FlashAttention where it runs
+        prefill = FlashPrefill.for_plan(plan) or ops.prefill_attention
+        batch = ops.PrefillBatch(0, case.batch, 0, case.query_len, case.context - case.query_len)
+        return (lambda: prefill(*args, batch)), out
     splits = num_splits or ops.decode_splits(case.batch, plan.kv_heads, plan.multiprocessors)
     scratch_rows = case.batch * splits * case.heads
     partial = out.new_empty(scratch_rows * plan.decode["PAD_V"], dtype=torch.float32)

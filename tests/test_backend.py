@@ -44,7 +44,7 @@ def test_decode_batch_uses_persistent_scratch_and_batch_size_splits(builder):
     common = batch([1] * 3, [4000, 17, 900])
     first = builder.build(0, common)
     again = builder.build_for_cudagraph_capture(batch([1] * 3, [1, 1, 1]))
-    assert (first.num_decodes, first.num_prefills, first.num_decode_tokens) == (3, 0, 3)
+    assert first.num_decodes == 3 and first.prefill is None
     assert first.num_splits == again.num_splits == ops.decode_splits(3, KV_HEADS, 1)
     assert first.partial is again.partial is builder.partial and first.stats is builder.stats
     assert first.seq_lens is common.seq_lens and first.block_table is common.block_table_tensor
@@ -52,8 +52,9 @@ def test_decode_batch_uses_persistent_scratch_and_batch_size_splits(builder):
 
 def test_mixed_batch_bounds_come_from_host_copies(builder):
     metadata = builder.build(0, batch([1, 1, 300, 7], [50, 9000, 300, 2000]))
-    assert (metadata.num_decodes, metadata.num_prefills, metadata.num_decode_tokens) == (2, 2, 2)
-    assert metadata.max_query_len == 300 and metadata.max_prefill_seq_len == 2000
+    assert metadata.num_decodes == 2
+    assert metadata.prefill == ops.PrefillBatch(first_request=2, num_requests=2, first_token=2, max_query_len=300,
+                                                max_prefix_len=1993)
 
 
 def test_scratch_holds_every_batch_size_the_builder_serves(builder):

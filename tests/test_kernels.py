@@ -328,7 +328,7 @@ def test_launchers_run_on_inference_tensors():
                              case["block_table"], out, 2, 4, partial.new_empty(2 * 4 * 4 * 32),
                              stats.new_empty(2 * 4 * 4 * 2))
         ops.prefill_attention(plan, case["query"], case["kv_cache"], case["query_start_loc"], case["seq_lens"],
-                              case["block_table"], out, 2, 1, 2, 9, 9)
+                              case["block_table"], out, ops.PrefillBatch(2, 1, 2, 9, 0))
     assert torch.equal(reference.gather_latents(case["kv_cache"], case["block_table"][1], 70)[:, 69, :16],
                        new_k[1])
     assert torch.isfinite(out).all()
@@ -380,7 +380,7 @@ def test_launchers_read_no_device_tensor(monkeypatch, latent_dtype):
     table, slots = meta(3, 8, dtype=torch.int32), meta(11, dtype=torch.int64)
     ops.write_latents(cache, slots, meta(11, 2, 16), meta(11, 2, 24), latent_dtype, 11)
     ops.decode_attention(plan, query, cache, qsl, seq_lens, table, out, 2, 4, meta(2 * 4 * 4 * 32), meta(64))
-    ops.prefill_attention(plan, query, cache, qsl, seq_lens, table, out, 2, 1, 2, 9, 300)
+    ops.prefill_attention(plan, query, cache, qsl, seq_lens, table, out, ops.PrefillBatch(2, 1, 2, 9, 291))
     decode_grid = kernels["decode_attention_kernel"].launches[0][0]
     assert decode_grid == (2, 2, 4) and kernels["reduce_splits_kernel"].launches[0][0] == (2, 4)
     assert len(kernels["prefill_attention_kernel"].launches) == len(kernels["rebuild_context_kernel"].launches)
@@ -427,3 +427,24 @@ def test_decode_replays_in_a_cuda_graph_with_new_lengths(latent_dtype):
     graph.replay()
     expected = reference.paged_latent_attention(**static, is_neox_style=True, latent_dtype=latent_dtype)
     assert float((out.float() - expected).norm() / expected.norm()) < TOLERANCE[torch.bfloat16]
+
+
+FLASH_PREFILL = [  # GPU only: shapes whose V rank fits the head dim (vLLM's FlashAttention runs them)
+    ([4096, 3000, 700], [512, 7, 700], 32, 8, 1, 128, 40, 88, 16),   # Llama-3-8B kv 0.5 per head, chunked
+    ([2048, 9, 300], [1, 9, 300], 16, 4, 1, 64, 24, 40, 32),         # head dim 64, a decode first
+]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="vLLM's FlashAttention: GPU only")
+@pytest.mark.parametrize("workspace_tokens", [65536, 1024])  # one prefix window, then several
+@pytest.mark.parametrize("shape", FLASH_PREFILL)
+def test_flash_prefill_matches_reference(shape, workspace_tokens):
+    """The serving prefill path on GPUs: the rebuilt context under vLLM's FlashAttention, new tokens causal and
+    prefix windows merged by log-sum-exp, against the fp32 oracle (fresh inputs, poisoned output)."""
+    flash_prefill = pytest.importorskip("vllm_palu.attention.flash_prefill")
+    case = make_case(*shape, torch.bfloat16, seed=15)
+    plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], True, shape[2], shape[7], case["scale"])
+    flash = flash_prefill.FlashPrefill.for_plan(plan)
+    if flash is None:
+        pytest.skip("this vLLM has no FlashAttention for the shape")
+    check(case, config=KernelConfig(prefill_workspace_tokens=workspace_tokens), prefill=flash)

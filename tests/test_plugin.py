@@ -205,3 +205,40 @@ def test_weight_post_processing_hooks():
     config = SimpleNamespace(dtype=torch.bfloat16, quantization=None, word_embeddings_untied_by_checkpoint=False)
     process_weights_after_loading(Model(), config, torch.device("cpu"))
     assert calls == [("layer", torch.bfloat16), "model"]
+
+
+def test_flash_attention_prefill_hooks():
+    """What vllm_palu.attention.flash_prefill relies on. flash_attn_varlen_func takes a paged workspace
+    (block_table + seqused_k), returns the log-sum-exp and writes into ``out`` (read from the installed vLLM's
+    source: its CUDA extension does not load on the CPU build); merge_attn_states combines two partial attentions
+    of disjoint key sets into the attention over both (run here, on its CPU fallback)."""
+    import ast
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+    from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+    from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
+
+    source = Path(importlib.util.find_spec("vllm").submodule_search_locations[0]) / "vllm_flash_attn" \
+        / "flash_attn_interface.py"
+    function = next(node for node in ast.walk(ast.parse(source.read_text()))
+                    if isinstance(node, ast.FunctionDef) and node.name == "flash_attn_varlen_func")
+    arguments = {arg.arg for arg in function.args.args + function.args.kwonlyargs}
+    assert {"q", "k", "v", "cu_seqlens_q", "max_seqlen_q", "cu_seqlens_k", "max_seqlen_k", "seqused_k",
+            "block_table", "softmax_scale", "causal", "return_softmax_lse", "out", "fa_version"} <= arguments
+    assert "head_size" in _signature_params(get_flash_attn_version)
+
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(5, 2, 8, generator=generator)  # [tokens, heads, dim]
+    keys, values = torch.randn(12, 2, 8, generator=generator), torch.randn(12, 2, 8, generator=generator)
+
+    def attend(k, v):  # -> out [tokens, heads, dim], lse [heads, tokens]
+        scores = torch.einsum("thd,khd->htk", query, k)
+        return torch.einsum("htk,khd->thd", scores.softmax(-1), v), scores.logsumexp(-1)
+
+    (first, first_lse), (second, second_lse) = attend(keys[:7], values[:7]), attend(keys[7:], values[7:])
+    merged, merged_lse = torch.empty_like(first), torch.empty_like(first_lse)
+    merge_attn_states(merged, first, first_lse, second, second_lse, output_lse=merged_lse)
+    expected, expected_lse = attend(keys, values)
+    assert torch.allclose(merged, expected, atol=1e-5) and torch.allclose(merged_lse, expected_lse, atol=1e-5)

@@ -84,13 +84,10 @@ class PaluAttentionMetadata:
     block_table: torch.Tensor  # [B, max_blocks]
     slot_mapping: torch.Tensor  # [T]
     num_decodes: int  # the first num_decodes requests have at most one new token each (the batch is reordered)
-    num_decode_tokens: int
-    num_prefills: int
-    max_query_len: int
-    max_prefill_seq_len: int  # host-side bound of the prefill requests' contexts
     num_splits: int  # KV splits of the decode requests (ops.decode_splits)
     partial: torch.Tensor | None  # the builder's persistent split-KV scratch (Triton kernels only)
     stats: torch.Tensor | None
+    prefill: object | None  # ops.PrefillBatch: the requests after the decodes, with host-side bounds
 
 
 class PaluAttentionMetadataBuilder(AttentionMetadataBuilder[PaluAttentionMetadata]):
@@ -122,18 +119,26 @@ class PaluAttentionMetadataBuilder(AttentionMetadataBuilder[PaluAttentionMetadat
         """Host-side sizes and vLLM's persistent tensors only: reads no device tensor."""
         metadata = common_attn_metadata
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(metadata, decode_threshold=1)
-        max_prefill_seq_len = metadata.max_seq_len
-        if num_prefills and metadata.seq_lens_cpu_upper_bound is not None:
-            max_prefill_seq_len = int(metadata.seq_lens_cpu_upper_bound[num_decodes:].max())
-        num_splits = 1
+        num_splits, prefill = 1, None
         if self.kernels is not None and num_decodes:
             num_splits = self.kernels.decode_splits(num_decodes, self.kv_heads, self.multiprocessors)
+        if self.kernels is not None and num_prefills:
+            prefill = self.kernels.PrefillBatch(num_decodes, num_prefills, num_decode_tokens, metadata.max_query_len,
+                                                self._max_prefix_len(metadata, num_decodes))
         return PaluAttentionMetadata(
             num_actual_tokens=metadata.num_actual_tokens, query_start_loc=metadata.query_start_loc,
             seq_lens=metadata.seq_lens, block_table=metadata.block_table_tensor, slot_mapping=metadata.slot_mapping,
-            num_decodes=num_decodes, num_decode_tokens=num_decode_tokens, num_prefills=num_prefills,
-            max_query_len=metadata.max_query_len, max_prefill_seq_len=max_prefill_seq_len, num_splits=num_splits,
-            partial=self.partial, stats=self.stats)
+            num_decodes=num_decodes, num_splits=num_splits, partial=self.partial, stats=self.stats,
+            prefill=prefill)
+
+    @staticmethod
+    def _max_prefix_len(metadata: CommonAttentionMetadata, num_decodes: int) -> int:
+        """Longest cached prefix (context before the new tokens) of the prefill requests, from host-side copies."""
+        seq_lens = metadata.seq_lens_cpu_upper_bound
+        if seq_lens is None:  # no host copy of the contexts: bound them by the longest
+            return metadata.max_seq_len - 1
+        starts = metadata.query_start_loc_cpu[num_decodes:metadata.num_reqs + 1]
+        return max(0, int((seq_lens[num_decodes:metadata.num_reqs] - (starts[1:] - starts[:-1])).max()))
 
 
 class PaluAttentionImpl(AttentionImpl):
@@ -162,19 +167,24 @@ class PaluAttentionImpl(AttentionImpl):
         self.latent_dtype = KV_CACHE_DTYPE_LATENTS[kv_cache_dtype]  # auto, fp8 or int4
         self.plan = None  # the Triton kernels' per-layer facts (ops.LayerPlan); None: the PyTorch path
         self.kernels = None  # vllm_palu.attention.ops once planned (imports Triton)
+        self.prefill = None  # vLLM's FlashAttention over the rebuilt context where it runs, else ops.prefill_attention
         self.prepared = False
 
     def prepare(self, layer) -> None:
         """Plan the Triton kernels for ``layer`` once its weights are loaded (before vLLM warms up and captures
-        CUDA graphs): up-projection layout, rotary table in the key dtype, tiles (:func:`ops.plan_layer`)."""
+        CUDA graphs): up-projection layout, rotary table in the key dtype, tiles (:func:`ops.plan_layer`), and which
+        attention the prefill path runs over the rebuilt context."""
         self.prepared = True
         if uses_triton_kernels(layer.k_up.device):
             from vllm_palu.attention import ops
+
+            from vllm_palu.attention.flash_prefill import FlashPrefill
 
             rotary = layer.rotary_emb
             self.kernels = ops
             self.plan = ops.plan_layer(layer.k_up, layer.k_up_bias, rotary.cos_sin_cache, rotary.is_neox_style,
                                        self.num_heads, layer.rank_v, self.scale, self.latent_dtype)
+            self.prefill = FlashPrefill.for_plan(self.plan) or ops.prefill_attention
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: PaluAttentionMetadata | None, output: torch.Tensor,
@@ -200,10 +210,9 @@ class PaluAttentionImpl(AttentionImpl):
             ops.decode_attention(plan, query, kv_cache, metadata.query_start_loc, metadata.seq_lens,
                                  metadata.block_table, output, metadata.num_decodes, metadata.num_splits,
                                  metadata.partial, metadata.stats)
-        if metadata.num_prefills:
-            ops.prefill_attention(plan, query, kv_cache, metadata.query_start_loc, metadata.seq_lens,
-                                  metadata.block_table, output, metadata.num_decodes, metadata.num_prefills,
-                                  metadata.num_decode_tokens, metadata.max_query_len, metadata.max_prefill_seq_len)
+        if metadata.prefill is not None:
+            self.prefill(plan, query, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_table,
+                         output, metadata.prefill)
         return output
 
     def _forward_reference(self, layer, query, key, value, kv_cache, metadata, output) -> None:

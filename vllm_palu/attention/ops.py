@@ -76,6 +76,7 @@ class LayerPlan:
     rank_k: int
     rank_v: int
     latent_dtype: str  # "auto", "fp8" or "int4" (vllm_palu.attention.latent_quant)
+    softmax_scale: float
     scale: float  # softmax scale times log2(e): the kernels use exp2
     k_up: torch.Tensor  # [kv_heads, head_dim, rank_k], rotary halves in NeoX order
     k_bias: torch.Tensor | None  # [kv_heads, head_dim], same order
@@ -205,7 +206,8 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     prefill_tile = (prefill_block_m, prefill_block_n, config.prefill_warps or (8 if on_gpu else 4),
                     config.prefill_stages)
     return LayerPlan(num_heads=num_heads, kv_heads=kv_heads, group_size=group_size, head_dim=head_dim,
-                     rank_k=rank_k, rank_v=rank_v, latent_dtype=latent_dtype, scale=scale * LOG2E,
+                     rank_k=rank_k, rank_v=rank_v, latent_dtype=latent_dtype, softmax_scale=scale,
+                     scale=scale * LOG2E,
                      k_up=k_up_heads.contiguous(), k_bias=None if k_bias is None else k_bias.contiguous(),
                      query_permutation=permutation, rotary=rotary,
                      multiprocessors=torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 1,
@@ -274,7 +276,8 @@ def _cache_views(kv_cache: torch.Tensor, latent_dtype: str) -> tuple[torch.Tenso
     return payload, scales.view(torch.float16)
 
 
-def _kernel_query(plan: LayerPlan, query: torch.Tensor) -> torch.Tensor:
+def kernel_query(plan: LayerPlan, query: torch.Tensor) -> torch.Tensor:
+    """The query in the kernels' rotary layout (GPT-J pairs permuted into NeoX halves, as the plan's k_up)."""
     if plan.query_permutation is not None:
         query = query[..., plan.query_permutation]
     return query if query.stride(-1) == 1 else query.contiguous()
@@ -287,7 +290,7 @@ def decode_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tenso
     token, the padding of CUDA-graph batches, are skipped), attend over their contexts: ``out`` at their tokens.
     ``partial`` / ``stats``: scratch of :func:`decode_scratch` (unused with one split). Returns the compiled
     decode kernel (registers, SASS: benchmarks/)."""
-    query = _kernel_query(plan, query)
+    query = kernel_query(plan, query)
     payload, scales = _cache_views(kv_cache, plan.latent_dtype)
     bias = plan.k_bias if plan.k_bias is not None else plan.k_up  # unused when HAS_BIAS is false
     kernel = decode_attention_kernel[(num_requests, plan.kv_heads, num_splits)](
@@ -303,49 +306,107 @@ def decode_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tenso
     return kernel
 
 
-def prefill_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
-                      seq_lens: torch.Tensor, block_table: torch.Tensor, out: torch.Tensor, first_request: int,
-                      num_requests: int, first_token: int, max_query_len: int, max_seq_len: int) -> None:
-    """Requests ``first_request .. + num_requests`` (their tokens start at ``first_token``; ``max_query_len`` /
-    ``max_seq_len``: host-side bounds of their query lengths and contexts) attend causally over their contexts:
-    each context's keys are rebuilt once into a workspace (:mod:`vllm_palu.attention.prefill_kernels`), then
-    FlashAttention runs over it.
+@dataclass(frozen=True)
+class PrefillBatch:
+    """The prefill requests of a batch, as the launchers see them: ``first_request .. + num_requests`` of the
+    metadata, their tokens from ``first_token`` on; host-side bounds of their query lengths and of their cached
+    prefixes (context before the new tokens)."""
 
-    The workspace holds ``plan.prefill_workspace_tokens`` context positions in all (a window per request:
-    Llama-3-8B, 3 KiB a position, 192 MiB); longer contexts go window by window, the softmax state carried over
-    between windows in fp32 scratch."""
-    query = _kernel_query(plan, query)
-    block_m, block_n, warps, stages = plan.prefill_tile
-    block_q = block_m // plan.heads_per_kv
-    window = max(block_n, plan.prefill_workspace_tokens // num_requests // block_n * block_n)
-    window = min(window, triton.cdiv(max_seq_len, block_n) * block_n)
-    num_windows = triton.cdiv(max_seq_len, window)
-    num_groups = plan.kv_heads // plan.group_size
-    keys = query.new_empty(num_requests * window, plan.kv_heads, plan.head_dim)
-    values = query.new_empty(num_requests * window, num_groups, plan.rank_v)
-    pad_v = _pow2(plan.rank_v)
-    state = (query.new_empty(query.shape[0] - first_token, plan.num_heads, pad_v + 2, dtype=torch.float32)
-             if num_windows > 1 else plan.fp32_placeholder)  # unused with one window
+    first_request: int
+    num_requests: int
+    first_token: int
+    max_query_len: int
+    max_prefix_len: int
+
+
+@dataclass
+class PrefillWorkspace:
+    """Rebuilt keys and V latents of one prefill batch (FlashAttention's layout, ``[rows, kv_heads, width]``): the
+    new tokens packed by token, and one prefix window of ``window`` positions per request (reused window by
+    window). ``windows``: how many prefix windows the longest prefix needs (0: no request has one)."""
+
+    new_keys: torch.Tensor
+    new_values: torch.Tensor
+    prefix_keys: torch.Tensor
+    prefix_values: torch.Tensor
+    window: int
+    windows: int
+
+
+def prefill_workspace(plan: LayerPlan, query: torch.Tensor, batch: PrefillBatch, v_width: int,
+                      window_multiple: int) -> PrefillWorkspace:
+    """Allocate the workspace: ``plan.prefill_workspace_tokens`` prefix positions in all (Llama-3-8B: 4 KiB a
+    position), split evenly over the requests in multiples of ``window_multiple``."""
+    block_n = plan.prefill_tile[1]
+    window = max(window_multiple, plan.prefill_workspace_tokens // batch.num_requests // window_multiple
+                 * window_multiple)
+    window = min(window, triton.cdiv(max(batch.max_prefix_len, 1), window_multiple) * window_multiple)
+    assert window % block_n == 0
+    new_rows = query.shape[0] - batch.first_token
+    prefix_rows = batch.num_requests * window if batch.max_prefix_len else 0
+    return PrefillWorkspace(
+        new_keys=query.new_empty(new_rows, plan.kv_heads, plan.head_dim),
+        new_values=query.new_empty(new_rows, plan.kv_heads, v_width),
+        prefix_keys=query.new_empty(prefix_rows, plan.kv_heads, plan.head_dim),
+        prefix_values=query.new_empty(prefix_rows, plan.kv_heads, v_width),
+        window=window, windows=triton.cdiv(batch.max_prefix_len, window))
+
+
+def rebuild_context(plan: LayerPlan, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
+                    seq_lens: torch.Tensor, block_table: torch.Tensor, batch: PrefillBatch,
+                    workspace: PrefillWorkspace, window_index: int | None, operand_dtype: torch.dtype) -> None:
+    """Rebuild one part of every prefill request's context into the workspace: its new tokens
+    (``window_index`` None) or prefix window ``window_index``."""
+    new_tokens = window_index is None
+    keys, values = ((workspace.new_keys, workspace.new_values) if new_tokens
+                    else (workspace.prefix_keys, workspace.prefix_values))
+    block_n = plan.prefill_tile[1]
+    tiles = triton.cdiv(batch.max_query_len, block_n) if new_tokens else workspace.window // block_n
     payload, scales = _cache_views(kv_cache, plan.latent_dtype)
     bias = plan.k_bias if plan.k_bias is not None else plan.k_up  # unused when HAS_BIAS is false
-    for index in range(num_windows):
-        start = index * window
-        rebuild_context_kernel[(window // block_n, num_requests, plan.kv_heads)](
-            payload, scales, plan.k_up, bias, plan.rotary, block_table, seq_lens, keys, values,
-            first_request, start, window, payload.stride(0), payload.stride(1), payload.stride(2),
-            scales.stride(0), scales.stride(1), scales.stride(2), block_table.stride(0), plan.rotary.stride(0),
-            keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-            GROUP_SIZE=plan.group_size, HEAD_DIM=plan.head_dim, HALF=plan.head_dim // 2, **plan.ranks,
-            OPERAND_DTYPE=TRITON_DTYPES[query.dtype], HAS_BIAS=plan.k_bias is not None, BLOCK_N=block_n,
-            BLOCK_SIZE=payload.shape[2], DOT_PRECISION=_dot_precision(query.dtype), num_warps=4)
-        prefill_attention_kernel[(triton.cdiv(max_query_len, block_q), num_requests, plan.kv_heads)](
+    width = values.shape[-1]
+    rebuild_context_kernel[(tiles, batch.num_requests, plan.kv_heads)](
+        payload, scales, plan.k_up, bias, plan.rotary, block_table, seq_lens, query_start_loc, keys, values,
+        batch.first_request, batch.first_token, 0 if new_tokens else window_index * workspace.window,
+        workspace.window, new_tokens, payload.stride(0), payload.stride(1), payload.stride(2),
+        scales.stride(0), scales.stride(1), scales.stride(2), block_table.stride(0), plan.rotary.stride(0),
+        keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
+        GROUP_SIZE=plan.group_size, HEAD_DIM=plan.head_dim, HALF=plan.head_dim // 2, **plan.ranks,
+        V_WIDTH=width, V_FILL=_pow2(width - plan.rank_v) if width > plan.rank_v else 0,
+        OPERAND_DTYPE=TRITON_DTYPES[operand_dtype], HAS_BIAS=plan.k_bias is not None, BLOCK_N=block_n,
+        BLOCK_SIZE=payload.shape[2], DOT_PRECISION=_dot_precision(operand_dtype), num_warps=4)
+
+
+def prefill_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
+                      seq_lens: torch.Tensor, block_table: torch.Tensor, out: torch.Tensor,
+                      batch: PrefillBatch) -> None:
+    """The prefill requests of ``batch`` attend causally over their contexts: each context is rebuilt once
+    (:func:`rebuild_context`: the cached prefix window by window, then the new tokens), with FlashAttention in
+    Triton over each part; the softmax state is carried between parts in fp32 scratch. (Where vLLM's own
+    FlashAttention runs, :mod:`vllm_palu.attention.flash_prefill` replaces the Triton attention.)"""
+    query = kernel_query(plan, query)
+    block_m, block_n, warps, stages = plan.prefill_tile
+    block_q = block_m // plan.heads_per_kv
+    workspace = prefill_workspace(plan, query, batch, plan.rank_v, block_n)
+    pad_v = _pow2(plan.rank_v)
+    parts = [*range(workspace.windows), None]  # prefix windows, then the new tokens
+    state = (query.new_empty(query.shape[0] - batch.first_token, plan.num_heads, pad_v + 2, dtype=torch.float32)
+             if len(parts) > 1 else plan.fp32_placeholder)  # unused with one part
+    for index, window_index in enumerate(parts):
+        rebuild_context(plan, kv_cache, query_start_loc, seq_lens, block_table, batch, workspace, window_index,
+                        query.dtype)
+        new_tokens = window_index is None
+        keys, values = ((workspace.new_keys, workspace.new_values) if new_tokens
+                        else (workspace.prefix_keys, workspace.prefix_values))
+        prefill_attention_kernel[(triton.cdiv(batch.max_query_len, block_q), batch.num_requests, plan.kv_heads)](
             query, keys, values, seq_lens, query_start_loc, out, state, plan.scale,
-            first_request, first_token, start, window, index == 0, index == num_windows - 1,
+            batch.first_request, batch.first_token, 0 if new_tokens else window_index * workspace.window,
+            workspace.window, new_tokens, index == 0, index == len(parts) - 1,
             query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
             out.stride(0), out.stride(1),
-            HEADS_PER_KV=plan.heads_per_kv, GROUP_SIZE=plan.group_size, HEAD_DIM=plan.head_dim,
-            RANK_V=plan.rank_v, PAD_V=pad_v, BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n,
-            DOT_PRECISION=_dot_precision(query.dtype), num_warps=warps, num_stages=stages)
+            HEADS_PER_KV=plan.heads_per_kv, HEAD_DIM=plan.head_dim, RANK_V=plan.rank_v, PAD_V=pad_v,
+            BLOCK_Q=block_q, BLOCK_M=block_m, BLOCK_N=block_n, DOT_PRECISION=_dot_precision(query.dtype),
+            num_warps=warps, num_stages=stages)
 
 
 def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: torch.Tensor,
@@ -353,13 +414,15 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
                            scale: float, *, latent_dtype: str = "auto", num_decodes: int | None = None,
                            num_decode_tokens: int | None = None, num_splits: int | None = None,
-                           out: torch.Tensor | None = None, config: KernelConfig = KernelConfig()) -> torch.Tensor:
+                           out: torch.Tensor | None = None, config: KernelConfig = KernelConfig(),
+                           prefill=None) -> torch.Tensor:
     """Triton version of :func:`vllm_palu.attention.reference.paged_latent_attention` (same signature), for tests
     and benchmarks: plans the layer and reads the batch's sizes from the device on every call, which serving does
     once per layer (the plan) and per step on the host (the metadata builder).
 
     The first ``num_decodes`` requests (default: all, when every request has one token) take the decode kernel,
-    ``num_decode_tokens`` tokens in all (default: one each); the rest the prefill path."""
+    ``num_decode_tokens`` tokens in all (default: one each); the rest the prefill path, ``prefill`` (default
+    :func:`prefill_attention`; a :class:`vllm_palu.attention.flash_prefill.FlashPrefill` on GPUs)."""
     num_tokens, num_heads, _ = query.shape
     rank_k = k_up.shape[-1]
     row = kv_cache.shape[-1]
@@ -379,7 +442,8 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
         decode_attention(plan, query, kv_cache, query_start_loc, seq_lens, block_table, out, num_decodes, splits,
                          partial, stats)
     if num_decodes < num_requests:
-        prefill_attention(plan, query, kv_cache, query_start_loc, seq_lens, block_table, out, num_decodes,
-                          num_requests - num_decodes, num_decode_tokens,
-                          int(query_lens[num_decodes:].max()), int(seq_lens[num_decodes:].max()))
+        prefixes = seq_lens[num_decodes:] - query_lens[num_decodes:]
+        batch = PrefillBatch(num_decodes, num_requests - num_decodes, num_decode_tokens,
+                             int(query_lens[num_decodes:].max()), int(prefixes.max()))
+        (prefill or prefill_attention)(plan, query, kv_cache, query_start_loc, seq_lens, block_table, out, batch)
     return out

@@ -1,0 +1,92 @@
+"""Prefill attention on vLLM's own FlashAttention, over the rebuilt context (CUDA builds of vLLM).
+
+Dense vLLM runs prompt chunks on FlashAttention (FA3 on Hopper); a PALU prefill differs only in where the keys come
+from. The context is rebuilt once into a workspace in FlashAttention's layout (:func:`ops.rebuild_context`: rotated
+keys, and V latents zero-padded to the head dim, per KV head), then FlashAttention runs over it in parts:
+
+- the new tokens, packed like the queries: ``causal=True`` (FlashAttention's causal mask is bottom-right aligned,
+  which is the chunk's own causality);
+- each window of the cached prefix before them, paged through a block table over the workspace
+  (``seqused_k`` = the window's share of each prefix): no mask, every new token sees all of it;
+
+merged by log-sum-exp with vLLM's ``merge_attn_states``, as vLLM's MLA backend merges a chunked context. The output
+keeps the first ``rank_v`` columns (V-latent space). Everything is launched from host-side sizes: no device reads.
+
+Pinned to vllm 0.33: ``vllm.vllm_flash_attn.flash_attn_varlen_func``, ``fa_utils.get_flash_attn_version``,
+``vllm.v1.attention.ops.merge_attn_states`` (contract tests in tests/test_plugin.py).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_palu.attention import ops
+
+# Workspace page of the prefix windows: FA2's paged-KV granularity (FA3 takes any multiple of 16).
+PAGE = 256
+HEAD_DIMS = (64, 96, 128, 192, 256)  # head dims every FlashAttention version vLLM ships compiles
+
+
+class FlashPrefill:
+    """``FlashPrefill.for_plan(plan)(plan, query, kv_cache, ..., batch)``: the signature of
+    :func:`ops.prefill_attention`, which it replaces where vLLM's FlashAttention can run the layer."""
+
+    def __init__(self, fa_version: int):
+        from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
+        from vllm.vllm_flash_attn import flash_attn_varlen_func
+
+        self.fa_version = fa_version
+        self.attend = flash_attn_varlen_func
+        self.merge = merge_attn_states
+
+    @classmethod
+    def for_plan(cls, plan: ops.LayerPlan) -> FlashPrefill | None:
+        """None where FlashAttention cannot take the layer: no CUDA FlashAttention in this vLLM, an fp32 model, a
+        head dim it does not compile, or V latents wider than the head dim (it wants one head dim for K and V)."""
+        if (plan.k_up.device.type != "cuda" or plan.k_up.dtype == torch.float32 or plan.rank_v > plan.head_dim
+                or plan.head_dim not in HEAD_DIMS):
+            return None
+        try:
+            from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+        except ImportError:
+            return None
+        version = get_flash_attn_version(head_size=plan.head_dim)
+        return None if version is None else cls(version)
+
+    def __call__(self, plan: ops.LayerPlan, query: torch.Tensor, kv_cache: torch.Tensor,
+                 query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, out: torch.Tensor,
+                 batch: ops.PrefillBatch) -> None:
+        query = ops.kernel_query(plan, query)
+        workspace = ops.prefill_workspace(plan, query, batch, plan.head_dim, PAGE)
+        first, count = batch.first_request, batch.num_requests
+        queries = query[batch.first_token:]
+        starts = query_start_loc[first:first + count + 1]
+        cu_queries = starts - starts[:1]  # relative to the first prefill token (device op: no host read)
+        merged = queries.new_empty(queries.shape[0], plan.num_heads, plan.head_dim)
+        ops.rebuild_context(plan, kv_cache, query_start_loc, seq_lens, block_table, batch, workspace, None,
+                            query.dtype)
+        _, merged_lse = self.attend(
+            q=queries, k=workspace.new_keys, v=workspace.new_values, cu_seqlens_q=cu_queries,
+            max_seqlen_q=batch.max_query_len, cu_seqlens_k=cu_queries, max_seqlen_k=batch.max_query_len,
+            softmax_scale=plan.softmax_scale, causal=True, return_softmax_lse=True, out=merged,
+            fa_version=self.fa_version)
+        if workspace.windows:
+            window = workspace.window
+            pages = window // PAGE
+            table = torch.arange(count * pages, dtype=torch.int32, device=query.device).view(count, pages)
+            prefixes = seq_lens[first:first + count] - (starts[1:] - starts[:-1])
+            shape = (-1, PAGE, plan.kv_heads, plan.head_dim)
+            part, other, other_lse = torch.empty_like(merged), torch.empty_like(merged), torch.empty_like(merged_lse)
+            for index in range(workspace.windows):
+                ops.rebuild_context(plan, kv_cache, query_start_loc, seq_lens, block_table, batch, workspace, index,
+                                    query.dtype)
+                used = (prefixes - index * window).clamp(0, window).to(torch.int32)
+                _, part_lse = self.attend(
+                    q=queries, k=workspace.prefix_keys.view(shape), v=workspace.prefix_values.view(shape),
+                    cu_seqlens_q=cu_queries, max_seqlen_q=batch.max_query_len, seqused_k=used, max_seqlen_k=window,
+                    block_table=table, softmax_scale=plan.softmax_scale, causal=False, return_softmax_lse=True,
+                    out=part, fa_version=self.fa_version)
+                # Into the other buffers, then swap: no kernel reads what it writes.
+                self.merge(other, part, part_lse, merged, merged_lse, output_lse=other_lse)
+                merged, other, merged_lse, other_lse = other, merged, other_lse, merged_lse
+        out[batch.first_token:batch.first_token + merged.shape[0]].copy_(merged[..., :plan.rank_v])
