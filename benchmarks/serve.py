@@ -463,8 +463,8 @@ def probe_worker(worker) -> dict:
 
 def request_metrics(outputs) -> dict:
     """Per-request latencies from vLLM's RequestOutput.metrics (RequestStateStats: first_token_latency in s from
-    arrival; first/last_token_ts and scheduled_ts engine-core monotonic s; num_generation_tokens)."""
-    ttft, tpot, prefill, preemptions = [], [], [], 0
+    arrival; queued/scheduled/first/last_token_ts engine-core monotonic s; num_generation_tokens)."""
+    ttft, tpot, prefill, queued, preemptions = [], [], [], [], 0
     last_started, last_tpot = None, None
     for output in outputs:
         stats = output.metrics
@@ -474,6 +474,7 @@ def request_metrics(outputs) -> dict:
         preemptions += stats.num_preemptions
         if stats.scheduled_ts:
             prefill.append((stats.first_token_ts - stats.scheduled_ts) * 1e3)
+            queued.append((stats.scheduled_ts - stats.queued_ts) * 1e3)  # waiting in the engine core's queue
         if stats.num_generation_tokens > 1:
             per_token = (stats.last_token_ts - stats.first_token_ts) / (stats.num_generation_tokens - 1) * 1e3
             tpot.append(per_token)
@@ -490,6 +491,7 @@ def request_metrics(outputs) -> dict:
     # requests run at once), so no prefill chunk of another request inflates it, unlike the per-request mean.
     return {"ttft_mean_ms": mean(ttft), "ttft_median_ms": median(ttft), "tpot_mean_ms": mean(tpot),
             "tpot_median_ms": median(tpot), "decode_tpot_ms": last_tpot, "prefill_mean_ms": mean(prefill),
+            "queued_mean_ms": mean(queued),
             "preemptions": preemptions, "metrics_missing": len(outputs) - len(ttft)}
 
 
@@ -753,18 +755,19 @@ def serve_tables(data: dict) -> list[str]:
              f"dense capacity: " + ", ".join(f"{k} {v:g}x" for k, v in meta.get("oversubscription", {}).items())
              + ".", "",
              "| config | workload | N x prompt -> out | KV tokens | wall s | out tok/s | TPOT med ms | decode TPOT ms "
-             "| TTFT med ms | preempt | JIT lines | backend / graphs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| TTFT med ms | queued ms | preempt | JIT lines | backend / graphs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         size = f"{row['requests']} x {row['prompt_len']} -> {row['output_len']}"
         if row["status"] != "ok":
             lines.append(f"| {row['config']} | {row['workload']} | {size} | {fmt(row.get('kv_capacity_tokens'))} | "
-                         f"error: {row['error'][:160]} | | | | | | {fmt(row.get('jit_lines'))} | |")
+                         f"error: {row['error'][:160]} | | | | | | | {fmt(row.get('jit_lines'))} | |")
             continue
         backend = "/".join(row.get("attention_backends", [])) or "?"
         lines.append(f"| {row['config']} | {row['workload']} | {size} | {row['kv_capacity_tokens']:,} | "
                      f"{fmt(row['wall_s'], 2)} | {fmt(row['output_tok_s'])} | {fmt(row['tpot_median_ms'], 2)} | "
-                     f"{fmt(row['decode_tpot_ms'], 2)} | {fmt(row['ttft_median_ms'])} | {row['preemptions']} | "
+                     f"{fmt(row['decode_tpot_ms'], 2)} | {fmt(row['ttft_median_ms'])} | "
+                     f"{fmt(row.get('queued_mean_ms'))} | {row['preemptions']} | "
                      f"{fmt(row.get('jit_lines'))} | {backend} / {row.get('cudagraph_mode', '?')} |")
     lines += ["", "Ratios (config / reference; times: lower is faster, tok/s: higher is faster):", "",
               "| workload | config | vs | wall | out tok/s | TPOT med | decode TPOT | TTFT med | prefill mean |",

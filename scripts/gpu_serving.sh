@@ -3,14 +3,15 @@
 # ../shared/gpu-stack (staged in /root/stage by the device tool, see ../shared/gpu-stack/README.md). One device call
 # per phase, in this order, on one machine:
 #
-#   bash scripts/gpu_serving.sh tests   install the stack into /tmp/site (once per machine); kernel tests at full
-#                                       size; serving tests on CUDA: bf16 against FLASH_ATTN and the fp32
-#                                       reference, `vllm serve` over HTTP (8 concurrent requests), offline LLM
-#                                       (chunked prefill, prefix caching)
-#   bash scripts/gpu_serving.sh serve   end-to-end benchmark (benchmarks/serve.py): dense bf16 and PALU kv 0.5 /
-#                                       0.25 engines; host time per attention call; `vllm serve` + `vllm bench serve`
-#   bash scripts/gpu_serving.sh extra   the fp8 configurations (dense fp8 KV, PALU fp8 latents) into the same
-#                                       results, and the kernel microbenchmark
+#   bash scripts/gpu_serving.sh tests     install the stack into /tmp/site (once per machine); kernel tests at full
+#                                         size (the FlashAttention prefill path included); bf16 serving against
+#                                         FLASH_ATTN and the fp32 reference, CUDA graphs, no late JIT compiles
+#   bash scripts/gpu_serving.sh serving   `vllm serve` over HTTP (8 concurrent requests); offline LLM on CUDA
+#                                         (chunked prefill, preemption, prefix caching)
+#   bash scripts/gpu_serving.sh serve     end-to-end benchmark (benchmarks/serve.py): dense bf16 and PALU kv 0.5 /
+#                                         0.25 engines; host time per attention call (benchmarks/host_time.py)
+#   bash scripts/gpu_serving.sh extra     the fp8 configurations (dense fp8 KV, PALU fp8 latents) into the same
+#                                         results; `vllm serve` + `vllm bench serve`; the kernel microbenchmark
 #
 # Each step is time-boxed within the phase's BUDGET (one device call runs at most 600 s); logs land in $OUT (what the
 # device tool brings back) as one tarball, refreshed after every step, plus summary-PHASE.txt, also printed.
@@ -19,7 +20,7 @@
 # install 24 s; under triton 3.8 the kernel tests take more than 150 s (first compiles) and each bf16 test engine
 # about 60 s to start (torch.compile, CUDA graphs).
 set -uo pipefail
-phase=${1:?usage: gpu_serving.sh tests|serve|extra}
+phase=${1:?usage: gpu_serving.sh tests|serving|serve|extra}
 OUT=${OUT:-results/gpu}
 BUDGET=${BUDGET:-570}  # seconds for the whole phase: one device call runs at most 600
 logs=/tmp/palu-gpu/$phase
@@ -67,25 +68,26 @@ ENGINE='{"compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 
 SERVE_ARGS=${SERVE_ARGS:---capacity 0,1024,512}  # capacity: half the default output, to fit the call
 case $phase in
 tests)  # in order of what the rest depends on; each later step gets what is left of the budget
-    step kernel-tests 150 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py
-    step serving-gpu 240 python3 -m pytest -q -p no:cacheprovider tests/test_serving_gpu.py
+    step kernel-tests 240 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py
+    step serving-gpu 300 python3 -m pytest -q -p no:cacheprovider tests/test_serving_gpu.py
     cat "$logs/report/bf16_serving.json" 2>/dev/null | tee -a "$summary"
-    step serving-http 120 python3 -m pytest -q -p no:cacheprovider tests/test_server.py
-    step serving-offline 200 python3 -m pytest -q -p no:cacheprovider tests/test_serving_offline.py \
+    ;;
+serving)
+    step serving-http 200 python3 -m pytest -q -p no:cacheprovider tests/test_server.py
+    step serving-offline 330 python3 -m pytest -q -p no:cacheprovider tests/test_serving_offline.py \
         -k "chunked or attention_reads"
     ;;
 serve)
     step serve 330 python3 benchmarks/serve.py run --out "$results/serve" --deadline 320 \
         --configs dense-bf16,palu-0.5,palu-0.25 --engine-args "$ENGINE" $SERVE_ARGS
-    step host-time 100 python3 benchmarks/host_time.py --out "$results/host" ${HOST_ARGS:-}
-    step serve-http 140 python3 benchmarks/serve.py http --out "$results/serve" --engine-args "$ENGINE"
-    step report 30 python3 benchmarks/serve.py report "$results/serve"
+    step host-time 200 python3 benchmarks/host_time.py --out "$results/host" ${HOST_ARGS:-}
     ;;
 extra)
-    step serve-fp8 240 python3 benchmarks/serve.py run --out "$results/serve" --deadline 230 \
+    step serve-fp8 230 python3 benchmarks/serve.py run --out "$results/serve" --deadline 220 \
         --configs dense-fp8,palu-0.5-fp8 --engine-args "$ENGINE" $SERVE_ARGS
-    step report 30 python3 benchmarks/serve.py report "$results/serve"
-    step kernels 150 python3 -m benchmarks.attention_kernels kernels --quick --out "$results/kernels"
+    step serve-http 200 python3 benchmarks/serve.py http --out "$results/serve" --engine-args "$ENGINE"
+    step report 20 python3 benchmarks/serve.py report "$results/serve"
+    step kernels 110 python3 -m benchmarks.attention_kernels kernels --quick --out "$results/kernels"
     ;;
 *)
     echo "unknown phase $phase" >&2

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
@@ -23,6 +23,9 @@ from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from vllm_palu.attention import reference
 from vllm_palu.config import BACKEND_NAME, KV_CACHE_DTYPE_LATENTS
+
+if TYPE_CHECKING:  # ops imports Triton: only where the kernels run
+    from vllm_palu.attention.ops import PrefillBatch
 
 # "auto": Triton kernels on CUDA, the PyTorch path elsewhere; "triton" forces the kernels (on CPU: under
 # TRITON_INTERPRET=1, for tests); "torch" forces the PyTorch path.
@@ -83,11 +86,12 @@ class PaluAttentionMetadata:
     seq_lens: torch.Tensor  # [B], context including the new tokens
     block_table: torch.Tensor  # [B, max_blocks]
     slot_mapping: torch.Tensor  # [T]
+    max_query_len: int
     num_decodes: int  # the first num_decodes requests have at most one new token each (the batch is reordered)
     num_splits: int  # KV splits of the decode requests (ops.decode_splits)
     partial: torch.Tensor | None  # the builder's persistent split-KV scratch (Triton kernels only)
     stats: torch.Tensor | None
-    prefill: object | None  # ops.PrefillBatch: the requests after the decodes, with host-side bounds
+    prefill: PrefillBatch | None  # the requests after the decodes, with host-side bounds (Triton kernels only)
 
 
 class PaluAttentionMetadataBuilder(AttentionMetadataBuilder[PaluAttentionMetadata]):
@@ -128,8 +132,8 @@ class PaluAttentionMetadataBuilder(AttentionMetadataBuilder[PaluAttentionMetadat
         return PaluAttentionMetadata(
             num_actual_tokens=metadata.num_actual_tokens, query_start_loc=metadata.query_start_loc,
             seq_lens=metadata.seq_lens, block_table=metadata.block_table_tensor, slot_mapping=metadata.slot_mapping,
-            num_decodes=num_decodes, num_splits=num_splits, partial=self.partial, stats=self.stats,
-            prefill=prefill)
+            max_query_len=metadata.max_query_len, num_decodes=num_decodes, num_splits=num_splits,
+            partial=self.partial, stats=self.stats, prefill=prefill)
 
     @staticmethod
     def _max_prefix_len(metadata: CommonAttentionMetadata, num_decodes: int) -> int:

@@ -85,9 +85,9 @@ class LayerPlan:
     multiprocessors: int  # of the device (1 on CPU): sets the decode split count
     fp32_placeholder: torch.Tensor  # passed for an unused fp32 pointer (one compiled kernel whether used or not)
     decode: dict = field(repr=False)  # constexprs and launch options of decode_attention_kernel
-    prefill_tile: tuple[int, int, int, int] = (0, 0, 0, 0)  # block_m, block_n, warps, stages
-    prefill_workspace_tokens: int = 0
-    ranks: dict = field(default_factory=dict, repr=False)  # rank-tile constexprs shared by every kernel
+    prefill_tile: tuple[int, int, int, int]  # block_m, block_n, warps, stages
+    prefill_workspace_tokens: int
+    ranks: dict = field(repr=False)  # rank-tile constexprs shared by every kernel
 
     @property
     def heads_per_kv(self) -> int:
