@@ -81,7 +81,7 @@ class PaluAttention(nn.Module):
                                         bias=bias_o_proj or (self.fold_values and palu.kv_bias),
                                         prefix=f"{prefix}.o_proj")
         self.o_proj_from_checkpoint = bias_o_proj  # else a folded bias starts at 0
-        # The checkpoint's o_proj (this rank's heads) until it is folded (fold_values_into_o_proj).
+        # The checkpoint's o_proj (this rank's heads) until finish_loading folds v_up into o_proj.
         self.o_proj_dense = (nn.Parameter(torch.empty(hidden_size, self.num_heads * self.head_dim),
                                           requires_grad=False) if self.fold_values else None)
         rotary_emb = get_rope(self.head_dim, max_position=max_position_embeddings,
