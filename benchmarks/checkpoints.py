@@ -93,7 +93,7 @@ def palu_config(shape: Shape, kv_ratio: float, group_size: int = 1, k_fraction: 
     k_ranks, v_ranks = UniformAllocation().allocate(layout, budget)
     return PaluConfig(
         base_architecture="LlamaForCausalLM", num_kv_heads=shape.num_kv_heads, head_dim=shape.head_dim,
-        group_size=group_size, k_ranks=k_ranks, v_ranks=v_ranks, latent_dtype=shape.dtype,
+        group_size=group_size, k_ranks=k_ranks, v_ranks=v_ranks, weight_dtype=shape.dtype,
         method={"decomposition": "none (dummy weights, config only)", "rank_alloc": "uniform", "kv_ratio": kv_ratio,
                 "k_fraction": k_fraction, "rank_multiple": rank_multiple, "allocation_seconds": 0.0})
 

@@ -93,7 +93,7 @@ def build_inputs(case: Case, dtype, device, latent: str = "auto") -> dict:
     seq_lens = torch.full((case.batch,), case.context, device=device, dtype=torch.int32)
     return dict(query=query, kv_cache=cache, k_up=k_up, k_bias=None, cos_sin_cache=cos_sin, is_neox_style=True,
                 query_start_loc=query_start, seq_lens=seq_lens, block_table=block_table,
-                scale=case.head_dim ** -0.5, latent_dtype=latent)
+                scale=case.head_dim ** -0.5, latent_format=latent)
 
 
 def palu_call(case: Case, inputs: dict, config: KernelConfig = KernelConfig(), num_splits: int | None = None):
@@ -102,7 +102,7 @@ def palu_call(case: Case, inputs: dict, config: KernelConfig = KernelConfig(), n
     prefill path), and the output it writes."""
     rank_v = case.ranks[1]
     plan = ops.plan_layer(inputs["k_up"], None, inputs["cos_sin_cache"], True, case.heads, rank_v, inputs["scale"],
-                          inputs["latent_dtype"], config)
+                          inputs["latent_format"], config)
     out = inputs["query"].new_empty(inputs["query"].shape[0], case.heads, rank_v)
     args = (plan, inputs["query"], inputs["kv_cache"], inputs["query_start_loc"], inputs["seq_lens"],
             inputs["block_table"], out)
@@ -123,7 +123,7 @@ def refcheck(case: Case, device, latent: str = "auto", config: KernelConfig = Ke
     of the case, called exactly as the benchmark times them (:func:`palu_call`)."""
     small = Case(**{**asdict(case), "batch": min(case.batch, 2), "context": min(case.context, 4096)})
     inputs = build_inputs(small, torch.bfloat16, device, latent)
-    oracle = dict(inputs, latent_dtype="auto")
+    oracle = dict(inputs, latent_format="auto")
     if latent != "auto":
         rows = pages_to_rows(inputs["kv_cache"], latent)
         oracle["kv_cache"] = torch.cat(dequantize_rows(rows, *small.ranks, latent), dim=-1)

@@ -32,7 +32,7 @@ def main(foundation: str, cache: str, eval_txt: str, max_tokens: str = "40000", 
         seeded = {"ppl": row["ppl"], "scored_tokens": row["scored_tokens"],
                   "protocol": {**protocol, "k_ranks": palu["k_ranks"], "v_ranks": palu["v_ranks"]},
                   "seeded_from": str(source / f"ppl-palu-r{ratio}-gall.json")}
-        (target / "ppl" / f"{link.name}-latent-none.json").write_text(json.dumps(seeded, indent=2) + "\n")
+        (target / "ppl" / f"{link.name}-latent-auto.json").write_text(json.dumps(seeded, indent=2) + "\n")
         for path in sorted(Path(quant).glob(f"ppl-palu-r{ratio}-rotnone-*.json")) if quant else []:
             quantized = json.loads((Path(quant) / f"palu-r{ratio}-rotnone" / "config.json").read_text())["palu"]
             assert (quantized["k_ranks"], quantized["v_ranks"]) == (palu["k_ranks"], palu["v_ranks"])
@@ -40,7 +40,8 @@ def main(foundation: str, cache: str, eval_txt: str, max_tokens: str = "40000", 
                 seeded = {"ppl": row["ppl"], "scored_tokens": row["scored_tokens"],
                           "protocol": {**protocol, "k_ranks": palu["k_ranks"], "v_ranks": palu["v_ranks"]},
                           "seeded_from": str(path)}
-                name = f"{link.name}-latent-{row['kv_quant']}.json"
+                # Rows written before the latent-format rename name the format in kv_quant.
+                name = f"{link.name}-latent-{row.get('latent_format') or row['kv_quant']}.json"
                 (target / "ppl" / name).write_text(json.dumps(seeded, indent=2) + "\n")
 
 

@@ -1,6 +1,6 @@
 """Relative error that latent quantization adds to the reconstructed keys and values of a Palu checkpoint, with
 and without a latent rotation applied on the fly (a cheap proxy for the perplexity runs).
-Usage: python scripts/latent_quant_error.py PALU_DIR TEXT_FILE [TOKENS]  -> one JSON line per (mode, rotation)."""
+Usage: python scripts/latent_quant_error.py PALU_DIR TEXT_FILE [TOKENS]  -> one JSON line per (latent format, rotation)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def main(model_dir: str, text: str, tokens: int = 1024) -> None:
             module.latent_hook = lambda latent, module=module: captured.append((module, latent.detach())) or latent
     with torch.no_grad():
         model(ids[None], use_cache=False)
-    for mode in ("fp8", "int4"):
+    for latent_format in ("fp8", "int4"):
         for rotation in ("none", "hadamard", "random"):
             num = den = 0.0
             for module, latent in captured:
@@ -34,13 +34,13 @@ def main(model_dir: str, text: str, tokens: int = 1024) -> None:
                 grouped = latent[0].unflatten(-1, (groups, rank)).double()
                 matrix = rotation_matrix(rotation, rank)
                 rotated = grouped @ matrix.T
-                restored = fake_quant_latent(rotated.float(), mode).double() @ matrix
+                restored = fake_quant_latent(rotated.float(), latent_format).double() @ matrix
                 # Error in the reconstructed K/V (up-projection applied), relative to the exact reconstruction.
                 up = module.up.weight.detach().double()
                 exact = torch.einsum("tgr,gor->tgo", grouped, up)
                 num += float((torch.einsum("tgr,gor->tgo", restored - grouped, up)).square().sum())
                 den += float(exact.square().sum())
-            print(json.dumps({"model": model_dir, "latent_quant": mode, "rotation": rotation,
+            print(json.dumps({"model": model_dir, "latent_format": latent_format, "rotation": rotation,
                               "relative_kv_error": round((num / den) ** 0.5, 5)}), flush=True)
 
 

@@ -8,6 +8,13 @@ import sys
 from pathlib import Path
 
 
+def cache_quant(row: dict) -> str:
+    """The row's K/V or latent quantization ("none" for bf16); rows written before the latent-format rename name a
+    Palu checkpoint's format in kv_quant."""
+    name = row.get("latent_format") or row["kv_quant"]
+    return "none" if name == "auto" else name
+
+
 def main(*directories: str) -> None:
     out = Path(directories[0])
     rows = [row for directory in directories for path in sorted(Path(directory).glob("ppl-*.json"))
@@ -22,7 +29,7 @@ def main(*directories: str) -> None:
             seconds = next(line.split(" in ")[-1].rstrip(".") for line in summary.read_text().splitlines()
                            if line.startswith("Converted from"))
         stored = "latents" if "palu" in model.name else "KV"
-        name = model.name + ("" if row["kv_quant"] == "none" else f" + {row['kv_quant']} {stored}")
+        name = model.name + ("" if cache_quant(row) == "none" else f" + {cache_quant(row)} {stored}")
         print(f"| {name} | {row['kv_bytes_vs_bf16']:.3f} | {row['ppl']:.2f} | {seconds} |")
     plot(rows, out / "ppl_vs_bytes.png")
 
@@ -35,7 +42,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     def quantized_latents(kind: str, rotated: bool):
-        return lambda r: ("palu" in Path(r["model"]).name and r["kv_quant"] == kind
+        return lambda r: ("palu" in Path(r["model"]).name and cache_quant(r) == kind
                           and ("rothadamard" in Path(r["model"]).name) == rotated)
 
     for label, pick, marker in (("dense + KV quantization", lambda r: "palu" not in Path(r["model"]).name, "s"),

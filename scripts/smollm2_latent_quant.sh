@@ -2,7 +2,7 @@
 # SmolLM2-135M perplexity with quantized latents (docs/RESULTS.md, quantized-latents section): Palu joint group at
 # kv-ratio 0.5 / 0.375 / 0.25, latent rotation none / hadamard, latents fp8 / int4 (fake-quantized exactly as the
 # paged cache stores them). Same protocol as scripts/smollm2_results.sh: WikiText-2 eval.txt, first 40k tokens,
-# 1024-token windows; calibration on calib.txt (32 x 512, seed 0). Unquantized latents ("none") are the foundation
+# 1024-token windows; calibration on calib.txt (32 x 512, seed 0). Unquantized latents ("auto") are the foundation
 # table's numbers (scripts/smollm2_results.sh), and a rotation is exact there, so they are not re-run.
 # Each evaluation takes 5-15 min on the 2 shared cores: the runs go most important first.
 set -euo pipefail
@@ -19,7 +19,7 @@ run() {  # kv-ratio, rotation, latent quantizations
     $PY -m vllm_palu.convert --model "$MODEL" --output "$OUT/$name" --force --kv-ratio "$1" --group-size all \
       --calib "$DATA/calib.txt" --latent-rotation "$2" > "$OUT/convert-$name.log" 2>&1
   fi
-  $PY -m vllm_palu.eval ppl --model "$OUT/$name" "${EVAL[@]}" --latent-quant "$3" \
+  $PY -m vllm_palu.eval ppl --model "$OUT/$name" "${EVAL[@]}" --latent-format "$3" \
     --json "$OUT/ppl-$name-$3.json" 2>/dev/null
 }
 run 0.5 none int4

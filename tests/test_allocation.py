@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -66,9 +67,29 @@ def test_keys_get_their_fraction(strategy):
     assert sum(k_ranks) / (sum(k_ranks) + sum(v_ranks)) == pytest.approx(0.375, abs=0.03)
 
 
+def reversed_layers(stats: Sensitivity) -> Sensitivity:
+    """The same statistics with the layers listed last to first."""
+    return Sensitivity(fisher={kind: scores[::-1] for kind, scores in stats.fisher.items()},
+                       loss_curves={kind: curves[::-1] for kind, curves in stats.loss_curves.items()})
+
+
 def test_deterministic(strategy):
-    budget = RankBudget(0.4, 0.3)
-    assert allocate(strategy, LAYOUTS[2], budget, seed=3) == allocate(strategy, LAYOUTS[2], budget, seed=3)
+    """The ranks are a function of the inputs: the same on a second call, from a fresh instance given a copy of the
+    statistics, and layer for layer with the layers listed in reverse order, the statistics left as they were; a
+    different budget gives different ranks, and so do different statistics to a strategy that reads them (uniform
+    ignores them)."""
+    layout, budget = LAYOUTS[2], RankBudget(0.4, 0.3)
+    stats = synthetic_sensitivity(layout, seed=3)
+    before = copy.deepcopy(stats)
+    ranks = strategy.allocate(layout, budget, stats)
+    assert stats == before
+    assert strategy.allocate(layout, budget, stats) == ranks
+    assert ALLOCATIONS[strategy.name]().allocate(layout, budget, copy.deepcopy(stats)) == ranks
+    k_reversed, v_reversed = strategy.allocate(layout, budget, reversed_layers(stats))
+    assert (k_reversed[::-1], v_reversed[::-1]) == ranks
+    assert strategy.allocate(layout, RankBudget(0.5, 0.3), stats) != ranks
+    other_stats = synthetic_sensitivity(layout, seed=4)
+    assert (strategy.allocate(layout, budget, other_stats) != ranks) == strategy.needs_sensitivity
 
 
 def test_sensitive_strategies_follow_the_statistics(strategy):

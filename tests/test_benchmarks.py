@@ -41,8 +41,8 @@ def test_checkpoint_ranks_match_the_converter_and_tokens_round_trip(tiny_llama, 
     dense = checkpoints.build("tiny", tmp_path / "dense")
     converted = convert(ConvertOptions(model=str(tiny_llama), output=tmp_path / "converted", kv_ratio=0.5,
                                        group_size="1", calib_samples=4, calib_seq_len=32, batch_size=2))
-    ours = PaluConfig.from_hf_config(json.loads((built / "config.json").read_text()))
-    theirs = PaluConfig.from_hf_config(json.loads((converted / "config.json").read_text()))
+    ours = PaluConfig.of(json.loads((built / "config.json").read_text()))
+    theirs = PaluConfig.of(json.loads((converted / "config.json").read_text()))
     for field in ("base_architecture", "num_kv_heads", "head_dim", "group_size", "k_ranks", "v_ranks"):
         assert getattr(ours, field) == getattr(theirs, field), field
     assert ours.method["rank_alloc"] == "uniform" and ours.method["kv_ratio"] == 0.5

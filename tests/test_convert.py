@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -13,6 +14,7 @@ from safetensors import safe_open
 from helpers import convert_tiny, logits, relative_error
 from tiny_models import ARCHITECTURES
 from vllm_palu.config import PaluConfig
+from vllm_palu.errors import PaluError
 from vllm_palu.offline.checkpoint import load_dense_model, load_palu_model
 
 
@@ -24,7 +26,7 @@ def test_full_rank_reproduces_original_logits(tiny_checkpoints, calib_file, tmp_
     ids = torch.randint(0, 300, (2, 48), generator=torch.Generator().manual_seed(1))
     dense, palu = load_dense_model(source), load_palu_model(output)
     assert relative_error(logits(palu, ids), logits(dense, ids)) < 1e-4
-    config = PaluConfig.from_hf_config(json.loads((output / "config.json").read_text()))
+    config = PaluConfig.of(json.loads((output / "config.json").read_text()))
     assert config.kv_ratio == 1.0
     assert max(config.reconstruction_error["k"] + config.reconstruction_error["v"]) < 1e-6
 
@@ -40,7 +42,7 @@ def test_reconstruction_error_falls_as_ratio_rises(tiny_llama, calib_file, tmp_p
     means = []
     for ratio in (0.25, 0.5, 0.75, 1.0):
         output = convert_tiny(tiny_llama, tmp_path / f"palu-{ratio}", calib_file, kv_ratio=ratio, group_size="1")
-        config = PaluConfig.from_hf_config(json.loads((output / "config.json").read_text()))
+        config = PaluConfig.of(json.loads((output / "config.json").read_text()))
         errors = config.reconstruction_error["k"] + config.reconstruction_error["v"]
         means.append(sum(errors) / len(errors))
     assert means == sorted(means, reverse=True) and means[0] > means[-1] + 0.05
@@ -51,7 +53,7 @@ def test_config_ranks_match_weight_shapes(tiny_checkpoints, calib_file, tmp_path
     output = convert_tiny(tiny_checkpoints[arch], tmp_path / "palu", calib_file, kv_ratio=0.5, k_fraction=0.25,
                           group_size="1")
     config_json = json.loads((output / "config.json").read_text())
-    config = PaluConfig.from_hf_config(config_json)
+    config = PaluConfig.of(config_json)
     assert config_json["architectures"] == [f"Palu{ARCHITECTURES[arch][1]}"]
     assert config.num_groups == 2 and config.group_width == 32
     assert config.k_ranks == [8, 8] and config.v_ranks == [24, 24]
@@ -97,3 +99,34 @@ def test_cli_end_to_end(tiny_llama, calib_file, tmp_path):
     config = json.loads((output / "config.json").read_text())
     assert config["palu"]["calibration"] == {"source": str(calib_file), "samples": 4, "seq_len": 32, "seed": 0,
                                              "tokens": 128}
+
+
+def test_format_version_1_checkpoints_still_load(tiny_llama, calib_file, tmp_path):
+    """Version 1 named the weight dtype ``latent_dtype``: such a checkpoint reads as the same PaluConfig (from the
+    config.json dict and from the transformers config vLLM hands the plugin) and loads the same model."""
+    from transformers import AutoConfig
+
+    output = convert_tiny(tiny_llama, tmp_path / "palu", calib_file, kv_ratio=0.5)
+    config_path = output / "config.json"
+    current = json.loads(config_path.read_text())
+    assert current["palu"]["format_version"] == 2 and "latent_dtype" not in current["palu"]
+    ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(3))
+    expected = logits(load_palu_model(output), ids)
+    old = dict(current["palu"], format_version=1, latent_dtype=current["palu"]["weight_dtype"])
+    del old["weight_dtype"]
+    config_path.write_text(json.dumps({**current, "palu": old}, indent=2))
+    for source in (json.loads(config_path.read_text()), AutoConfig.from_pretrained(output)):
+        assert PaluConfig.of(source) == PaluConfig.of(current)
+    assert torch.equal(logits(load_palu_model(output), ids), expected)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"format_version": 3}, "unsupported palu format_version 3 (this build reads 1, 2)"),
+    ({"weight_dtype": "int8"}, "unsupported weight_dtype 'int8'"),
+    ({"colour": "blue"}, "malformed palu config section")])
+def test_unreadable_palu_sections(change, message):
+    section = {"base_architecture": "LlamaForCausalLM", "num_kv_heads": 2, "head_dim": 32, "group_size": 1,
+               "k_ranks": [8], "v_ranks": [8], "format_version": 2}
+    PaluConfig.of({"palu": section})  # the section itself is readable
+    with pytest.raises(PaluError, match=re.escape(message)):
+        PaluConfig.of({"palu": {**section, **change}})

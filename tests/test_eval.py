@@ -72,10 +72,10 @@ def test_ppl_cli(tiny_llama, calib_file, tmp_path):
     assert result.returncode == 0, result.stderr
     rows = json.loads(out.read_text())
     # head_dim 32: int4 = (32*4 + 32 scale bits) / (32*16); the tiny checkpoint is fp32, so are its latents.
-    assert [(r["kv_quant"], r["kv_bytes_vs_bf16"]) for r in rows] == [("none", 1.0), ("int4", 0.3125),
-                                                                      ("none", 1.0)]
+    assert [(r["kv_quant"], r["latent_format"], r["kv_bytes_vs_bf16"]) for r in rows] == [
+        ("none", None, 1.0), ("int4", None, 0.3125), (None, "auto", 1.0)]
     assert all(r["windows"] == 4 and r["ppl"] > 1 for r in rows)
-    assert "| kv quant |" in result.stdout and str(palu) in result.stdout
+    assert "| kv int4 |" in result.stdout and f"| {palu} | reference | latents auto |" in result.stdout
 
 
 def test_ppl_cli_text_too_short(tiny_llama, tmp_path):
@@ -86,23 +86,23 @@ def test_ppl_cli_text_too_short(tiny_llama, tmp_path):
     assert result.returncode == 2 and "evaluation text too short" in result.stderr.strip().splitlines()[-1]
 
 
-def test_ppl_cli_latent_quant(tiny_llama, calib_file, tmp_path):
+def test_ppl_cli_latent_format(tiny_llama, calib_file, tmp_path):
     """Palu models evaluated with fp8 / int4 latents; bytes vs bf16 count the inline fp16 scales."""
     palu = convert_tiny(tiny_llama, tmp_path / "palu", calib_file, kv_ratio=0.5)  # 1 group, 64 latents/layer
     out = tmp_path / "ppl.json"
     result = subprocess.run(
         [sys.executable, "-m", "vllm_palu.eval", "ppl", "--model", str(palu), "--data", str(calib_file),
-         "--seq-len", "64", "--max-tokens", "256", "--latent-quant", "none,fp8,int4", "--json", str(out)],
+         "--seq-len", "64", "--max-tokens", "256", "--latent-format", "auto,fp8,int4", "--json", str(out)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    rows = {r["kv_quant"]: r for r in json.loads(out.read_text())}
-    # per layer and token: dense bf16 2 heads x (32 + 32) x 2 = 256 bytes; fp8 64 + 4; int4 32 + 8; none: fp32
-    assert {mode: r["kv_bytes_vs_bf16"] for mode, r in rows.items()} == {"none": 1.0, "fp8": 0.2656,
+    rows = {r["latent_format"]: r for r in json.loads(out.read_text())}
+    # per layer and token: dense bf16 2 heads x (32 + 32) x 2 = 256 bytes; fp8 64 + 4; int4 32 + 8; auto: fp32
+    assert {mode: r["kv_bytes_vs_bf16"] for mode, r in rows.items()} == {"auto": 1.0, "fp8": 0.2656,
                                                                          "int4": 0.1562}
-    assert rows["none"]["ppl"] != rows["fp8"]["ppl"] != rows["int4"]["ppl"]
+    assert rows["auto"]["ppl"] != rows["fp8"]["ppl"] != rows["int4"]["ppl"]
 
 
-def test_ppl_cli_unknown_latent_quant(tiny_llama, calib_file, tmp_path):
+def test_ppl_cli_unknown_latent_format(tiny_llama, calib_file, tmp_path):
     result = subprocess.run([sys.executable, "-m", "vllm_palu.eval", "ppl", "--model", str(tiny_llama), "--data",
-                             str(calib_file), "--latent-quant", "int3"], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2 and "unknown --latent-quant 'int3'" in result.stderr.strip().splitlines()[-1]
+                             str(calib_file), "--latent-format", "int3"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "unknown latent format 'int3'; choose from auto, fp8, int4" in result.stderr.strip().splitlines()[-1]

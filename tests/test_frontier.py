@@ -1,4 +1,4 @@
-"""``python -m vllm_palu.eval frontier`` on a tiny model: rows, outputs, the cache, the latent-quant extension."""
+"""``python -m vllm_palu.eval frontier`` on a tiny model: rows, outputs, the cache, quantized latent points."""
 
 from __future__ import annotations
 
@@ -45,30 +45,19 @@ def test_frontier_rows_outputs_and_cache(tiny_llama, calib_file, tmp_path, monke
     assert [r["ppl"] for r in run_frontier(options(tiny_llama, calib_file, tmp_path))] == [r["ppl"] for r in rows]
 
 
-def test_latent_quant_extension_point(tiny_llama, calib_file, tmp_path, monkeypatch):
-    applied = []
-    monkeypatch.setitem(frontier.LATENT_QUANTS, "half",
-                        frontier.LatentQuant(bytes_factor=0.5, apply=lambda model: applied.append(model)))
-    rows = run_frontier(options(tiny_llama, calib_file, tmp_path, allocations=["uniform"], kv_ratios=[0.5],
-                                kv_quants=["none"], latent_quants=["none", "half"]))
-    none, half = [r for r in rows if r["kind"] == "palu"]
-    assert (none["latent_quant"], half["latent_quant"]) == ("none", "half") and len(applied) == 1
-    assert half["kv_bytes_vs_bf16"] == pytest.approx(none["kv_bytes_vs_bf16"] / 2)
-
-
 def test_quantized_latent_points_count_their_scales(tiny_llama, calib_file, tmp_path):
     rows = run_frontier(options(tiny_llama, calib_file, tmp_path, allocations=["uniform"], kv_ratios=[0.5],
-                                kv_quants=["none"], latent_quants=["none", "fp8", "int4"]))
-    points = {r["latent_quant"]: r for r in rows if r["kind"] == "palu"}
+                                kv_quants=["none"], latent_formats=["auto", "fp8", "int4"]))
+    points = {r["latent_format"]: r for r in rows if r["kind"] == "palu"}
     # per layer and token: dense bf16 2 heads x (32 + 32) x 2 = 256 bytes; one group of 64 latents:
     # fp8 64 + 4 scale bytes, int4 32 + 8
     assert (points["fp8"]["kv_bytes_vs_bf16"], points["int4"]["kv_bytes_vs_bf16"]) == (0.2656, 0.1562)
-    assert points["none"]["ppl"] != points["fp8"]["ppl"] != points["int4"]["ppl"]
+    assert points["auto"]["ppl"] != points["fp8"]["ppl"] != points["int4"]["ppl"]
     assert points["int4"]["label"] == "Palu uniform + int4 latents"
 
 
 @pytest.mark.parametrize("override, message", [({"allocations": ["magic"]}, "unknown allocation 'magic'"),
-                                               ({"latent_quants": ["int3"]}, "unknown latent quantization 'int3'"),
+                                               ({"latent_formats": ["int3"]}, "unknown latent format 'int3'"),
                                                ({"kv_quants": ["int5"]}, "unknown KV quantization 'int5'"),
                                                ({"kv_ratios": [1.5]}, "kv-ratio 1.5 outside")])
 def test_bad_frontier_options(tiny_llama, calib_file, tmp_path, override, message):

@@ -1,10 +1,12 @@
-"""Triton kernels vs the PyTorch oracle on fresh random inputs over a parameter matrix. On the build machine they
-run under TRITON_INTERPRET=1 (small shapes, fp32: the interpreter miscomputes bf16 dots); on a GPU at full size
-(PALU_KERNEL_TESTS_DEVICE, set by conftest.py: cuda where a GPU is visible)."""
+"""Triton kernels vs the PyTorch oracle on fresh random inputs over a parameter matrix of :class:`Shape` cases, each
+compared by :func:`check`. On the build machine they run under TRITON_INTERPRET=1 (small shapes, fp32: the
+interpreter miscomputes bf16 dots); on a GPU at full size (PALU_KERNEL_TESTS_DEVICE, set by conftest.py: cuda where a
+GPU is visible). What only a GPU runs is marked ``gpu`` (``pytest -m gpu``)."""
 
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -27,79 +29,95 @@ def rope_cache(max_position: int, head_dim: int, base: float = 10000.0) -> torch
     return torch.cat([angles.cos(), angles.sin()], dim=-1)
 
 
-def make_case(seq_lens, query_lens, num_heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size, dtype,
-              extra_blocks=0, bias=False, seed=0):
+class Shape(NamedTuple):
+    """One case of the matrix: the batch (per request: context length, new tokens) and the layer's sizes."""
+
+    seq_lens: list[int]
+    query_lens: list[int]
+    heads: int
+    kv_heads: int
+    group_size: int  # KV heads per latent group
+    head_dim: int
+    rank_k: int
+    rank_v: int
+    block_size: int
+
+
+def make_case(shape: Shape, dtype, extra_blocks=0, bias=False, seed=0):
     """A paged latent cache holding every request's context, its block table shuffled, plus poisoned padding."""
     generator = torch.Generator(device=DEVICE).manual_seed(seed)
-    groups = kv_heads // group_size
-    blocks_per_req = [-(-s // block_size) for s in seq_lens]
+    groups = shape.kv_heads // shape.group_size
+    blocks_per_req = [-(-s // shape.block_size) for s in shape.seq_lens]
     num_blocks = sum(blocks_per_req) + extra_blocks + 1
-    cache = torch.randn(num_blocks, groups, block_size, rank_k + rank_v, generator=generator, device=DEVICE,
-                        dtype=dtype)
+    cache = torch.randn(num_blocks, groups, shape.block_size, shape.rank_k + shape.rank_v, generator=generator,
+                        device=DEVICE, dtype=dtype)
     order = torch.randperm(num_blocks, generator=generator, device=DEVICE)[:sum(blocks_per_req)]
-    block_table = torch.zeros(len(seq_lens), max(blocks_per_req), dtype=torch.int32, device=DEVICE)
+    block_table = torch.zeros(len(shape.seq_lens), max(blocks_per_req), dtype=torch.int32, device=DEVICE)
     start = 0
     for i, count in enumerate(blocks_per_req):
         block_table[i, :count] = order[start:start + count]
         start += count
-    query_start = torch.tensor([0] + list(torch.tensor(query_lens).cumsum(0)), dtype=torch.int32)
+    query_start = torch.tensor([0] + list(torch.tensor(shape.query_lens).cumsum(0)), dtype=torch.int32)
     random = dict(generator=generator, device=DEVICE)
-    query = torch.randn(int(query_start[-1]), num_heads, head_dim, **random)
-    k_up = torch.randn(groups, group_size * head_dim, rank_k, **random) / rank_k ** 0.5
-    k_bias = torch.randn(kv_heads * head_dim, **random) * 0.1 if bias else None
+    query = torch.randn(int(query_start[-1]), shape.heads, shape.head_dim, **random)
+    k_up = torch.randn(groups, shape.group_size * shape.head_dim, shape.rank_k, **random) / shape.rank_k ** 0.5
+    k_bias = torch.randn(shape.kv_heads * shape.head_dim, **random) * 0.1 if bias else None
     return dict(query=query.to(dtype), kv_cache=cache, k_up=k_up.to(dtype),
                 k_bias=None if k_bias is None else k_bias.to(dtype),
-                cos_sin_cache=rope_cache(max(seq_lens) + 1, head_dim).to(DEVICE),
+                cos_sin_cache=rope_cache(max(shape.seq_lens) + 1, shape.head_dim).to(DEVICE),
                 query_start_loc=query_start.to(DEVICE),
-                seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE), block_table=block_table,
-                scale=head_dim ** -0.5)
+                seq_lens=torch.tensor(shape.seq_lens, dtype=torch.int32, device=DEVICE), block_table=block_table,
+                scale=shape.head_dim ** -0.5)
 
 
-def check(case, is_neox_style=True, **kwargs):
-    expected = reference.paged_latent_attention(**case, is_neox_style=is_neox_style)
+def check(case, oracle=None, tolerance=None, *, is_neox_style=True, launch=None, **kwargs):
+    """The contract every attention test checks: ``launch`` (default: the Triton launcher
+    ``ops.paged_latent_attention``, given ``kwargs``) on ``case`` writes every row of a NaN-poisoned output, within
+    ``tolerance`` (default: TOLERANCE of the case's query dtype) relative error of the fp32 oracle on ``oracle``
+    (default: the case itself; a quantized case passes its dequantized twin, and its ``latent_format``)."""
+    launch = launch or ops.paged_latent_attention
+    expected = reference.paged_latent_attention(**(case if oracle is None else oracle), is_neox_style=is_neox_style)
     out = torch.full_like(expected, float("nan"), dtype=case["query"].dtype)  # poisoned: every row must be written
-    ops.paged_latent_attention(**case, is_neox_style=is_neox_style, out=out, **kwargs)
+    launch(**case, is_neox_style=is_neox_style, out=out, **kwargs)
     assert torch.isfinite(out).all()
     error = float((out.float() - expected).norm() / expected.norm())
-    assert error < TOLERANCE[case["query"].dtype], error
+    assert error < (TOLERANCE[case["query"].dtype] if tolerance is None else tolerance), error
 
 
-SMALL = [  # seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size
-    ([5], [1], 4, 2, 1, 32, 16, 24, 16),                      # decode, GQA 2, per head
-    ([37, 64, 3], [1, 1, 1], 8, 2, 2, 32, 24, 40, 16),        # batch decode, groups of 2 heads
-    ([40, 70], [7, 70], 4, 4, 4, 32, 8, 48, 32),              # chunked prefill + full prefill, MHA, joint group
-    ([130], [128], 2, 1, 1, 64, 40, 72, 16),                   # long prefill, head_dim 64, ranks not x16
-    ([9, 90, 33], [1, 7, 33], 6, 3, 3, 32, 16, 16, 64),        # mixed batch, SmolLM2-like joint group
-    ([33, 70], [1, 1], 4, 4, 1, 32, 16, 24, 16),               # MHA decode: one query row per KV head
+def gpu_shapes(shapes):
+    """GPU-only cases, as parameters marked ``gpu``, where a GPU runs them; none under the interpreter."""
+    return [pytest.param(shape, marks=pytest.mark.gpu) for shape in shapes] if DEVICE == "cuda" else []
+
+
+SMALL = [
+    Shape([5], [1], 4, 2, 1, 32, 16, 24, 16),                      # decode, GQA 2, per head
+    Shape([37, 64, 3], [1, 1, 1], 8, 2, 2, 32, 24, 40, 16),        # batch decode, groups of 2 heads
+    Shape([40, 70], [7, 70], 4, 4, 4, 32, 8, 48, 32),              # chunked prefill + full prefill, MHA, joint group
+    Shape([130], [128], 2, 1, 1, 64, 40, 72, 16),                   # long prefill, head_dim 64, ranks not x16
+    Shape([9, 90, 33], [1, 7, 33], 6, 3, 3, 32, 16, 16, 64),        # mixed batch, SmolLM2-like joint group
+    Shape([33, 70], [1, 1], 4, 4, 1, 32, 16, 24, 16),               # MHA decode: one query row per KV head
 ]
 
 
-FULL = [  # GPU only: real head sizes and context lengths
-    ([3000, 1, 4500, 2049], [1, 1, 1, 1], 32, 8, 1, 128, 80, 176, 16),     # Llama-3-8B decode, kv-ratio 0.5
-    ([4096, 3000], [128, 7], 32, 8, 2, 128, 96, 160, 64),                   # chunked prefill + decode, groups of 2
-    ([2048, 700], [1, 700], 32, 32, 4, 128, 128, 256, 128),                 # Llama-2-7B MHA, groups of 4
-    ([5000], [2048], 9, 3, 3, 64, 64, 128, 32),                              # SmolLM2 joint group, long chunk
+FULL = [  # GPU only (gpu_shapes): real head sizes and context lengths
+    Shape([3000, 1, 4500, 2049], [1, 1, 1, 1], 32, 8, 1, 128, 80, 176, 16),  # Llama-3-8B decode, kv-ratio 0.5
+    Shape([4096, 3000], [128, 7], 32, 8, 2, 128, 96, 160, 64),                # chunked prefill + decode, groups of 2
+    Shape([2048, 700], [1, 700], 32, 32, 4, 128, 128, 256, 128),              # Llama-2-7B MHA, groups of 4
+    Shape([5000], [2048], 9, 3, 3, 64, 64, 128, 32),                           # SmolLM2 joint group, long chunk
 ]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SMALL + (FULL if DEVICE == "cuda" else []))
+@pytest.mark.parametrize("shape", SMALL + gpu_shapes(FULL))
 def test_attention_matches_reference(shape, dtype):
-    seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size = shape
-    check(make_case(seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size,
-                    dtype, seed=len(seq_lens)))
+    check(make_case(shape, dtype, seed=len(shape.seq_lens)))
 
 
 @pytest.mark.parametrize("shape", [SMALL[1], SMALL[3]])
 def test_fp16_key_path_matches_reference(shape):
     """The fp16 key tiles (and fp16 rebuild accumulation) that 16-bit models use, exercised with fp32 inputs (runs
     under the interpreter too)."""
-    seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size = shape
-    case = make_case(seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size,
-                     torch.float32, seed=7)
-    expected = reference.paged_latent_attention(**case, is_neox_style=True)
-    out = ops.paged_latent_attention(**case, is_neox_style=True, config=KernelConfig(key_dtype=torch.float16))
-    assert float((out - expected).norm() / expected.norm()) < 5e-3
+    check(make_case(shape, torch.float32, seed=7), tolerance=5e-3, config=KernelConfig(key_dtype=torch.float16))
 
 
 @pytest.mark.parametrize("rank, chunks", [(16, (16, 0)), (24, (32, 0)), (40, (32, 16)), (48, (32, 16)),
@@ -110,8 +128,7 @@ def test_rank_chunks_cover_rank_with_less_padding(rank, chunks):
 
 @pytest.mark.parametrize("num_splits", [2, 4])
 def test_split_kv_matches_reference(num_splits):
-    case = make_case([100, 7], [1, 1], 4, 2, 1, 32, 16, 24, 16, DTYPES[0])
-    check(case, num_splits=num_splits)
+    check(make_case(Shape([100, 7], [1, 1], 4, 2, 1, 32, 16, 24, 16), DTYPES[0]), num_splits=num_splits)
 
 
 @pytest.mark.parametrize("rope_shift, block_n", [(True, 16), (True, 32), (False, 32)])
@@ -119,7 +136,7 @@ def test_split_kv_matches_reference(num_splits):
 def test_decode_rotary_by_tile_offset(rope_shift, block_n, neox):
     """Decode rotates keys by their offset in the tile and the query back by the tile start (R(s + j) = R(s) R(j));
     both ways, with a key bias, GPT-J pairs and a partial last tile, equal the reference."""
-    case = make_case([150, 64, 97], [1, 1, 1], 4, 2, 1, 32, 16, 24, 16, DTYPES[0], bias=True, seed=11)
+    case = make_case(Shape([150, 64, 97], [1, 1, 1], 4, 2, 1, 32, 16, 24, 16), DTYPES[0], bias=True, seed=11)
     assert ops.rotary_is_shiftable(case["cos_sin_cache"], block_n)
     check(case, is_neox_style=neox, config=KernelConfig(rope_shift=rope_shift, decode_block_n=block_n))
 
@@ -127,7 +144,7 @@ def test_decode_rotary_by_tile_offset(rope_shift, block_n, neox):
 def test_scaled_rotary_table_is_not_shifted():
     """A table carrying a magnitude (YaRN's mscale) does not compose as rotations: the plan falls back to the
     per-tile table, and the output still equals the reference on that table."""
-    case = make_case([150, 64], [1, 1], 4, 2, 1, 32, 16, 24, 16, DTYPES[0], seed=12)
+    case = make_case(Shape([150, 64], [1, 1], 4, 2, 1, 32, 16, 24, 16), DTYPES[0], seed=12)
     scaled = dict(case, cos_sin_cache=case["cos_sin_cache"] * 1.05)
     assert ops.rotary_is_shiftable(case["cos_sin_cache"], 32)
     assert not ops.rotary_is_shiftable(scaled["cos_sin_cache"], 32)
@@ -136,22 +153,23 @@ def test_scaled_rotary_table_is_not_shifted():
     check(scaled)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="needs > 2^31 cache elements: GPU only")
 def test_huge_cache_indexing():
     """Blocks beyond 2^31 elements (8.7 GB bf16 cache; the shuffled block table lands mostly past it): 32-bit
     offsets would wrap."""
-    case = make_case([300, 77], [1, 5], 8, 2, 1, 128, 64, 192, 16, torch.bfloat16, extra_blocks=530_000)
+    case = make_case(Shape([300, 77], [1, 5], 8, 2, 1, 128, 64, 192, 16), torch.bfloat16, extra_blocks=530_000)
     assert case["kv_cache"].numel() > 2 ** 31 and int(case["block_table"].max()) * 2 * 16 * 256 > 2 ** 31
     check(case)
 
 
 @pytest.mark.parametrize("query_lens", [[4], [1]])  # the prefill path, the decode kernel
 def test_gptj_rotary_and_key_bias(query_lens):
-    case = make_case([50], query_lens, 4, 2, 1, 32, 16, 24, 16, DTYPES[0], bias=True, seed=3)
-    check(case, is_neox_style=False)
+    check(make_case(Shape([50], query_lens, 4, 2, 1, 32, 16, 24, 16), DTYPES[0], bias=True, seed=3),
+          is_neox_style=False)
 
 
-PREFILL = [SMALL[2], SMALL[3], SMALL[4]] + ([FULL[1], FULL[3]] if DEVICE == "cuda" else [])
+PREFILL = [SMALL[2], SMALL[3], SMALL[4]] + gpu_shapes([FULL[1], FULL[3]])
 
 
 @pytest.mark.parametrize("workspace_tokens", [16, 48])
@@ -159,37 +177,27 @@ PREFILL = [SMALL[2], SMALL[3], SMALL[4]] + ([FULL[1], FULL[3]] if DEVICE == "cud
 def test_prefill_windows_match_reference(shape, workspace_tokens):
     """A workspace far smaller than the contexts: the prefill path runs window by window, carrying the softmax
     state from window to window (requests shorter than a window see empty windows)."""
-    seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size = shape
-    workspace_tokens *= len(seq_lens) * (16 if DEVICE == "cuda" else 1)
-    check(make_case(seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size,
-                    DTYPES[0], seed=6), config=KernelConfig(prefill_workspace_tokens=workspace_tokens))
+    workspace_tokens *= len(shape.seq_lens) * (16 if DEVICE == "cuda" else 1)
+    check(make_case(shape, DTYPES[0], seed=6), config=KernelConfig(prefill_workspace_tokens=workspace_tokens))
 
 
 def test_padding_decodes_without_tokens_then_prefill():
     """CUDA-graph padding: leading requests with no token count as decodes; the prefill path still finds its
     tokens (num_decode_tokens, not num_decodes)."""
-    case = make_case([9, 4, 90], [1, 0, 7], 6, 3, 3, 32, 16, 40, 16, DTYPES[0], seed=8)
-    expected = reference.paged_latent_attention(**case, is_neox_style=True)
-    out = torch.full_like(expected, float("nan"), dtype=case["query"].dtype)
-    ops.paged_latent_attention(**case, is_neox_style=True, out=out, num_decodes=2, num_decode_tokens=1)
-    assert torch.isfinite(out).all()
-    assert float((out.float() - expected).norm() / expected.norm()) < TOLERANCE[DTYPES[0]]
+    case = make_case(Shape([9, 4, 90], [1, 0, 7], 6, 3, 3, 32, 16, 40, 16), DTYPES[0], seed=8)
+    check(case, num_decodes=2, num_decode_tokens=1)
 
 
-@pytest.mark.parametrize("mode", ["auto", "fp8", "int4"])
-def test_decodes_first_then_prefill(mode):
+@pytest.mark.parametrize("latent_format", ["auto", "fp8", "int4"])
+def test_decodes_first_then_prefill(latent_format):
     """vLLM's reordered batches: the first num_decodes requests (one token each) take the decode kernel, the rest
     the prefill path, into one output."""
-    shape = ([9, 300, 90, 33], [1, 1, 7, 33], 6, 3, 3, 32, 16, 40, 16)
-    quantized, dequantized = quantized_case(shape, mode, DTYPES[0]) if mode != "auto" else (None, None)
-    case = quantized or make_case(*shape, DTYPES[0], seed=7)
-    oracle = dequantized or case
-    expected = reference.paged_latent_attention(**oracle, is_neox_style=True)
-    out = torch.full_like(expected, float("nan"), dtype=case["query"].dtype)
-    ops.paged_latent_attention(**case, is_neox_style=True, out=out, num_decodes=2, num_decode_tokens=2,
-                               latent_dtype=mode)
-    assert torch.isfinite(out).all()
-    assert float((out.float() - expected).norm() / expected.norm()) < TOLERANCE[DTYPES[0]]
+    shape = Shape([9, 300, 90, 33], [1, 1, 7, 33], 6, 3, 3, 32, 16, 40, 16)
+    if latent_format == "auto":
+        case, oracle = make_case(shape, DTYPES[0], seed=7), None
+    else:
+        case, oracle = quantized_case(shape, latent_format, DTYPES[0])
+    check(case, oracle, num_decodes=2, num_decode_tokens=2, latent_format=latent_format)
 
 
 def test_write_latents_scatters_by_slot():
@@ -204,102 +212,92 @@ def test_write_latents_scatters_by_slot():
     assert torch.equal(cache, expected)
 
 
-def quantized_case(shape, mode, dtype, seed=5):
+def quantized_case(shape, latent_format, dtype, seed=5):
     """The case's latents stored as fp8/int4 rows, and the same case with the dequantized latents (the oracle)."""
-    seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size = shape
-    case = make_case(seq_lens, query_lens, heads, kv_heads, group_size, head_dim, rank_k, rank_v, block_size,
-                     torch.float32, seed=seed)
+    rank_k, rank_v = shape.rank_k, shape.rank_v
+    case = make_case(shape, torch.float32, seed=seed)
     latents = case["kv_cache"] * torch.linspace(0.5, 4.0, rank_k + rank_v, device=DEVICE)  # uneven ranges
-    rows = quantize_rows(latents[..., :rank_k], latents[..., rank_k:], mode)
-    k_latent, v_latent = dequantize_rows(rows, rank_k, rank_v, mode)
+    rows = quantize_rows(latents[..., :rank_k], latents[..., rank_k:], latent_format)
+    k_latent, v_latent = dequantize_rows(rows, rank_k, rank_v, latent_format)
     dequantized = dict(case, kv_cache=torch.cat([k_latent, v_latent], dim=-1))
     quantized = {name: value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
-                 for name, value in dict(case, kv_cache=rows_to_pages(rows, mode)).items()}
+                 for name, value in dict(case, kv_cache=rows_to_pages(rows, latent_format)).items()}
     quantized["cos_sin_cache"] = case["cos_sin_cache"]
     return quantized, dequantized
 
 
-@pytest.mark.parametrize("mode", ["fp8", "int4"])
+@pytest.mark.parametrize("latent_format", ["fp8", "int4"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SMALL[1:4] + (FULL if DEVICE == "cuda" else []))
-def test_quantized_latents_match_dequantizing_reference(shape, mode, dtype):
-    quantized, dequantized = quantized_case(shape, mode, dtype)
-    expected = reference.paged_latent_attention(**dequantized, is_neox_style=True)
-    out = torch.full_like(expected, float("nan"), dtype=dtype)
-    ops.paged_latent_attention(**quantized, is_neox_style=True, out=out, latent_dtype=mode)
-    assert torch.isfinite(out).all()
-    error = float((out.float() - expected).norm() / expected.norm())
-    assert error < TOLERANCE[dtype], error
+@pytest.mark.parametrize("shape", SMALL[1:4] + gpu_shapes(FULL))
+def test_quantized_latents_match_dequantizing_reference(shape, latent_format, dtype):
+    quantized, dequantized = quantized_case(shape, latent_format, dtype)
+    check(quantized, oracle=dequantized, latent_format=latent_format)
 
 
-@pytest.mark.parametrize("mode", ["fp8", "int4"])
-def test_quantized_latents_with_splits(mode):
-    quantized, dequantized = quantized_case(SMALL[1], mode, DTYPES[0])
-    expected = reference.paged_latent_attention(**dequantized, is_neox_style=True)
-    out = ops.paged_latent_attention(**quantized, is_neox_style=True, latent_dtype=mode, num_splits=4)
-    assert float((out.float() - expected).norm() / expected.norm()) < TOLERANCE[DTYPES[0]]
+@pytest.mark.parametrize("latent_format", ["fp8", "int4"])
+def test_quantized_latents_with_splits(latent_format):
+    quantized, dequantized = quantized_case(SMALL[1], latent_format, DTYPES[0])
+    check(quantized, oracle=dequantized, latent_format=latent_format, num_splits=4)
 
 
-@pytest.mark.parametrize("mode", ["fp8", "int4"])
+@pytest.mark.parametrize("latent_format", ["fp8", "int4"])
 @pytest.mark.parametrize("shape", [SMALL[1], SMALL[3]])  # decode kernel, prefill path
-def test_quantized_latents_with_key_bias(shape, mode):
+def test_quantized_latents_with_key_bias(shape, latent_format):
     """Qwen2-style key bias with quantized latents, in the decode kernel and the prefill path."""
-    quantized, dequantized = quantized_case(shape, mode, DTYPES[0])
+    quantized, dequantized = quantized_case(shape, latent_format, DTYPES[0])
     bias = torch.randn(quantized["k_up"].shape[0] * quantized["k_up"].shape[1], device=DEVICE) * 0.1
     quantized["k_bias"], dequantized["k_bias"] = bias.to(DTYPES[0]), bias
-    expected = reference.paged_latent_attention(**dequantized, is_neox_style=True)
-    out = ops.paged_latent_attention(**quantized, is_neox_style=True, latent_dtype=mode)
-    assert float((out.float() - expected).norm() / expected.norm()) < TOLERANCE[DTYPES[0]]
+    check(quantized, oracle=dequantized, latent_format=latent_format)
 
 
-@pytest.mark.parametrize("mode", ["fp8", "int4"])
+@pytest.mark.parametrize("latent_format", ["fp8", "int4"])
 @pytest.mark.parametrize("ranks,dtype", [((16, 24), torch.float32), ((48, 80), torch.bfloat16),
                                          ((2, 6), torch.float16)])
-def test_write_latents_quantizes_rows(mode, ranks, dtype):
+def test_write_latents_quantizes_rows(latent_format, ranks, dtype):
     """The fused quantize-and-scatter kernel writes exactly the bytes of the PyTorch contract (codes, fp16 scales
     and minima, page layout), for latents spanning six orders of magnitude between rows; padding slots untouched."""
     generator = torch.Generator().manual_seed(1)
     magnitude = 10.0 ** (torch.rand(4, 2, 1, generator=generator) * 6 - 3)
     k_latent = (torch.randn(4, 2, ranks[0], generator=generator) * magnitude).to(dtype).to(DEVICE)
     v_latent = (torch.randn(4, 2, ranks[1], generator=generator) * magnitude + 1).to(dtype).to(DEVICE)
-    rows = quantize_rows(k_latent, v_latent, mode)
+    rows = quantize_rows(k_latent, v_latent, latent_format)
     cache = torch.randint(0, 255, (6, 2, 16, rows.shape[-1]), dtype=torch.uint8, generator=generator).to(DEVICE)
-    expected = pages_to_rows(cache, mode)
+    expected = pages_to_rows(cache, latent_format)
     slots = torch.tensor([3, -1, 17, 95], dtype=torch.int64, device=DEVICE)
     expected[slots[[0, 2, 3]] // 16, :, slots[[0, 2, 3]] % 16] = rows[[0, 2, 3]]
-    ops.write_latents(cache, slots, k_latent, v_latent, latent_dtype=mode)
-    assert torch.equal(pages_to_rows(cache, mode), expected)
-    reference_cache = rows_to_pages(pages_to_rows(cache, mode), mode)
-    reference.write_latents(reference_cache, slots, k_latent, v_latent, latent_dtype=mode)
+    ops.write_latents(cache, slots, k_latent, v_latent, latent_format=latent_format)
+    assert torch.equal(pages_to_rows(cache, latent_format), expected)
+    reference_cache = rows_to_pages(pages_to_rows(cache, latent_format), latent_format)
+    reference.write_latents(reference_cache, slots, k_latent, v_latent, latent_format=latent_format)
     assert torch.equal(reference_cache, cache)
 
 
-@pytest.mark.parametrize("mode", ["fp8", "int4"])
-def test_write_latents_rounds_ties_to_even(mode):
+@pytest.mark.parametrize("latent_format", ["fp8", "int4"])
+def test_write_latents_rounds_ties_to_even(latent_format):
     """Values exactly halfway between two codes (scale 1 by construction): fp8 124 -> 128, 9.5 -> 10, 2^-9 * 1.5
     -> 2^-8 (subnormal), a tiny negative -> -0; int4 2.5 -> 2, 3.5 -> 4. The kernel must agree with the PyTorch
     contract bit for bit."""
-    if mode == "fp8":
+    if latent_format == "fp8":
         k = torch.tensor([448.0, 124.0, 9.5, -9.5, 1.5 * 2 ** -9, -120.0, -2 ** -12, 7.25])  # -2^-12 -> -0
     else:
         k = torch.tensor([0.0, 15.0, 2.5, 3.5, 4.5, 14.5, 0.5, 1.0])
     k_latent = k.view(1, 1, 8).to(DEVICE)
     v_latent = k.flip(0).view(1, 1, 8).to(DEVICE)
-    rows = quantize_rows(k_latent, v_latent, mode)
+    rows = quantize_rows(k_latent, v_latent, latent_format)
     cache = torch.zeros(1, 1, 16, rows.shape[-1], dtype=torch.uint8, device=DEVICE)
-    ops.write_latents(cache, torch.tensor([5], device=DEVICE), k_latent, v_latent, latent_dtype=mode)
-    assert torch.equal(pages_to_rows(cache, mode)[0, 0, 5], rows[0, 0])
-    k_back, _ = dequantize_rows(rows[0, 0], 8, 8, mode)
-    expected = [448, 128, 10, -10, 2 ** -8, -120, 0, 7] if mode == "fp8" else [0, 15, 2, 4, 4, 14, 0, 1]
+    ops.write_latents(cache, torch.tensor([5], device=DEVICE), k_latent, v_latent, latent_format=latent_format)
+    assert torch.equal(pages_to_rows(cache, latent_format)[0, 0, 5], rows[0, 0])
+    k_back, _ = dequantize_rows(rows[0, 0], 8, 8, latent_format)
+    expected = [448, 128, 10, -10, 2 ** -8, -120, 0, 7] if latent_format == "fp8" else [0, 15, 2, 4, 4, 14, 0, 1]
     assert k_back.tolist() == expected
 
 
-def decode_step(case, latent_dtype="auto"):
+def decode_step(case, latent_format="auto"):
     """What the backend does for a decode batch: plan once, then write the batch's new latents and attend, with the
     split count and scratch of the batch size."""
     num_requests = case["seq_lens"].shape[0]
     plan = ops.plan_layer(case["k_up"], case["k_bias"], case["cos_sin_cache"], True, case["query"].shape[1],
-                          case["kv_cache"].shape[-1] - case["k_up"].shape[-1], case["scale"], latent_dtype)
+                          case["kv_cache"].shape[-1] - case["k_up"].shape[-1], case["scale"], latent_format)
     splits = ops.decode_splits(num_requests, plan.kv_heads, plan.multiprocessors)
     partial, stats = ops.decode_scratch(plan.num_heads, plan.rank_v, plan.kv_heads, num_requests,
                                         plan.multiprocessors, DEVICE)
@@ -311,7 +309,7 @@ def test_launchers_run_on_inference_tensors():
     tensors (no version counter: reading ``_version`` raised in vLLM 0.33 on the first forward). Plan, write the new
     tokens' latents, decode and prefill exactly as the backend does, all on inference tensors."""
     with torch.inference_mode():
-        case = make_case([40, 70, 9], [1, 1, 9], 4, 2, 1, 32, 16, 24, 16, DTYPES[0], seed=13)
+        case = make_case(Shape([40, 70, 9], [1, 1, 9], 4, 2, 1, 32, 16, 24, 16), DTYPES[0], seed=13)
         assert case["cos_sin_cache"].is_inference() and case["k_up"].is_inference()
         positions = [39, 69] + list(range(9))  # the new tokens: each request's last query_len positions
         requests = [0, 1] + [2] * 9
@@ -322,17 +320,16 @@ def test_launchers_run_on_inference_tensors():
         new_v = torch.randn(11, 2, 24, generator=generator, device=DEVICE).to(DTYPES[0])
         plan, splits, partial, stats = decode_step(case)
         ops.write_latents(case["kv_cache"], slots, new_k, new_v)
-        expected = reference.paged_latent_attention(**case, is_neox_style=True)
-        out = torch.full_like(expected, float("nan"), dtype=case["query"].dtype)
-        ops.decode_attention(plan, case["query"], case["kv_cache"], case["query_start_loc"], case["seq_lens"],
-                             case["block_table"], out, 2, 4, partial.new_empty(2 * 4 * 4 * 32),
-                             stats.new_empty(2 * 4 * 4 * 2))
-        ops.prefill_attention(plan, case["query"], case["kv_cache"], case["query_start_loc"], case["seq_lens"],
-                              case["block_table"], out, ops.PrefillBatch(2, 1, 2, 9, 0))
+
+        def backend(query, kv_cache, query_start_loc, seq_lens, block_table, out, **_):
+            ops.decode_attention(plan, query, kv_cache, query_start_loc, seq_lens, block_table, out, 2, 4,
+                                 partial.new_empty(2 * 4 * 4 * 32), stats.new_empty(2 * 4 * 4 * 2))
+            ops.prefill_attention(plan, query, kv_cache, query_start_loc, seq_lens, block_table, out,
+                                  ops.PrefillBatch(2, 1, 2, 9, 0))
+
+        check(case, launch=backend)
     assert torch.equal(reference.gather_latents(case["kv_cache"], case["block_table"][1], 70)[:, 69, :16],
                        new_k[1])
-    assert torch.isfinite(out).all()
-    assert float((out.float() - expected).norm() / expected.norm()) < TOLERANCE[DTYPES[0]]
 
 
 @pytest.mark.parametrize("kv_heads, multiprocessors", [(8, 132), (1, 132), (32, 132), (3, 1)])
@@ -360,8 +357,8 @@ class LaunchRecorder:
         return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
 
 
-@pytest.mark.parametrize("latent_dtype", ["auto", "fp8"])
-def test_launchers_read_no_device_tensor(monkeypatch, latent_dtype):
+@pytest.mark.parametrize("latent_format", ["auto", "fp8"])
+def test_launchers_read_no_device_tensor(monkeypatch, latent_format):
     """A launcher decides everything from the plan and host-side sizes: run it on "meta" tensors (any read of a
     value raises) with the kernels recorded instead of launched. This is what lets decode run inside CUDA graphs
     and keeps host time per call low. The decode grid depends on the batch size, never on context lengths."""
@@ -370,15 +367,15 @@ def test_launchers_read_no_device_tensor(monkeypatch, latent_dtype):
                                                   "rebuild_context_kernel", "prefill_attention_kernel")}
     for name, recorder in kernels.items():
         monkeypatch.setattr(ops, name, recorder)
-    case = make_case([40, 70, 9], [1, 1, 9], 4, 2, 1, 32, 16, 24, 16, torch.float32, seed=13)
-    plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], False, 4, 24, 0.2, latent_dtype)
-    row = 40 if latent_dtype == "auto" else 44
+    case = make_case(Shape([40, 70, 9], [1, 1, 9], 4, 2, 1, 32, 16, 24, 16), torch.float32, seed=13)
+    plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], False, 4, 24, 0.2, latent_format)
+    row = 40 if latent_format == "auto" else 44
     meta = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
-    cache = meta(20, 2, 16, row, dtype=torch.float32 if latent_dtype == "auto" else torch.uint8)
+    cache = meta(20, 2, 16, row, dtype=torch.float32 if latent_format == "auto" else torch.uint8)
     query, out = meta(11, 4, 32), meta(11, 4, 24)
     qsl, seq_lens = meta(4, dtype=torch.int32), meta(3, dtype=torch.int32)
     table, slots = meta(3, 8, dtype=torch.int32), meta(11, dtype=torch.int64)
-    ops.write_latents(cache, slots, meta(11, 2, 16), meta(11, 2, 24), latent_dtype, 11)
+    ops.write_latents(cache, slots, meta(11, 2, 16), meta(11, 2, 24), latent_format, 11)
     ops.decode_attention(plan, query, cache, qsl, seq_lens, table, out, 2, 4, meta(2 * 4 * 4 * 32), meta(64))
     ops.prefill_attention(plan, query, cache, qsl, seq_lens, table, out, ops.PrefillBatch(2, 1, 2, 9, 291))
     decode_grid = kernels["decode_attention_kernel"].launches[0][0]
@@ -386,18 +383,19 @@ def test_launchers_read_no_device_tensor(monkeypatch, latent_dtype):
     assert len(kernels["prefill_attention_kernel"].launches) == len(kernels["rebuild_context_kernel"].launches)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs: GPU only")
-@pytest.mark.parametrize("latent_dtype", ["auto", "fp8"])
-def test_decode_replays_in_a_cuda_graph_with_new_lengths(latent_dtype):
+@pytest.mark.parametrize("latent_format", ["auto", "fp8"])
+def test_decode_replays_in_a_cuda_graph_with_new_lengths(latent_format):
     """The decode step (decode kernel and split reduction with the batch size's split count and persistent
     scratch), captured once and replayed after the metadata buffers change in place (other contexts, other
     blocks, new queries): each split's range comes from seq_lens on the device, so replays equal the reference."""
-    shape = ([3000, 17, 900], [1, 1, 1], 32, 8, 1, 128, 48, 80, 16)
-    longer_shape = ([2000, 2900, 5], *shape[1:])
-    if latent_dtype == "auto":
-        case, longer = make_case(*shape, torch.bfloat16, seed=9), make_case(*longer_shape, torch.bfloat16, seed=10)
+    shape = Shape([3000, 17, 900], [1, 1, 1], 32, 8, 1, 128, 48, 80, 16)
+    longer_shape = shape._replace(seq_lens=[2000, 2900, 5])
+    if latent_format == "auto":
+        case, longer = make_case(shape, torch.bfloat16, seed=9), make_case(longer_shape, torch.bfloat16, seed=10)
     else:
-        case, longer = (quantized_case(s, latent_dtype, torch.bfloat16, seed=seed)[0]
+        case, longer = (quantized_case(s, latent_format, torch.bfloat16, seed=seed)[0]
                         for s, seed in ((shape, 9), (longer_shape, 10)))
     static = {name: value.clone() if torch.is_tensor(value) else value for name, value in case.items()}
     static["kv_cache"] = torch.cat([case["kv_cache"], longer["kv_cache"]])  # room for both cases' blocks
@@ -405,7 +403,7 @@ def test_decode_replays_in_a_cuda_graph_with_new_lengths(latent_dtype):
     static["block_table"] = torch.zeros(3, 256, dtype=torch.int32, device=DEVICE)
     static["block_table"][:, :case["block_table"].shape[1]] = case["block_table"]
     plan = ops.plan_layer(static["k_up"], None, static["cos_sin_cache"], True, 32, 80, static["scale"],
-                          latent_dtype)
+                          latent_format)
     splits = ops.decode_splits(3, plan.kv_heads, plan.multiprocessors)
     partial, stats = ops.decode_scratch(32, 80, 8, 3, plan.multiprocessors, DEVICE)
     assert splits > 1
@@ -425,16 +423,17 @@ def test_decode_replays_in_a_cuda_graph_with_new_lengths(latent_dtype):
     static["seq_lens"].copy_(longer["seq_lens"])
     static["query"].copy_(longer["query"])
     graph.replay()
-    expected = reference.paged_latent_attention(**static, is_neox_style=True, latent_dtype=latent_dtype)
+    expected = reference.paged_latent_attention(**static, is_neox_style=True, latent_format=latent_format)
     assert float((out.float() - expected).norm() / expected.norm()) < TOLERANCE[torch.bfloat16]
 
 
 FLASH_PREFILL = [  # GPU only: shapes whose V rank fits the head dim (vLLM's FlashAttention runs them)
-    ([4096, 3000, 700], [512, 7, 700], 32, 8, 1, 128, 40, 88, 16),   # Llama-3-8B kv 0.5 per head, chunked
-    ([2048, 9, 300], [1, 9, 300], 16, 4, 1, 64, 24, 40, 32),         # head dim 64, a decode first
+    Shape([4096, 3000, 700], [512, 7, 700], 32, 8, 1, 128, 40, 88, 16),   # Llama-3-8B kv 0.5 per head, chunked
+    Shape([2048, 9, 300], [1, 9, 300], 16, 4, 1, 64, 24, 40, 32),         # head dim 64, a decode first
 ]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="vLLM's FlashAttention: GPU only")
 @pytest.mark.parametrize("workspace_tokens", [65536, 1024])  # one prefix window, then several
 @pytest.mark.parametrize("shape", FLASH_PREFILL)
@@ -442,8 +441,8 @@ def test_flash_prefill_matches_reference(shape, workspace_tokens):
     """The serving prefill path on GPUs: the rebuilt context under vLLM's FlashAttention, new tokens causal and
     prefix windows merged by log-sum-exp, against the fp32 oracle (fresh inputs, poisoned output)."""
     flash_prefill = pytest.importorskip("vllm_palu.attention.flash_prefill")
-    case = make_case(*shape, torch.bfloat16, seed=15)
-    plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], True, shape[2], shape[7], case["scale"])
+    case = make_case(shape, torch.bfloat16, seed=15)
+    plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], True, shape.heads, shape.rank_v, case["scale"])
     flash = flash_prefill.FlashPrefill.for_plan(plan)
     if flash is None:
         pytest.skip("this vLLM has no FlashAttention for the shape")

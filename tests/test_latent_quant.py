@@ -27,24 +27,24 @@ def test_row_bytes_count_scales():
     assert rank_v_of_row(row_bytes(24, 40, "int4"), 24, "int4") == 40
 
 
-@pytest.mark.parametrize("rank_k, rank_v, mode, problem", [
+@pytest.mark.parametrize("rank_k, rank_v, latent_format, problem", [
     (7, 8, "fp8", "rank_k + rank_v even"), (6, 9, "int4", "need even ranks"), (8, 8, "int3", "unknown latent")])
-def test_unsupported_ranks(rank_k, rank_v, mode, problem):
-    assert problem in check_ranks(rank_k, rank_v, mode)
+def test_unsupported_ranks(rank_k, rank_v, latent_format, problem):
+    assert problem in check_ranks(rank_k, rank_v, latent_format)
     with pytest.raises(ValueError, match=re.escape(problem)):
-        row_bytes(rank_k, rank_v, mode)
+        row_bytes(rank_k, rank_v, latent_format)
     assert check_ranks(8, 8, "int4") is None and check_ranks(7, 9, "fp8") is None
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("mode", ["fp8", "int4"])
-def test_round_trip_error_within_one_step(mode, dtype):
+@pytest.mark.parametrize("latent_format", ["fp8", "int4"])
+def test_round_trip_error_within_one_step(latent_format, dtype):
     k, v = latents(dtype=dtype)
-    rows = quantize_rows(k, v, mode)
-    assert rows.dtype == torch.uint8 and rows.shape == (64, 3, row_bytes(24, 40, mode))
-    k_hat, v_hat = dequantize_rows(rows, 24, 40, mode)
+    rows = quantize_rows(k, v, latent_format)
+    assert rows.dtype == torch.uint8 and rows.shape == (64, 3, row_bytes(24, 40, latent_format))
+    k_hat, v_hat = dequantize_rows(rows, 24, 40, latent_format)
     for x, x_hat in ((k.float(), k_hat), (v.float(), v_hat)):
-        if mode == "int4":  # half a step of (max - min)/15, plus the fp16 rounding of the minimum and scale
+        if latent_format == "int4":  # half a step of (max - min)/15, plus the fp16 rounding of the minimum and scale
             step = (x.amax(-1, keepdim=True) - x.amin(-1, keepdim=True)) / 15
             assert bool(((x_hat - x).abs() <= 0.5 * step * 1.01 + 1e-3 * x.abs().amax(-1, keepdim=True)).all())
         else:  # e4m3 has 3 mantissa bits: relative error <= 2^-4, absolute floor at the smallest subnormal
@@ -53,11 +53,11 @@ def test_round_trip_error_within_one_step(mode, dtype):
         assert float((x_hat - x).abs().max()) > 0  # canary: it did quantize
 
 
-@pytest.mark.parametrize("mode", ["fp8", "int4"])
-def test_rows_dequantize_to_the_fake_quantized_latents_exactly(mode):
+@pytest.mark.parametrize("latent_format", ["fp8", "int4"])
+def test_rows_dequantize_to_the_fake_quantized_latents_exactly(latent_format):
     k, v = latents(seed=3, dtype=torch.bfloat16)
-    k_hat, v_hat = dequantize_rows(quantize_rows(k, v, mode), 24, 40, mode)
-    assert torch.equal(k_hat, fake_quant_latent(k, mode)) and torch.equal(v_hat, fake_quant_latent(v, mode))
+    k_hat, v_hat = dequantize_rows(quantize_rows(k, v, latent_format), 24, 40, latent_format)
+    assert torch.equal(k_hat, fake_quant_latent(k, latent_format)) and torch.equal(v_hat, fake_quant_latent(v, latent_format))
 
 
 def test_fp8_is_e4m3_with_an_fp16_scale():
@@ -100,13 +100,13 @@ def test_fp8_layout_by_hand():
 def test_constant_and_zero_vectors_stay_finite():
     k = torch.zeros(2, 1, 8)
     v = torch.full((2, 1, 8), 3.0)
-    for mode in ("fp8", "int4"):
-        k_hat, v_hat = dequantize_rows(quantize_rows(k, v, mode), 8, 8, mode)
+    for latent_format in ("fp8", "int4"):
+        k_hat, v_hat = dequantize_rows(quantize_rows(k, v, latent_format), 8, 8, latent_format)
         assert torch.equal(k_hat, k) and torch.allclose(v_hat, v, rtol=1e-3)
 
 
-@pytest.mark.parametrize("mode", ["fp8", "int4"])
-def test_paged_attention_on_quantized_rows_equals_attention_on_dequantized_latents(mode):
+@pytest.mark.parametrize("latent_format", ["fp8", "int4"])
+def test_paged_attention_on_quantized_rows_equals_attention_on_dequantized_latents(latent_format):
     """The PyTorch serving path: write_latents quantizes into a uint8 cache, paged_latent_attention dequantizes;
     same result as the unquantized path over a float cache holding the fake-quantized latents."""
     from vllm_palu.attention.reference import paged_latent_attention, write_latents
@@ -114,10 +114,10 @@ def test_paged_attention_on_quantized_rows_equals_attention_on_dequantized_laten
     groups, rank_k, rank_v, heads, head_dim, block = 2, 8, 24, 4, 16, 4
     k, v = latents(tokens=10, groups=groups, rank_k=rank_k, rank_v=rank_v, seed=5)
     slots = torch.tensor([4, 5, 6, 7, 8, 9, 10, 11, 12, -1])  # blocks 1..3, then a padding token
-    quantized_cache = torch.zeros(4, groups, block, row_bytes(rank_k, rank_v, mode), dtype=torch.uint8)
+    quantized_cache = torch.zeros(4, groups, block, row_bytes(rank_k, rank_v, latent_format), dtype=torch.uint8)
     float_cache = torch.zeros(4, groups, block, rank_k + rank_v)
-    write_latents(quantized_cache, slots, k, v, latent_dtype=mode)
-    write_latents(float_cache, slots, fake_quant_latent(k, mode), fake_quant_latent(v, mode))
+    write_latents(quantized_cache, slots, k, v, latent_format=latent_format)
+    write_latents(float_cache, slots, fake_quant_latent(k, latent_format), fake_quant_latent(v, latent_format))
     generator = torch.Generator().manual_seed(9)
     k_up = torch.randn(groups, 2 * head_dim, rank_k, generator=generator)
     query = torch.randn(3, heads, head_dim, generator=generator)
@@ -125,7 +125,7 @@ def test_paged_attention_on_quantized_rows_equals_attention_on_dequantized_laten
     cos_sin = torch.cat((positions.cos(), positions.sin()), dim=-1)
     # One request of 9 cached tokens (slots 4..12 = blocks 1, 2, 3), the last 3 are the queries.
     args = (torch.tensor([0, 3]), torch.tensor([9]), torch.tensor([[1, 2, 3]]), head_dim ** -0.5)
-    served = paged_latent_attention(query, quantized_cache, k_up, None, cos_sin, True, *args, latent_dtype=mode)
+    served = paged_latent_attention(query, quantized_cache, k_up, None, cos_sin, True, *args, latent_format=latent_format)
     expected = paged_latent_attention(query, float_cache, k_up, None, cos_sin, True, *args)
     assert served.shape == (3, heads, rank_v) and torch.allclose(served, expected, atol=1e-6)
     exact_cache = torch.zeros_like(float_cache)
@@ -134,15 +134,15 @@ def test_paged_attention_on_quantized_rows_equals_attention_on_dequantized_laten
     assert not torch.allclose(served, unquantized, atol=1e-3)  # canary: quantization is visible
 
 
-@pytest.mark.parametrize("mode", ["fp8", "int4"])
-def test_page_layout_puts_payload_rows_first_then_scale_rows(mode):
+@pytest.mark.parametrize("latent_format", ["fp8", "int4"])
+def test_page_layout_puts_payload_rows_first_then_scale_rows(latent_format):
     k, v = torch.randn(3, 2, 16, 24), torch.randn(3, 2, 16, 40)  # [blocks, groups, block_size, rank]
-    rows = quantize_rows(k.flatten(0, 1), v.flatten(0, 1), mode).view(3, 2, 16, -1)
-    pages = rows_to_pages(rows, mode)
-    payload_bytes = rows.shape[-1] - (4 if mode == "fp8" else 8)
+    rows = quantize_rows(k.flatten(0, 1), v.flatten(0, 1), latent_format).view(3, 2, 16, -1)
+    pages = rows_to_pages(rows, latent_format)
+    payload_bytes = rows.shape[-1] - (4 if latent_format == "fp8" else 8)
     flat = pages.view(3, -1)
     assert torch.equal(flat[:, :2 * 16 * payload_bytes], rows[..., :payload_bytes].reshape(3, -1))
     assert torch.equal(flat[:, 2 * 16 * payload_bytes:], rows[..., payload_bytes:].reshape(3, -1))
-    assert torch.equal(pages_to_rows(pages, mode), rows)
+    assert torch.equal(pages_to_rows(pages, latent_format), rows)
     with pytest.raises(ValueError, match="contiguous uint8"):
-        page_views(pages.transpose(1, 2), mode)
+        page_views(pages.transpose(1, 2), latent_format)

@@ -61,6 +61,6 @@ def test_reference_latent_quantization_changes_logits_by_precision(rotated_pair)
     plain, _ = rotated_pair
     ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(2))
     exact = logits(load_palu_model(plain), ids)
-    errors = {mode: relative_error(logits(load_palu_model(plain, latent_quant=mode), ids), exact)
-              for mode in ("fp8", "int4")}
+    errors = {latent_format: relative_error(logits(load_palu_model(plain, latent_format=latent_format), ids), exact)
+              for latent_format in ("fp8", "int4")}
     assert 0 < errors["fp8"] < errors["int4"] < 0.5

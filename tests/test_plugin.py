@@ -122,10 +122,10 @@ def test_quantized_kv_cache_hooks():
     from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVQuantMode, get_kv_quant_mode
 
-    from vllm_palu.config import KV_CACHE_DTYPE_LATENTS
+    from vllm_palu.config import KV_CACHE_DTYPE_FORMATS
 
-    assert set(KV_CACHE_DTYPE_LATENTS) <= set(typing.get_args(CacheDType))
-    quantized = [name for name, mode in KV_CACHE_DTYPE_LATENTS.items() if mode != "auto"]
+    assert set(KV_CACHE_DTYPE_FORMATS) <= set(typing.get_args(CacheDType))
+    quantized = [name for name, latent_format in KV_CACHE_DTYPE_FORMATS.items() if latent_format != "auto"]
     assert all(STR_DTYPE_TO_TORCH_DTYPE[name] == torch.uint8 for name in quantized)
     assert get_kv_quant_mode("int4_per_token_head") == KVQuantMode.INT4_PER_TOKEN_HEAD
     spec = FullAttentionSpec(block_size=16, num_kv_heads=3, head_size=24, head_size_v=40, dtype=torch.uint8,

@@ -25,8 +25,8 @@ from helpers import ON_GPU, convert_tiny, engine_args, reference_prompt_logprobs
 from tiny_models import CORPUS, build_checkpoint
 from vllm_palu.offline.checkpoint import load_palu_model
 
-pytestmark = pytest.mark.skipif(not ON_GPU, reason="bf16 serving against FLASH_ATTN and CUDA graphs need a GPU "
-                                                   "(the GPU machine runs these)")
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not ON_GPU, reason="bf16 serving against FLASH_ATTN and CUDA "
+                                                                     "graphs need a GPU (the GPU machine runs these)")]
 
 PROMPTS = ["The capital of France is", "Low-rank projections compress", "A paged cache stores",
            "Rotary position embeddings rotate pairs", " ".join(CORPUS[:3])]
@@ -137,7 +137,7 @@ def test_kv05_fp8_latents_in_cuda_graphs(models, prompts, dense_noise):
     palu = run_vllm({"model": str(models["kv0.5"]), "llm": {**PALU_BF16, "kv_cache_dtype": "fp8"},
                      "prompts": prompts, "max_tokens": MAX_TOKENS, "score": "own", "inspect": True})
     errors = {name: largest_difference(palu["scores"], fp32_scores(
-        load_palu_model(models["kv0.5"], latent_quant=quant), palu["scored_sequences"]))
+        load_palu_model(models["kv0.5"], latent_format=quant), palu["scored_sequences"]))
         for name, quant in (("fp8_reference", "fp8"), ("unquantized_reference", "auto"))}
     REPORT["kv0.5_fp8"] = {f"vs_{name}_max_abs_logprob": value for name, value in errors.items()}
     write_report()

@@ -67,8 +67,8 @@ def test_cache_holds_latents_and_capacity_grows(tiny_llama, palu_models):
     assert palu["capacity_tokens"] >= 1.95 * dense["capacity_tokens"]
 
 
-@pytest.mark.parametrize("kv_cache_dtype, latent_quant", [("fp8", "fp8"), ("int4_per_token_head", "int4")])
-def test_quantized_latents_serve_the_quantized_reference(palu_models, kv_cache_dtype, latent_quant):
+@pytest.mark.parametrize("kv_cache_dtype, latent_format", [("fp8", "fp8"), ("int4_per_token_head", "int4")])
+def test_quantized_latents_serve_the_quantized_reference(palu_models, kv_cache_dtype, latent_format):
     """fp8 / int4 latents in the paged cache: greedy tokens and prompt logprobs equal the reference model whose
     latents are fake-quantized the same way (and not the unquantized one); the uint8 page counts the scales, and
     the same KV memory holds row-size-proportionally more tokens."""
@@ -77,7 +77,7 @@ def test_quantized_latents_serve_the_quantized_reference(palu_models, kv_cache_d
     result = run_vllm({"model": str(model_dir), "llm": {**ENGINE, "kv_cache_dtype": kv_cache_dtype},
                        "prompts": prompts, "max_tokens": MAX_TOKENS, "prompt_logprobs": 0, "inspect": True},
                       env={"VLLM_CPU_KVCACHE_SPACE": "1"})
-    quantized, exact = load_palu_model(model_dir, latent_quant=latent_quant), load_palu_model(model_dir)
+    quantized, exact = load_palu_model(model_dir, latent_format=latent_format), load_palu_model(model_dir)
     assert result["tokens"] == reference_greedy(quantized, prompts, MAX_TOKENS)
     worst = {"quantized": 0.0, "exact": 0.0}
     for ids, served in zip(prompts, result["prompt_logprobs"]):
@@ -85,7 +85,7 @@ def test_quantized_latents_serve_the_quantized_reference(palu_models, kv_cache_d
             expected = reference_prompt_logprobs(model, ids)
             worst[name] = max(worst[name], *(abs(a - b) for a, b in zip(served[1:], expected)))
     assert worst["quantized"] < 2e-4 and worst["exact"] > 10 * max(worst["quantized"], 2e-4)
-    row = row_bytes(8, 24, latent_quant)  # fp8: 8 + 24 + 4 scale bytes; int4: 16 + 8
+    row = row_bytes(8, 24, latent_format)  # fp8: 8 + 24 + 4 scale bytes; int4: 16 + 8
     for cache in result["caches"]:
         assert cache["dtype"] == "torch.uint8" and cache["shape"][1:] == [2, 32, row]
         assert cache["page_bytes"] == 2 * 32 * row
@@ -128,8 +128,8 @@ def test_chunked_prefill_and_preemption_keep_outputs(palu_models):
     assert tight["tokens"] == expected and tight["preemptions"] > 0
 
 
-@pytest.mark.parametrize("latent_quant", ["none", "int4"])
-def test_perplexity_through_vllm_equals_reference(palu_models, calib_file, tmp_path, latent_quant):
+@pytest.mark.parametrize("latent_format", ["auto", "int4"])
+def test_perplexity_through_vllm_equals_reference(palu_models, calib_file, tmp_path, latent_format):
     import json
     import subprocess
     import sys
@@ -139,13 +139,13 @@ def test_perplexity_through_vllm_equals_reference(palu_models, calib_file, tmp_p
         out = tmp_path / f"{engine}.json"
         result = subprocess.run([sys.executable, "-m", "vllm_palu.eval", "ppl", "--model",
                                  str(palu_models["qwen2"]), "--data", str(calib_file), "--seq-len", "128",
-                                 "--max-tokens", "512", "--engine", engine, "--latent-quant", latent_quant,
+                                 "--max-tokens", "512", "--engine", engine, "--latent-format", latent_format,
                                  "--json", str(out)],
                                 capture_output=True, text=True, timeout=600)
         assert result.returncode == 0, result.stderr[-3000:]
         rows[engine] = json.loads(out.read_text())[0]
     assert rows["vllm"]["scored_tokens"] == rows["reference"]["scored_tokens"] == 4 * 127
-    assert rows["vllm"]["kv_quant"] == rows["reference"]["kv_quant"] == latent_quant
+    assert rows["vllm"]["latent_format"] == rows["reference"]["latent_format"] == latent_format
     assert abs(rows["vllm"]["ppl"] / rows["reference"]["ppl"] - 1) < 1e-3
 
 

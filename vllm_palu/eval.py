@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from vllm_palu.config import FORMAT_KV_CACHE_DTYPES, LatentFormat, PaluConfig, head_dim_of
 from vllm_palu.errors import PaluError
 
 
@@ -25,9 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--kv-quant", default="none",
                      help="comma list of simulated dense K/V quantizations: none,int8,int4,int3,int2,fp8 "
                           "(applied to dense models only)")
-    ppl.add_argument("--latent-quant", default="none",
-                     help="comma list of latent cache quantizations for Palu models: none,fp8,int4 (as served with "
-                          "--kv-cache-dtype fp8 / int4_per_token_head; applied to Palu models only)")
+    ppl.add_argument("--latent-format", default="auto",
+                     help="comma list of latent formats for Palu models: auto,fp8,int4 (as the paged cache stores "
+                          "them, served with --kv-cache-dtype auto / fp8 / int4_per_token_head; Palu models only)")
     ppl.add_argument("--engine", default="reference", choices=["reference", "vllm"],
                      help="reference: the PyTorch model (no vLLM needed); vllm: vLLM's engine via prompt logprobs")
     ppl.add_argument("--device", default="cpu")
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
 
     frontier = commands.add_parser(
-        "frontier", help="perplexity vs KV bytes: Palu (allocation x kv-ratio x latent quantization) against dense "
+        "frontier", help="perplexity vs KV bytes: Palu (allocation x kv-ratio x latent format) against dense "
                          "KV quantization; writes frontier.json, frontier.md and a PNG plot")
     frontier.add_argument("--model", required=True, help="dense HF checkpoint directory or 'smollm2-135m'")
     frontier.add_argument("--data", required=True, help="plain-text evaluation file")
@@ -49,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     frontier.add_argument("--kv-ratio", default="0.75,0.5,0.375,0.25", help="comma list of kv-ratios")
     frontier.add_argument("--kv-quant", default="none,int8,fp8,int4,int3,int2",
                           help="comma list of dense KV quantization baselines ('none' = the original model)")
-    frontier.add_argument("--latent-quant", default="none",
-                          help="comma list of latent quantizations for the Palu points: none (default), fp8, int4 "
+    frontier.add_argument("--latent-format", default="auto",
+                          help="comma list of latent formats for the Palu points: auto (default), fp8, int4 "
                                "(as the paged cache stores them; bytes count the scales)")
     frontier.add_argument("--group-size", default="all")
     frontier.add_argument("--seq-len", type=int, default=1024)
@@ -75,7 +76,8 @@ def run_frontier(args: argparse.Namespace) -> str:
     options = FrontierOptions(
         model=args.model, data=args.data, output=args.output, cache_dir=args.cache_dir or args.output,
         calib=args.calib, allocations=names(args.rank_alloc), kv_ratios=ratios, kv_quants=names(args.kv_quant),
-        latent_quants=names(args.latent_quant), group_size=args.group_size, seq_len=args.seq_len,
+        latent_formats=[LatentFormat.parse(name) for name in names(args.latent_format)],
+        group_size=args.group_size, seq_len=args.seq_len,
         max_tokens=args.max_tokens, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         seed=args.seed, device=args.device, plot=args.plot)
     rows = sweep(options)
@@ -90,77 +92,65 @@ def run_ppl(args: argparse.Namespace) -> list[dict]:
     from vllm_palu.offline.checkpoint import load_model, read_config
     from vllm_palu.offline.converter import resolve_device
     from vllm_palu.offline.kv_quant import bytes_vs_bf16, set_kv_quant
-    from vllm_palu.offline.lowrank import set_latent_quant
+    from vllm_palu.offline.lowrank import set_latent_format
     from vllm_palu.offline.perplexity import perplexity, perplexity_vllm, tokenize_file
     from vllm_palu.offline.smollm2 import resolve_model
 
-    modes = [mode.strip() for mode in args.kv_quant.split(",") if mode.strip()]
-    latent_modes = [LATENT_QUANT_NAMES.get(mode.strip(), mode.strip())
-                    for mode in args.latent_quant.split(",") if mode.strip()]
-    for mode in latent_modes:
-        if mode not in LATENT_QUANT_NAMES.values():
-            raise PaluError(f"unknown --latent-quant {mode!r}; choose from {', '.join(LATENT_QUANT_NAMES)}")
+    kv_quants = [mode.strip() for mode in args.kv_quant.split(",") if mode.strip()]
+    latent_formats = [LatentFormat.parse(name.strip()) for name in args.latent_format.split(",") if name.strip()]
     device = resolve_device(args.device)
     rows = []
     for name in args.model:
         path = resolve_model(name)
         config = read_config(path)
+        is_palu = "palu" in config
         ids = tokenize_file(AutoTokenizer.from_pretrained(path), args.data, args.max_tokens)
+        common = {"model": str(path), "seq_len": args.seq_len}
         if args.engine == "vllm":
-            for mode in latent_modes if "palu" in config else ["auto"]:
-                # A fresh engine per mode: the latent format is fixed when vLLM allocates the cache.
-                result = perplexity_vllm(path, ids, args.seq_len, args.dtype, kv_cache_dtype=SERVED_AS[mode])
-                rows.append({"model": str(path), "engine": "vllm", "kv_quant": _latent_quant_name(mode),
-                             "kv_bytes_vs_bf16": round(_kv_bytes(config, mode), 4), "ppl": round(result.ppl, 3),
-                             "scored_tokens": result.scored_tokens, "windows": result.windows,
-                             "seq_len": args.seq_len})
+            for latent_format in latent_formats if is_palu else [LatentFormat.AUTO]:
+                # A fresh engine per format: the latent format is fixed when vLLM allocates the cache.
+                result = perplexity_vllm(path, ids, args.seq_len, args.dtype,
+                                         kv_cache_dtype=FORMAT_KV_CACHE_DTYPES[latent_format])
+                rows.append({**common, "engine": "vllm", **_cache_fields(config, latent_format),
+                             "ppl": round(result.ppl, 3), "scored_tokens": result.scored_tokens,
+                             "windows": result.windows})
             continue
         model = load_model(path, getattr(torch, args.dtype))
-        head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
-        if "palu" in config:
-            variants = [(_latent_quant_name(mode), _kv_bytes(config, mode)) for mode in latent_modes]
-        else:
-            variants = [(mode, bytes_vs_bf16(mode, head_dim)) for mode in modes]
-        for mode, kv_bytes in variants:
-            if "palu" in config:
-                set_latent_quant(model, LATENT_QUANT_NAMES[mode])
+        for variant in latent_formats if is_palu else kv_quants:
+            if is_palu:
+                set_latent_format(model, variant)
+                fields = _cache_fields(config, variant)
             else:
-                set_kv_quant(model, mode)
-            result = perplexity(model, ids, args.seq_len, device, desc=f"{path.name} kv={mode}")
-            rows.append({"model": str(path), "engine": "reference", "kv_quant": mode, "kv_bytes_vs_bf16": round(kv_bytes, 4),
-                         "ppl": round(result.ppl, 3), "scored_tokens": result.scored_tokens,
-                         "windows": result.windows, "seq_len": args.seq_len})
+                set_kv_quant(model, variant)
+                fields = {"kv_quant": variant, "latent_format": None,
+                          "kv_bytes_vs_bf16": round(bytes_vs_bf16(variant, head_dim_of(config)), 4)}
+            result = perplexity(model, ids, args.seq_len, device, desc=f"{path.name} {_cache_label(fields)}")
+            rows.append({**common, "engine": "reference", **fields, "ppl": round(result.ppl, 3),
+                         "scored_tokens": result.scored_tokens, "windows": result.windows})
         del model
     return rows
 
 
-# --latent-quant name -> latent_quant mode; "none" stores latents in the checkpoint dtype.
-LATENT_QUANT_NAMES = {"none": "auto", "fp8": "fp8", "int4": "int4"}
-# latent_quant mode -> the --kv-cache-dtype that serves it (vllm_palu.config.KV_CACHE_DTYPE_LATENTS).
-SERVED_AS = {"auto": "auto", "fp8": "fp8", "int4": "int4_per_token_head"}
-
-
-def _latent_quant_name(mode: str) -> str:
-    return next(name for name, value in LATENT_QUANT_NAMES.items() if value == mode)
-
-
-def _kv_bytes(config: dict, latent_quant: str = "auto") -> float:
-    """KV bytes per token relative to bf16 dense K/V (1.0 for a dense checkpoint); quantized latents count their
-    inline fp16 scales."""
-    from vllm_palu.config import PaluConfig
-
+def _cache_fields(config: dict, latent_format: LatentFormat) -> dict:
+    """A row's cache fields: its latent format (Palu) or dense bf16 K/V, and KV bytes per token relative to bf16
+    dense K/V (quantized latents count their fp16 scales)."""
     if "palu" not in config:
-        return 1.0
-    palu = PaluConfig.from_hf_config(config)
-    problem = palu.latent_quant_problem(latent_quant)
+        return {"kv_quant": "none", "latent_format": None, "kv_bytes_vs_bf16": 1.0}
+    palu = PaluConfig.of(config)
+    problem = palu.latent_format_problem(latent_format)
     if problem:
-        raise PaluError(f"--latent-quant {_latent_quant_name(latent_quant)}: {problem}")
-    return palu.latent_bytes_per_token(latent_quant=latent_quant) / palu.dense_kv_bytes_per_token(2)
+        raise PaluError(f"--latent-format {latent_format}: {problem}")
+    kv_bytes = palu.latent_bytes_per_token(latent_format=latent_format) / palu.dense_kv_bytes_per_token(2)
+    return {"kv_quant": None, "latent_format": str(latent_format), "kv_bytes_vs_bf16": round(kv_bytes, 4)}
+
+
+def _cache_label(row: dict) -> str:
+    return f"latents {row['latent_format']}" if row["latent_format"] else f"kv {row['kv_quant']}"
 
 
 def format_table(rows: list[dict]) -> str:
-    lines = ["| model | engine | kv quant | KV bytes vs bf16 | ppl | tokens scored |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['model']} | {r['engine']} | {r['kv_quant']} | {r['kv_bytes_vs_bf16']:.3f} | {r['ppl']:.2f} | "
+    lines = ["| model | engine | cache | KV bytes vs bf16 | ppl | tokens scored |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['engine']} | {_cache_label(r)} | {r['kv_bytes_vs_bf16']:.3f} | {r['ppl']:.2f} | "
               f"{r['scored_tokens']} |" for r in rows]
     return "\n".join(lines)
 

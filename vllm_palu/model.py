@@ -31,13 +31,6 @@ from vllm_palu.config import PaluConfig
 _ATTENTION_WEIGHT = re.compile(r"^model\.layers\.(\d+)\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.(.+)$")
 
 
-def palu_config_of(hf_config) -> PaluConfig:
-    section = getattr(hf_config, "palu", None)
-    if section is None:
-        raise ValueError("not a Palu checkpoint: config.json has no 'palu' section")
-    return PaluConfig.from_dict(dict(section))
-
-
 class PaluAttention(nn.Module):
     """Drop-in for vLLM's ``LlamaAttention`` (same constructor), factorized k/v, latent KV cache.
 
@@ -52,13 +45,13 @@ class PaluAttention(nn.Module):
         super().__init__()
         if quant_config is not None:
             raise ValueError("Palu checkpoints with weight quantization are not supported")
-        palu = palu_config_of(config)
+        palu = PaluConfig.of(config)
         self.layer_index = extract_layer_index(prefix)
         tp_size, tp_rank = get_tensor_model_parallel_world_size(), get_tensor_model_parallel_rank()
         if palu.num_groups % tp_size:
             raise ValueError(f"Palu checkpoint has {palu.num_groups} latent group(s) per layer, which tensor "
                              f"parallel size {tp_size} does not divide; convert with a smaller --group-size")
-        self.head_dim = getattr(config, "head_dim", None) or hidden_size // num_heads
+        self.head_dim = palu.head_dim
         self.num_heads = num_heads // tp_size
         self.num_groups = palu.num_groups // tp_size
         self.group_size = palu.group_size

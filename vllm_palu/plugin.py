@@ -18,7 +18,7 @@ from __future__ import annotations
 import copyreg
 import logging
 
-from vllm_palu.config import BACKEND_NAME, PALU_ARCHITECTURES, PaluConfig, latent_dtype_for
+from vllm_palu.config import BACKEND_NAME, PALU_ARCHITECTURES, PaluConfig, latent_format_for
 from vllm_palu.errors import PaluError
 
 logger = logging.getLogger("vllm.palu")  # a child of vLLM's logger: its handlers and format
@@ -96,17 +96,17 @@ class PaluCheckpointChecks:
     @staticmethod
     def verify_and_update_config(vllm_config) -> None:
         hf_config = vllm_config.model_config.hf_config
-        palu = PaluConfig.from_dict(dict(hf_config.palu))
+        palu = PaluConfig.of(hf_config)
         selected = _selected_backend(vllm_config)
         if selected not in (None, BACKEND_NAME):
             raise ValueError(f"--attention-backend {selected}: a Palu checkpoint caches latents and needs the "
                              f"PALU backend (omit the flag or pass --attention-backend PALU)")
         cache_dtype = vllm_config.cache_config.cache_dtype
         try:
-            latent_quant = latent_dtype_for(cache_dtype)
+            latent_format = latent_format_for(cache_dtype)
         except PaluError as error:
             raise ValueError(str(error)) from None
-        problem = palu.latent_quant_problem(latent_quant)
+        problem = palu.latent_format_problem(latent_format)
         if problem:
             raise ValueError(f"--kv-cache-dtype {cache_dtype}: this checkpoint's {problem} "
                              f"(convert with --rank-multiple 8)")
@@ -119,14 +119,14 @@ class PaluCheckpointChecks:
             raise ValueError(f"sliding-window attention ({window} tokens) is not supported by PALU; "
                              f"set --max-model-len {window} or less")
         dtype_bytes = _cache_dtype_bytes(vllm_config)
-        latent_bytes = palu.latent_bytes_per_token(dtype_bytes, latent_quant)
+        latent_bytes = palu.latent_bytes_per_token(dtype_bytes, latent_format)
         dense_bytes = palu.dense_kv_bytes_per_token(vllm_config.model_config.dtype.itemsize)
         logger.info("Palu checkpoint (%s, kv-ratio %.3f, %d latent group(s)/layer, %s latents%s): attention "
                     "backend %s (selected by the model%s); KV cache holds %d latent bytes/token%s vs %d dense "
                     "(model dtype)", palu.base_architecture, palu.kv_ratio, palu.num_groups,
-                    _describe_latents(latent_quant, vllm_config), "" if palu.rotation == "none"
+                    _describe_latents(latent_format, vllm_config), "" if palu.rotation == "none"
                     else f", {palu.rotation} rotation", BACKEND_NAME, "" if selected else ", no --attention-backend "
-                    "given", latent_bytes, " (scales included)" if latent_quant != "auto" else "", dense_bytes)
+                    "given", latent_bytes, " (scales included)" if latent_format != "auto" else "", dense_bytes)
         from vllm_palu import metrics
 
         served = vllm_config.model_config.served_model_name
@@ -143,10 +143,10 @@ def _cache_dtype_bytes(vllm_config) -> int:
     return 2 if cache_dtype in ("float16", "bfloat16") else vllm_config.model_config.dtype.itemsize
 
 
-def _describe_latents(latent_quant: str, vllm_config) -> str:
-    if latent_quant == "fp8":
+def _describe_latents(latent_format: str, vllm_config) -> str:
+    if latent_format == "fp8":
         return "fp8 e4m3"
-    if latent_quant == "int4":
+    if latent_format == "int4":
         return "int4"
     cache_dtype = vllm_config.cache_config.cache_dtype
     return str(vllm_config.model_config.dtype).removeprefix("torch.") if cache_dtype == "auto" else cache_dtype

@@ -22,7 +22,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from vllm_palu.attention import reference
-from vllm_palu.config import BACKEND_NAME, KV_CACHE_DTYPE_LATENTS
+from vllm_palu.config import BACKEND_NAME, KV_CACHE_DTYPE_FORMATS, latent_format_for
 
 if TYPE_CHECKING:  # ops imports Triton: only where the kernels run
     from vllm_palu.attention.ops import PrefillBatch
@@ -45,7 +45,7 @@ class PaluAttentionBackend(AttentionBackend):
     forward_includes_kv_cache_update = True
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
     # fp8* and int4_per_token_head store quantized latents (vllm_palu.config explains the choice of flags).
-    supported_kv_cache_dtypes: ClassVar[list[str]] = list(KV_CACHE_DTYPE_LATENTS)
+    supported_kv_cache_dtypes: ClassVar[list[str]] = list(KV_CACHE_DTYPE_FORMATS)
 
     @staticmethod
     def get_name() -> str:
@@ -168,7 +168,7 @@ class PaluAttentionImpl(AttentionImpl):
         self.num_heads, self.head_size, self.scale = num_heads, head_size, float(scale)
         self.num_kv_heads = num_kv_heads  # latent groups on this rank
         self.kv_cache_dtype = kv_cache_dtype
-        self.latent_dtype = KV_CACHE_DTYPE_LATENTS[kv_cache_dtype]  # auto, fp8 or int4
+        self.latent_format = latent_format_for(kv_cache_dtype)
         self.plan = None  # the Triton kernels' per-layer facts (ops.LayerPlan); None: the PyTorch path
         self.kernels = None  # vllm_palu.attention.ops once planned (imports Triton)
         self.prefill = None  # vLLM's FlashAttention over the rebuilt context where it runs, else ops.prefill_attention
@@ -187,7 +187,7 @@ class PaluAttentionImpl(AttentionImpl):
             rotary = layer.rotary_emb
             self.kernels = ops
             self.plan = ops.plan_layer(layer.k_up, layer.k_up_bias, rotary.cos_sin_cache, rotary.is_neox_style,
-                                       self.num_heads, layer.rank_v, self.scale, self.latent_dtype)
+                                       self.num_heads, layer.rank_v, self.scale, self.latent_format)
             self.prefill = FlashPrefill.for_plan(self.plan) or ops.prefill_attention
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
@@ -209,7 +209,7 @@ class PaluAttentionImpl(AttentionImpl):
             self._forward_reference(layer, query, key, value, kv_cache, metadata, output)
             return output
         ops = self.kernels
-        ops.write_latents(kv_cache, metadata.slot_mapping, key, value, self.latent_dtype, tokens)
+        ops.write_latents(kv_cache, metadata.slot_mapping, key, value, self.latent_format, tokens)
         if metadata.num_decodes:
             ops.decode_attention(plan, query, kv_cache, metadata.query_start_loc, metadata.seq_lens,
                                  metadata.block_table, output, metadata.num_decodes, metadata.num_splits,
@@ -222,9 +222,9 @@ class PaluAttentionImpl(AttentionImpl):
     def _forward_reference(self, layer, query, key, value, kv_cache, metadata, output) -> None:
         tokens = metadata.num_actual_tokens
         reference.write_latents(kv_cache, metadata.slot_mapping[:tokens], key[:tokens], value[:tokens],
-                                latent_dtype=self.latent_dtype)
+                                latent_format=self.latent_format)
         rotary = layer.rotary_emb
         output[:tokens] = reference.paged_latent_attention(
             query[:tokens], kv_cache, layer.k_up, layer.k_up_bias, rotary.cos_sin_cache, rotary.is_neox_style,
             metadata.query_start_loc, metadata.seq_lens, metadata.block_table, self.scale,
-            latent_dtype=self.latent_dtype).to(output.dtype)
+            latent_format=self.latent_format).to(output.dtype)

@@ -2,11 +2,11 @@
 
 Contract (the Triton kernels implement exactly this; the PyTorch functions here are the oracle):
 
-    LATENT_DTYPES = ("auto", "fp8", "int4")   "auto": latents stored unquantized in the cache dtype
-    row_bytes(rank_k, rank_v, mode)            bytes of one (token, group) row
-    quantize_rows(k_latent [T, G, rk], v_latent [T, G, rv], mode) -> uint8 [T, G, row]
-    dequantize_rows(rows uint8 [..., row], rank_k, rank_v, mode) -> (k [..., rk] fp32, v [..., rv] fp32)
-    fake_quant_latent(x [..., r], mode) -> dequantize(quantize(x)) in fp32 (one K or V latent per vector)
+    LatentFormat (vllm_palu.config)       auto: latents stored unquantized in the cache dtype; fp8; int4
+    row_bytes(rank_k, rank_v, latent_format)            bytes of one (token, group) row
+    quantize_rows(k_latent [T, G, rk], v_latent [T, G, rv], latent_format) -> uint8 [T, G, row]
+    dequantize_rows(rows uint8 [..., row], rank_k, rank_v, latent_format) -> (k [..., rk] fp32, v [..., rv] fp32)
+    fake_quant_latent(x [..., r], latent_format) -> dequantize(quantize(x)) in fp32 (one K or V latent per vector)
 
 Row layout per (token, group); scales are little-endian fp16 (``torch.float16`` viewed as 2 uint8):
 
@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import torch
 
-LATENT_DTYPES = ("auto", "fp8", "int4")
+from vllm_palu.config import LatentFormat
+
+LATENT_FORMATS = tuple(LatentFormat)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INT4_LEVELS = 15
 SCALE_MIN = 2.0 ** -24  # smallest positive fp16: a rounded scale is never 0
@@ -41,40 +43,40 @@ FP16_MAX = 65504.0
 SCALE_BYTES = {"fp8": 4, "int4": 8}  # per (token, group) row: fp16 scales (and minima) of K and V
 
 
-def check_ranks(rank_k: int, rank_v: int, mode: str) -> str | None:
-    """Why ``mode`` cannot store latents of these ranks, or None if it can."""
-    if mode not in LATENT_DTYPES:
-        return f"unknown latent dtype {mode!r}; choose from {', '.join(LATENT_DTYPES)}"
-    if mode == "fp8" and (rank_k + rank_v) % 2:
+def check_ranks(rank_k: int, rank_v: int, latent_format: LatentFormat) -> str | None:
+    """Why ``latent_format`` cannot store latents of these ranks, or None if it can."""
+    if latent_format not in LATENT_FORMATS:
+        return f"unknown latent format {str(latent_format)!r}; choose from {', '.join(LATENT_FORMATS)}"
+    if latent_format == "fp8" and (rank_k + rank_v) % 2:
         return f"fp8 latents need rank_k + rank_v even (2-byte aligned scales), got {rank_k} + {rank_v}"
-    if mode == "int4" and (rank_k % 2 or rank_v % 2):
+    if latent_format == "int4" and (rank_k % 2 or rank_v % 2):
         return f"int4 latents pack two codes a byte and need even ranks, got rank_k {rank_k}, rank_v {rank_v}"
     return None
 
 
-def _require(rank_k: int, rank_v: int, mode: str) -> None:
-    problem = check_ranks(rank_k, rank_v, mode)
+def _require(rank_k: int, rank_v: int, latent_format: LatentFormat) -> None:
+    problem = check_ranks(rank_k, rank_v, latent_format)
     if problem:
         raise ValueError(problem)
 
 
-def row_bytes(rank_k: int, rank_v: int, mode: str, dtype_bytes: int = 2) -> int:
-    """Bytes of one (token, group) cache row; ``dtype_bytes`` is the cache element size for ``mode='auto'``."""
-    _require(rank_k, rank_v, mode)
-    if mode == "auto":
+def row_bytes(rank_k: int, rank_v: int, latent_format: LatentFormat, dtype_bytes: int = 2) -> int:
+    """Bytes of one (token, group) cache row; ``dtype_bytes`` is the cache element size for ``latent_format='auto'``."""
+    _require(rank_k, rank_v, latent_format)
+    if latent_format == "auto":
         return (rank_k + rank_v) * dtype_bytes
-    if mode == "fp8":
+    if latent_format == "fp8":
         return rank_k + rank_v + SCALE_BYTES["fp8"]
     return (rank_k + rank_v) // 2 + SCALE_BYTES["int4"]
 
 
-def rank_v_of_row(row: int, rank_k: int, mode: str) -> int:
-    """Inverse of :func:`row_bytes` for the quantized modes (the V rank the kernels infer from the row width)."""
-    if mode == "fp8":
+def rank_v_of_row(row: int, rank_k: int, latent_format: LatentFormat) -> int:
+    """Inverse of :func:`row_bytes` for the quantized formats (the V rank the kernels infer from the row width)."""
+    if latent_format == "fp8":
         return row - SCALE_BYTES["fp8"] - rank_k
-    if mode == "int4":
+    if latent_format == "int4":
         return 2 * (row - SCALE_BYTES["int4"]) - rank_k
-    raise ValueError(f"rank_v_of_row: not a quantized latent dtype: {mode!r}")
+    raise ValueError(f"rank_v_of_row: not a quantized latent format: {str(latent_format)!r}")
 
 
 def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
@@ -106,24 +108,24 @@ def _int4_codes(x: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> torc
     return ((x - low) / scale).round().clamp(0, INT4_LEVELS)
 
 
-def fake_quant_latent(x: torch.Tensor, mode: str) -> torch.Tensor:
+def fake_quant_latent(x: torch.Tensor, latent_format: LatentFormat) -> torch.Tensor:
     """Quantize and dequantize each vector over the last dim, as the cache does; fp32 result (``auto``: x)."""
-    if mode == "auto":
+    if latent_format == "auto":
         return x
     x = x.float()
-    if mode == "fp8":
+    if latent_format == "fp8":
         scale = _fp8_scale(x)
         return _fp8_codes(x, scale).float() * scale
-    if mode == "int4":
+    if latent_format == "int4":
         scale, low = _int4_params(x)
         return _int4_codes(x, scale, low) * scale + low
-    raise ValueError(f"unknown latent dtype {mode!r}; choose from {', '.join(LATENT_DTYPES)}")
+    raise ValueError(f"unknown latent format {str(latent_format)!r}; choose from {', '.join(LATENT_FORMATS)}")
 
 
-def _quantize_one(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_one(x: torch.Tensor, latent_format: LatentFormat) -> tuple[torch.Tensor, torch.Tensor]:
     """One latent ``[T, G, r]`` -> (payload ``[T, G, r or r/2]`` uint8, scale bytes ``[T, G, 2 or 4]``)."""
     x = x.float()
-    if mode == "fp8":
+    if latent_format == "fp8":
         scale = _fp8_scale(x)
         return _fp8_codes(x, scale).view(torch.uint8), _fp16_bytes(scale[..., 0])
     scale, low = _int4_params(x)
@@ -133,62 +135,64 @@ def _quantize_one(x: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tenso
     return packed, torch.cat((_fp16_bytes(scale[..., 0]), _fp16_bytes(low[..., 0])), dim=-1)
 
 
-def quantize_rows(k_latent: torch.Tensor, v_latent: torch.Tensor, mode: str) -> torch.Tensor:
+def quantize_rows(k_latent: torch.Tensor, v_latent: torch.Tensor, latent_format: LatentFormat) -> torch.Tensor:
     """``k_latent [T, G, rk]``, ``v_latent [T, G, rv]`` (any float dtype) -> cache rows ``uint8 [T, G, row]``."""
-    _require(k_latent.shape[-1], v_latent.shape[-1], mode)
-    if mode == "auto":
+    _require(k_latent.shape[-1], v_latent.shape[-1], latent_format)
+    if latent_format == "auto":
         raise ValueError("quantize_rows: 'auto' latents are stored unquantized")
-    k_payload, k_scales = _quantize_one(k_latent, mode)
-    v_payload, v_scales = _quantize_one(v_latent, mode)
+    k_payload, k_scales = _quantize_one(k_latent, latent_format)
+    v_payload, v_scales = _quantize_one(v_latent, latent_format)
     return torch.cat((k_payload, v_payload, k_scales, v_scales), dim=-1)
 
 
-def _dequantize_one(payload: torch.Tensor, scales: torch.Tensor, mode: str) -> torch.Tensor:
-    if mode == "fp8":
+def _dequantize_one(payload: torch.Tensor, scales: torch.Tensor, latent_format: LatentFormat) -> torch.Tensor:
+    if latent_format == "fp8":
         return payload.view(torch.float8_e4m3fn).float() * _fp16_from_bytes(scales)[..., None]
     codes = torch.cat((payload & 0x0F, payload >> 4), dim=-1).float()
     scale, low = _fp16_from_bytes(scales[..., :2])[..., None], _fp16_from_bytes(scales[..., 2:])[..., None]
     return codes * scale + low
 
 
-def dequantize_rows(rows: torch.Tensor, rank_k: int, rank_v: int, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def dequantize_rows(rows: torch.Tensor, rank_k: int, rank_v: int,
+                    latent_format: LatentFormat) -> tuple[torch.Tensor, torch.Tensor]:
     """Cache rows ``uint8 [..., row]`` -> (K latents ``[..., rk]``, V latents ``[..., rv]``), fp32."""
-    _require(rank_k, rank_v, mode)
-    if rows.shape[-1] != row_bytes(rank_k, rank_v, mode):
-        raise ValueError(f"{mode} rows of rank_k {rank_k} + rank_v {rank_v} are {row_bytes(rank_k, rank_v, mode)} "
+    _require(rank_k, rank_v, latent_format)
+    if rows.shape[-1] != row_bytes(rank_k, rank_v, latent_format):
+        expected = row_bytes(rank_k, rank_v, latent_format)
+        raise ValueError(f"{latent_format} rows of rank_k {rank_k} + rank_v {rank_v} are {expected} "
                          f"bytes, got {rows.shape[-1]}")
-    per_value = 1 if mode == "fp8" else 2  # values per payload byte
+    per_value = 1 if latent_format == "fp8" else 2  # values per payload byte
     k_end = rank_k // per_value
     v_end = k_end + rank_v // per_value
-    half_scales = SCALE_BYTES[mode] // 2
-    k = _dequantize_one(rows[..., :k_end], rows[..., v_end:v_end + half_scales], mode)
-    v = _dequantize_one(rows[..., k_end:v_end], rows[..., v_end + half_scales:], mode)
+    half_scales = SCALE_BYTES[latent_format] // 2
+    k = _dequantize_one(rows[..., :k_end], rows[..., v_end:v_end + half_scales], latent_format)
+    v = _dequantize_one(rows[..., k_end:v_end], rows[..., v_end + half_scales:], latent_format)
     return k, v
 
 
-def page_views(kv_cache: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+def page_views(kv_cache: torch.Tensor, latent_format: LatentFormat) -> tuple[torch.Tensor, torch.Tensor]:
     """A quantized layer cache ``uint8 [blocks, G, block_size, row]`` as two views of the same memory: payload rows
     ``[blocks, G, block_size, P]`` and scale rows ``[blocks, G, block_size, S]`` (the page layout, module doc)."""
     if kv_cache.dtype != torch.uint8 or not kv_cache.is_contiguous():
-        raise ValueError(f"{mode} latents need a contiguous uint8 cache, got {kv_cache.dtype} with strides "
+        raise ValueError(f"{latent_format} latents need a contiguous uint8 cache, got {kv_cache.dtype} with strides "
                          f"{tuple(kv_cache.stride())}")
     blocks, groups, block_size, row = kv_cache.shape
-    payload_bytes = row - SCALE_BYTES[mode]
+    payload_bytes = row - SCALE_BYTES[latent_format]
     flat = kv_cache.view(blocks, groups * block_size * row)
     split = groups * block_size * payload_bytes
     return (flat[:, :split].view(blocks, groups, block_size, payload_bytes),
-            flat[:, split:].view(blocks, groups, block_size, SCALE_BYTES[mode]))
+            flat[:, split:].view(blocks, groups, block_size, SCALE_BYTES[latent_format]))
 
 
-def rows_to_pages(rows: torch.Tensor, mode: str) -> torch.Tensor:
+def rows_to_pages(rows: torch.Tensor, latent_format: LatentFormat) -> torch.Tensor:
     """Rows ``uint8 [blocks, G, block_size, row]`` in token order -> the same data in the page layout."""
     pages = torch.empty_like(rows, memory_format=torch.contiguous_format)
-    payload, scales = page_views(pages, mode)
+    payload, scales = page_views(pages, latent_format)
     payload.copy_(rows[..., :payload.shape[-1]])
     scales.copy_(rows[..., payload.shape[-1]:])
     return pages
 
 
-def pages_to_rows(kv_cache: torch.Tensor, mode: str) -> torch.Tensor:
+def pages_to_rows(kv_cache: torch.Tensor, latent_format: LatentFormat) -> torch.Tensor:
     """Inverse of :func:`rows_to_pages`."""
-    return torch.cat(page_views(kv_cache, mode), dim=-1)
+    return torch.cat(page_views(kv_cache, latent_format), dim=-1)

@@ -14,7 +14,7 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, get_kv_qu
 
 from vllm_palu.attention.backend import PaluAttentionBackend
 from vllm_palu.attention.latent_quant import row_bytes
-from vllm_palu.config import latent_dtype_for
+from vllm_palu.config import latent_format_for
 
 
 class PaluAttentionLayer(Attention):
@@ -27,7 +27,7 @@ class PaluAttentionLayer(Attention):
         super().__init__(num_heads, head_dim, head_dim ** -0.5, num_kv_heads=num_groups, cache_config=cache_config,
                          prefix=prefix, attn_backend=PaluAttentionBackend, head_size_v=rank_v)
         self.num_groups, self.group_size, self.rank_k, self.rank_v = num_groups, group_size, rank_k, rank_v
-        self.latent_dtype = latent_dtype_for(self.kv_cache_dtype)  # set by Attention from --kv-cache-dtype
+        self.latent_format = latent_format_for(self.kv_cache_dtype)  # set by Attention from --kv-cache-dtype
         self.rotary_emb = rotary_emb
         group_width = group_size * head_dim
         self.k_up = nn.Parameter(torch.empty(num_groups, group_width, rank_k), requires_grad=False)
@@ -41,12 +41,12 @@ class PaluAttentionLayer(Attention):
         self.impl.prepare(self)
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> KVCacheSpec:
-        quantized = self.latent_dtype != "auto"
+        quantized = self.latent_format != "auto"
         # Quantized rows are uint8 (kv_cache_torch_dtype) of row_bytes each: state_content_bytes sizes the page.
         return FullAttentionSpec(block_size=vllm_config.cache_config.block_size, num_kv_heads=self.num_kv_heads,
                                  head_size=self.rank_k, head_size_v=self.rank_v, dtype=self.kv_cache_torch_dtype,
                                  kv_quant_mode=get_kv_quant_mode(self.kv_cache_dtype),
-                                 state_content_bytes=(row_bytes(self.rank_k, self.rank_v, self.latent_dtype)
+                                 state_content_bytes=(row_bytes(self.rank_k, self.rank_v, self.latent_format)
                                                       if quantized else None))
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,  # type: ignore[override]

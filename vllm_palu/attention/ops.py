@@ -75,7 +75,7 @@ class LayerPlan:
     head_dim: int
     rank_k: int
     rank_v: int
-    latent_dtype: str  # "auto", "fp8" or "int4" (vllm_palu.attention.latent_quant)
+    latent_format: str  # "auto", "fp8" or "int4" (vllm_palu.attention.latent_quant)
     softmax_scale: float
     scale: float  # softmax scale times log2(e): the kernels use exp2
     k_up: torch.Tensor  # [kv_heads, head_dim, rank_k], rotary halves in NeoX order
@@ -94,10 +94,10 @@ class LayerPlan:
         return self.num_heads // self.kv_heads
 
 
-def _rank_tiles(rank_k: int, rank_v: int, latent_dtype: str) -> dict:
+def _rank_tiles(rank_k: int, rank_v: int, latent_format: str) -> dict:
     """The kernels' rank constexprs: tiles covering the K and V latents (one chunk, or two with less padding; int4
     pages hold both halves of a rank in one byte tile: two chunks of rank / 2)."""
-    if latent_dtype == "int4":
+    if latent_format == "int4":
         rk0 = rk1 = _pow2(rank_k // 2)
         rv0 = rv1 = _pow2(rank_v // 2)
         k_limit, v_limit = rank_k // 2, rank_v // 2
@@ -106,9 +106,9 @@ def _rank_tiles(rank_k: int, rank_v: int, latent_dtype: str) -> dict:
         rv0, rv1 = rank_chunks(rank_v)
         k_limit, v_limit = rank_k, rank_v
     return dict(RANK_K=rank_k, RANK_V=rank_v, RK0=rk0, RK1=max(rk1, 16), RV0=rv0, RV1=max(rv1, 16),
-                SPLIT_K=rk1 > 0, SPLIT_V=rv1 > 0, LATENT=LATENT_CODES[latent_dtype], K0_LIMIT=k_limit,
-                K1_OFFSET=k_limit if latent_dtype == "int4" else rk0, V0_LIMIT=v_limit,
-                V1_OFFSET=v_limit if latent_dtype == "int4" else rv0)
+                SPLIT_K=rk1 > 0, SPLIT_V=rv1 > 0, LATENT=LATENT_CODES[latent_format], K0_LIMIT=k_limit,
+                K1_OFFSET=k_limit if latent_format == "int4" else rk0, V0_LIMIT=v_limit,
+                V1_OFFSET=v_limit if latent_format == "int4" else rv0)
 
 
 def rotary_permutation(head_dim: int, is_neox_style: bool, device) -> torch.Tensor | None:
@@ -146,7 +146,7 @@ def rotary_is_shiftable(table: torch.Tensor, block_n: int) -> bool:
 
 
 def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: torch.Tensor, is_neox_style: bool,
-               num_heads: int, rank_v: int, scale: float, latent_dtype: str = "auto",
+               num_heads: int, rank_v: int, scale: float, latent_format: str = "auto",
                config: KernelConfig = KernelConfig()) -> LayerPlan:
     """The per-layer facts of the kernels, with every default of ``config`` resolved (the only place that does).
 
@@ -182,16 +182,16 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     # otherwise. Quantized latents, whose dequantization needs the registers: two-warp programs of 64 keys, one
     # buffer, the per-tile table (the offset rotation spills there).
     heads_per_kv = num_heads // kv_heads
-    if latent_dtype == "auto":
+    if latent_format == "auto":
         wide = heads_per_kv > 1 and rank_k + rank_v >= 128
         block_n = 16 if wide and on_gpu and rotary_is_shiftable(rotary, 16) else 32
         warps, stages = 1, 3
     else:
         block_n, warps, stages = 64 if on_gpu else 32, 2, 2
     block_n = config.decode_block_n or block_n
-    rope_shift = config.rope_shift if config.rope_shift is not None else latent_dtype == "auto"
+    rope_shift = config.rope_shift if config.rope_shift is not None else latent_format == "auto"
     rope_shift = rope_shift and rotary_is_shiftable(rotary, block_n)
-    ranks = _rank_tiles(rank_k, rank_v, latent_dtype)
+    ranks = _rank_tiles(rank_k, rank_v, latent_format)
     # Decode query rows: the KV head's query heads, padded to a power of two only (not to 16: Triton pads tiny
     # dots itself, and the softmax and accumulators shrink; Llama-3-8B 476 -> 421 us).
     decode = dict(HEADS_PER_KV=heads_per_kv, GROUP_SIZE=group_size, HEAD_DIM=head_dim, HALF=head_dim // 2,
@@ -206,7 +206,7 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     prefill_tile = (prefill_block_m, prefill_block_n, config.prefill_warps or (8 if on_gpu else 4),
                     config.prefill_stages)
     return LayerPlan(num_heads=num_heads, kv_heads=kv_heads, group_size=group_size, head_dim=head_dim,
-                     rank_k=rank_k, rank_v=rank_v, latent_dtype=latent_dtype, softmax_scale=scale,
+                     rank_k=rank_k, rank_v=rank_v, latent_format=latent_format, softmax_scale=scale,
                      scale=scale * LOG2E,
                      k_up=k_up_heads.contiguous(), k_bias=None if k_bias is None else k_bias.contiguous(),
                      query_permutation=permutation, rotary=rotary,
@@ -236,7 +236,7 @@ def decode_scratch(num_heads: int, rank_v: int, kv_heads: int, max_requests: int
 
 
 def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: torch.Tensor,
-                  v_latent: torch.Tensor, latent_dtype: str = "auto", num_tokens: int | None = None) -> None:
+                  v_latent: torch.Tensor, latent_format: str = "auto", num_tokens: int | None = None) -> None:
     """Triton version of :func:`vllm_palu.attention.reference.write_latents`: the first ``num_tokens`` (default:
     all) rows of ``k_latent [T, G, rank_k]`` / ``v_latent [T, G, rank_v]`` into their slots of ``kv_cache [blocks,
     G, block_size, row]`` (slots < 0: padding, skipped); fp8 / int4 latents are quantized into the page layout on
@@ -246,7 +246,7 @@ def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: 
         return
     groups, rank_k = k_latent.shape[1:]
     rank_v = v_latent.shape[-1]
-    if latent_dtype == "auto":
+    if latent_format == "auto":
         write_latents_kernel[(num_tokens, groups)](
             k_latent, v_latent, kv_cache, slot_mapping,
             k_latent.stride(0), k_latent.stride(1), v_latent.stride(0), v_latent.stride(1),
@@ -254,13 +254,13 @@ def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: 
             BLOCK_SIZE=kv_cache.shape[2], RANK_K=rank_k, RANK_V=rank_v, PAD_K=_pow2(rank_k, 1),
             PAD_V=_pow2(rank_v, 1))
         return
-    payload, scales = _cache_views(kv_cache, latent_dtype)
+    payload, scales = _cache_views(kv_cache, latent_format)
     write_quantized_latents_kernel[(num_tokens, groups)](
         k_latent, v_latent, payload, scales, slot_mapping,
         k_latent.stride(0), k_latent.stride(1), v_latent.stride(0), v_latent.stride(1),
         payload.stride(0), payload.stride(1), payload.stride(2), scales.stride(0), scales.stride(1),
         scales.stride(2), BLOCK_SIZE=kv_cache.shape[2], RANK_K=rank_k, RANK_V=rank_v,
-        PAD_K=_pow2(rank_k, 2), PAD_V=_pow2(rank_v, 2), INT4=latent_dtype == "int4")
+        PAD_K=_pow2(rank_k, 2), PAD_V=_pow2(rank_v, 2), INT4=latent_format == "int4")
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -268,11 +268,11 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _cache_views(kv_cache: torch.Tensor, latent_dtype: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _cache_views(kv_cache: torch.Tensor, latent_format: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(latent rows, fp16 scale rows); the scale view is the cache itself (unused) for 16-bit latents."""
-    if latent_dtype == "auto":
+    if latent_format == "auto":
         return kv_cache, kv_cache
-    payload, scales = page_views(kv_cache, latent_dtype)
+    payload, scales = page_views(kv_cache, latent_format)
     return payload, scales.view(torch.float16)
 
 
@@ -291,7 +291,7 @@ def decode_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tenso
     ``partial`` / ``stats``: scratch of :func:`decode_scratch` (unused with one split). Returns the compiled
     decode kernel (registers, SASS: benchmarks/)."""
     query = kernel_query(plan, query)
-    payload, scales = _cache_views(kv_cache, plan.latent_dtype)
+    payload, scales = _cache_views(kv_cache, plan.latent_format)
     bias = plan.k_bias if plan.k_bias is not None else plan.k_up  # unused when HAS_BIAS is false
     kernel = decode_attention_kernel[(num_requests, plan.kv_heads, num_splits)](
         query, payload, scales, plan.k_up, bias, plan.rotary, block_table, seq_lens, query_start_loc,
@@ -362,7 +362,7 @@ def rebuild_context(plan: LayerPlan, kv_cache: torch.Tensor, query_start_loc: to
                     else (workspace.prefix_keys, workspace.prefix_values))
     block_n = plan.prefill_tile[1]
     tiles = triton.cdiv(batch.max_query_len, block_n) if new_tokens else workspace.window // block_n
-    payload, scales = _cache_views(kv_cache, plan.latent_dtype)
+    payload, scales = _cache_views(kv_cache, plan.latent_format)
     bias = plan.k_bias if plan.k_bias is not None else plan.k_up  # unused when HAS_BIAS is false
     width = values.shape[-1]
     rebuild_context_kernel[(tiles, batch.num_requests, plan.kv_heads)](
@@ -412,7 +412,7 @@ def prefill_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tens
 def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: torch.Tensor,
                            k_bias: torch.Tensor | None, cos_sin_cache: torch.Tensor, is_neox_style: bool,
                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                           scale: float, *, latent_dtype: str = "auto", num_decodes: int | None = None,
+                           scale: float, *, latent_format: str = "auto", num_decodes: int | None = None,
                            num_decode_tokens: int | None = None, num_splits: int | None = None,
                            out: torch.Tensor | None = None, config: KernelConfig = KernelConfig(),
                            prefill=None) -> torch.Tensor:
@@ -426,7 +426,7 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     num_tokens, num_heads, _ = query.shape
     rank_k = k_up.shape[-1]
     row = kv_cache.shape[-1]
-    rank_v = row - rank_k if latent_dtype == "auto" else rank_v_of_row(row, rank_k, latent_dtype)
+    rank_v = row - rank_k if latent_format == "auto" else rank_v_of_row(row, rank_k, latent_format)
     if out is None:
         out = query.new_empty(num_tokens, num_heads, rank_v)
     num_requests = seq_lens.shape[0]
@@ -434,7 +434,7 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     if num_decodes is None:
         num_decodes = num_requests if int(query_lens.max()) <= 1 else 0
     num_decode_tokens = num_decodes if num_decode_tokens is None else num_decode_tokens
-    plan = plan_layer(k_up, k_bias, cos_sin_cache, is_neox_style, num_heads, rank_v, scale, latent_dtype, config)
+    plan = plan_layer(k_up, k_bias, cos_sin_cache, is_neox_style, num_heads, rank_v, scale, latent_format, config)
     if num_decodes:
         splits = num_splits or decode_splits(num_decodes, plan.kv_heads, plan.multiprocessors)
         partial = query.new_empty(num_decodes * splits * num_heads * _pow2(rank_v), dtype=torch.float32)

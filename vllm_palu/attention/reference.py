@@ -3,7 +3,7 @@
 Shape contract (one layer, one tensor-parallel rank):
 
     kv_cache      [num_blocks, num_groups, block_size, row]   any strides; per (token, group) row:
-                  latent_dtype "auto": row = rank_k + rank_v values in the cache dtype, K latent then V latent;
+                  latent_format "auto": row = rank_k + rank_v values in the cache dtype, K latent then V latent;
                   "fp8" / "int4": uint8 rows and pages laid out as vllm_palu.attention.latent_quant specifies
     slot_mapping  [T] int      block_id * block_size + offset; < 0 = padding, not written
     query         [T, num_heads, head_dim]        already rotated (RoPE at the query's position)
@@ -41,17 +41,17 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Te
 
 
 def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: torch.Tensor,
-                  v_latent: torch.Tensor, latent_dtype: str = "auto") -> None:
+                  v_latent: torch.Tensor, latent_format: str = "auto") -> None:
     """Scatter new tokens' latents ``k_latent [T, G, rank_k]``, ``v_latent [T, G, rank_v]`` into their slots,
-    quantized per token and group when ``latent_dtype`` is fp8 or int4."""
+    quantized per token and group when ``latent_format`` is fp8 or int4."""
     rank_k = k_latent.shape[-1]
     block_size = kv_cache.shape[2]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
     blocks, offsets = slots // block_size, slots % block_size
-    if latent_dtype != "auto":
-        rows = quantize_rows(k_latent[valid], v_latent[valid], latent_dtype)
-        payload, scales = page_views(kv_cache, latent_dtype)
+    if latent_format != "auto":
+        rows = quantize_rows(k_latent[valid], v_latent[valid], latent_format)
+        payload, scales = page_views(kv_cache, latent_format)
         payload[blocks, :, offsets, :] = rows[..., :payload.shape[-1]]
         scales[blocks, :, offsets, :] = rows[..., payload.shape[-1]:]
         return
@@ -79,25 +79,25 @@ def reconstruct_keys(k_latent: torch.Tensor, k_up: torch.Tensor, k_bias: torch.T
 def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: torch.Tensor,
                            k_bias: torch.Tensor | None, cos_sin_cache: torch.Tensor, is_neox_style: bool,
                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                           scale: float, *, latent_dtype: str = "auto") -> torch.Tensor:
+                           scale: float, *, latent_format: str = "auto") -> torch.Tensor:
     """Causal attention of every query token over its request's latent cache, in fp32 (shapes: module doc)."""
     num_tokens, num_heads, head_dim = query.shape
     num_groups, _, rank_k = k_up.shape
     row = kv_cache.shape[-1]
-    rank_v = row - rank_k if latent_dtype == "auto" else rank_v_of_row(row, rank_k, latent_dtype)
+    rank_v = row - rank_k if latent_format == "auto" else rank_v_of_row(row, rank_k, latent_format)
     output = query.new_zeros(num_tokens, num_heads, rank_v, dtype=torch.float32)
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     for request, seq_len in enumerate(lens):
         start, end = starts[request], starts[request + 1]
         if end == start:
             continue
-        if latent_dtype == "auto":
+        if latent_format == "auto":
             rows = gather_latents(kv_cache, block_table[request], seq_len)
             k_latent, v_latent = rows.float().split([rank_k, rank_v], dim=-1)
         else:
             rows = torch.cat([gather_latents(view, block_table[request], seq_len)
-                              for view in page_views(kv_cache, latent_dtype)], dim=-1)
-            k_latent, v_latent = dequantize_rows(rows, rank_k, rank_v, latent_dtype)
+                              for view in page_views(kv_cache, latent_format)], dim=-1)
+            k_latent, v_latent = dequantize_rows(rows, rank_k, rank_v, latent_format)
         keys = reconstruct_keys(k_latent, k_up.float(), None if k_bias is None else k_bias.float(), head_dim)
         positions = torch.arange(seq_len, device=query.device)
         keys = apply_rope(keys, positions, cos_sin_cache.float(), is_neox_style)  # [S, kv_heads, head_dim]

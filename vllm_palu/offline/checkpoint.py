@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import tempfile
@@ -16,7 +15,7 @@ from torch import nn
 
 from vllm_palu.config import BASE_ARCHITECTURES, PALU_ARCHITECTURES, PaluConfig
 from vllm_palu.errors import PaluError
-from vllm_palu.offline.lowrank import LowRankProjection, set_latent_quant
+from vllm_palu.offline.lowrank import LowRankProjection, set_latent_format
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 LAYER_PREFIX = "model.layers"  # state-dict prefix of the decoder layers in all supported architectures
@@ -102,15 +101,15 @@ def load_dense_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32
 
 
 def load_palu_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
-                    latent_quant: str = "auto") -> nn.Module:
+                    latent_format: str = "auto") -> nn.Module:
     """The reference model of a Palu checkpoint: the base transformers model with every ``k_proj`` / ``v_proj``
     replaced by its :class:`LowRankProjection` (latent = down(x), K = RoPE(up_k(latent)), V = up_v(latent)).
-    ``latent_quant`` (auto, fp8, int4) fake-quantizes the latents as serving's paged cache stores them."""
+    ``latent_format`` (auto, fp8, int4) fake-quantizes the latents as serving's paged cache stores them."""
     from safetensors import safe_open
     from transformers import AutoConfig
 
     config = read_config(path)
-    palu = PaluConfig.from_hf_config(config)
+    palu = PaluConfig.of(config)
     hf_config = AutoConfig.from_pretrained(path)
     hf_config.architectures = [palu.base_architecture]
     model = _from_pretrained(path, palu.base_architecture, dtype, "Palu checkpoint", config=hf_config,
@@ -141,7 +140,7 @@ def load_palu_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
             setattr(layer.self_attn, f"{kind}_proj", projection)
     check_finite(model, f"Palu checkpoint {path}")
     model.config.palu = palu.to_dict()
-    set_latent_quant(model, latent_quant)
+    set_latent_format(model, latent_format)
     return model.eval()
 
 

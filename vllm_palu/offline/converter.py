@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from vllm_palu.config import DTYPE_BYTES, LATENT_ROTATIONS, PALU_ARCHITECTURES, PaluConfig
+from vllm_palu.config import DTYPE_BYTES, LATENT_ROTATIONS, PALU_ARCHITECTURES, PaluConfig, head_dim_of
 from vllm_palu.errors import PaluError
 from vllm_palu.offline import calibration
 from vllm_palu.offline.allocation import ALLOCATIONS, LayerLayout, RankBudget
@@ -81,7 +81,7 @@ def convert(options: ConvertOptions) -> Path:
         raise PaluError(f"{source} is already a Palu checkpoint")
     budget = RankBudget(options.kv_ratio, options.k_fraction, options.rank_multiple)
     num_kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    head_dim = head_dim_of(config)
     group_size = parse_group_size(str(options.group_size), num_kv_heads)
     if options.decomposition not in DECOMPOSITIONS:
         raise PaluError(f"unknown --decomposition {options.decomposition!r}; choose from {', '.join(DECOMPOSITIONS)}")
@@ -125,7 +125,7 @@ def convert(options: ConvertOptions) -> Path:
         errors = decompose_model(model, calib.windows, k_ranks, v_ranks, layout, options, device)
         palu = PaluConfig(
             base_architecture=architecture, num_kv_heads=num_kv_heads, head_dim=head_dim, group_size=group_size,
-            k_ranks=k_ranks, v_ranks=v_ranks, latent_dtype=_dtype_name(save_dtype), rotation=options.latent_rotation,
+            k_ranks=k_ranks, v_ranks=v_ranks, weight_dtype=_dtype_name(save_dtype), rotation=options.latent_rotation,
             kv_bias=model.model.layers[0].self_attn.k_proj.up.bias is not None,
             method={"decomposition": options.decomposition, "rank_alloc": options.rank_alloc,
                     "kv_ratio": options.kv_ratio,
@@ -178,7 +178,7 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def summary(palu: PaluConfig, source: Path, seconds: float) -> str:
     """The human-readable PALU_SUMMARY.md written next to the weights."""
-    dtype_bytes = DTYPE_BYTES[palu.latent_dtype]
+    dtype_bytes = DTYPE_BYTES[palu.weight_dtype]
     dense = palu.dense_kv_bytes_per_token(dtype_bytes)
     latent = palu.latent_bytes_per_token()
     rows = "\n".join(
@@ -188,7 +188,7 @@ def summary(palu: PaluConfig, source: Path, seconds: float) -> str:
 
 Converted from `{source}` ({palu.base_architecture}) in {seconds:.0f} s.
 
-| KV cache per token, all layers ({palu.latent_dtype}) | bytes |
+| KV cache per token, all layers ({palu.weight_dtype}) | bytes |
 |---|---|
 | dense K+V | {dense:,} |
 | Palu latents | {latent:,} |

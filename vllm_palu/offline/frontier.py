@@ -1,4 +1,4 @@
-"""Perplexity vs KV bytes per token: Palu checkpoints (allocation x kv-ratio x latent quantization) against dense
+"""Perplexity vs KV bytes per token: Palu checkpoints (allocation x kv-ratio x latent format) against dense
 KV-quantization baselines, on the PyTorch reference model (``python -m vllm_palu.eval frontier``).
 
 Converted checkpoints and every perplexity are cached under ``cache_dir``: a re-run only computes what is missing
@@ -19,43 +19,12 @@ from typing import Callable
 import torch
 from torch import nn
 
+from vllm_palu.config import LatentFormat, PaluConfig, head_dim_of
 from vllm_palu.errors import PaluError
 
 DEFAULT_ALLOCATIONS = ("uniform", "measured", "fisher", "flrc")
 DEFAULT_KV_RATIOS = (0.75, 0.5, 0.375, 0.25)
 DEFAULT_KV_QUANTS = ("none", "int8", "fp8", "int4", "int3", "int2")
-
-
-# --- Latent quantization: the extension point for the quantized-latents issue. ---------------------------------
-# mode -> how the reference model simulates it and how its bytes are counted: ``cache_format`` (a
-# vllm_palu.attention.latent_quant dtype) counts the served cache rows exactly, scales included; otherwise
-# ``bytes_factor`` scales the checkpoint's latent bytes. fp8 / int4 are what --kv-cache-dtype fp8 /
-# int4_per_token_head serve.
-@dataclass(frozen=True)
-class LatentQuant:
-    apply: Callable[[nn.Module], None]
-    bytes_factor: float = 1.0
-    cache_format: str | None = None
-
-
-def _fake_quantized(cache_format: str) -> LatentQuant:
-    def apply(model: nn.Module) -> None:
-        from vllm_palu.offline.lowrank import set_latent_quant
-
-        set_latent_quant(model, cache_format)
-
-    return LatentQuant(apply=apply, cache_format=cache_format)
-
-
-LATENT_QUANTS: dict[str, LatentQuant] = {"none": LatentQuant(apply=lambda model: None),
-                                         "fp8": _fake_quantized("fp8"), "int4": _fake_quantized("int4")}
-
-
-def latent_quant(mode: str) -> LatentQuant:
-    if mode not in LATENT_QUANTS:
-        raise PaluError(f"unknown latent quantization {mode!r}; available: {', '.join(LATENT_QUANTS)}")
-    return LATENT_QUANTS[mode]
-# -----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -68,7 +37,7 @@ class FrontierOptions:
     allocations: list[str] = field(default_factory=lambda: list(DEFAULT_ALLOCATIONS))
     kv_ratios: list[float] = field(default_factory=lambda: list(DEFAULT_KV_RATIOS))
     kv_quants: list[str] = field(default_factory=lambda: list(DEFAULT_KV_QUANTS))
-    latent_quants: list[str] = field(default_factory=lambda: ["none"])
+    latent_formats: list[LatentFormat] = field(default_factory=lambda: [LatentFormat.AUTO])
     group_size: str = "all"
     seq_len: int = 1024
     max_tokens: int | None = None
@@ -89,8 +58,8 @@ def validate(options: FrontierOptions) -> None:
     for mode in options.kv_quants:
         if mode not in KV_QUANT_MODES:
             raise PaluError(f"unknown KV quantization {mode!r}; choose from {', '.join(KV_QUANT_MODES)}")
-    for mode in options.latent_quants:
-        latent_quant(mode)
+    for latent_format in options.latent_formats:
+        LatentFormat.parse(latent_format)
     for ratio in options.kv_ratios:
         if not 0 < ratio <= 1:
             raise PaluError(f"kv-ratio {ratio} outside (0, 1]")
@@ -113,7 +82,7 @@ def run_frontier(options: FrontierOptions) -> list[dict]:
     options.output.mkdir(parents=True, exist_ok=True)
     ids = tokenize_file(AutoTokenizer.from_pretrained(source), options.data, options.max_tokens)
     config = read_config(source)
-    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    head_dim = head_dim_of(config)
 
     rows: list[dict] = []
     for mode in options.kv_quants:
@@ -122,8 +91,9 @@ def run_frontier(options: FrontierOptions) -> list[dict]:
     for ratio in options.kv_ratios:
         for allocation in options.allocations:
             checkpoint, convert_seconds = _checkpoint(source, allocation, ratio, options)
-            for mode in options.latent_quants:
-                rows.append(_palu_point(checkpoint, allocation, ratio, mode, convert_seconds, ids, options))
+            for latent_format in options.latent_formats:
+                rows.append(_palu_point(checkpoint, allocation, ratio, LatentFormat.parse(latent_format),
+                                        convert_seconds, ids, options))
                 write_outputs(rows, options)
     return rows
 
@@ -164,7 +134,7 @@ def _dense_point(source: Path, mode: str, head_dim: int, ids: torch.Tensor, opti
 
     row = _cached_ppl(f"dense-{mode}", _protocol(options, ids), options, compute)
     label = "original" if mode == "none" else f"dense {mode} KV"
-    return {"kind": "dense", "label": label, "allocation": None, "kv_ratio": None, "latent_quant": None,
+    return {"kind": "dense", "label": label, "allocation": None, "kv_ratio": None, "latent_format": None,
             "kv_quant": mode, "kv_bytes_vs_bf16": round(bytes_vs_bf16(mode, head_dim), 4), "ppl": row["ppl"],
             "scored_tokens": row["scored_tokens"], "checkpoint": str(source)}
 
@@ -195,31 +165,29 @@ def _checkpoint(source: Path, allocation: str, ratio: float, options: FrontierOp
     return path, round(time.monotonic() - started, 1)
 
 
-def _palu_point(checkpoint: Path, allocation: str, ratio: float, mode: str, convert_seconds: float | None,
-                ids: torch.Tensor, options: FrontierOptions) -> dict:
-    from vllm_palu.config import DTYPE_BYTES, PaluConfig
+def _palu_point(checkpoint: Path, allocation: str, ratio: float, latent_format: LatentFormat,
+                convert_seconds: float | None, ids: torch.Tensor, options: FrontierOptions) -> dict:
+    """A Palu checkpoint's perplexity with its latents stored in ``latent_format`` (fake-quantized exactly as the
+    paged cache stores them), and its bytes as the served cache rows count them, scales included."""
     from vllm_palu.offline.checkpoint import load_palu_model, read_config
+    from vllm_palu.offline.lowrank import set_latent_format
 
-    palu = PaluConfig.from_hf_config(read_config(checkpoint))
-    quant = latent_quant(mode)
+    palu = PaluConfig.of(read_config(checkpoint))
     protocol = {**_protocol(options, ids), "k_ranks": palu.k_ranks, "v_ranks": palu.v_ranks}
 
     def compute() -> dict:
         model = load_palu_model(checkpoint)
-        quant.apply(model)
-        return _evaluate(model, ids, options, f"{checkpoint.name} latent={mode}")
+        set_latent_format(model, latent_format)
+        return _evaluate(model, ids, options, f"{checkpoint.name} latents {latent_format}")
 
-    row = _cached_ppl(f"{checkpoint.name}-latent-{mode}", protocol, options, compute)
-    if quant.cache_format is not None:
-        kv_bytes = palu.latent_bytes_per_token(latent_quant=quant.cache_format) / palu.dense_kv_bytes_per_token(2)
-    else:
-        kv_bytes = palu.kv_ratio * DTYPE_BYTES[palu.latent_dtype] / 2 * quant.bytes_factor
-    label = f"Palu {allocation}" + ("" if mode == "none" else f" + {mode} latents")
-    return {"kind": "palu", "label": label, "allocation": allocation, "kv_ratio": ratio, "latent_quant": mode,
-            "kv_quant": None, "kv_bytes_vs_bf16": round(kv_bytes, 4), "ppl": row["ppl"],
-            "scored_tokens": row["scored_tokens"], "checkpoint": str(checkpoint), "k_ranks": palu.k_ranks,
-            "v_ranks": palu.v_ranks, "allocation_seconds": palu.method.get("allocation_seconds"),
-            "convert_seconds": convert_seconds}
+    row = _cached_ppl(f"{checkpoint.name}-latent-{latent_format}", protocol, options, compute)
+    kv_bytes = palu.latent_bytes_per_token(latent_format=latent_format) / palu.dense_kv_bytes_per_token(2)
+    label = f"Palu {allocation}" + ("" if latent_format == LatentFormat.AUTO else f" + {latent_format} latents")
+    return {"kind": "palu", "label": label, "allocation": allocation, "kv_ratio": ratio,
+            "latent_format": str(latent_format), "kv_quant": None, "kv_bytes_vs_bf16": round(kv_bytes, 4),
+            "ppl": row["ppl"], "scored_tokens": row["scored_tokens"], "checkpoint": str(checkpoint),
+            "k_ranks": palu.k_ranks, "v_ranks": palu.v_ranks,
+            "allocation_seconds": palu.method.get("allocation_seconds"), "convert_seconds": convert_seconds}
 
 
 def format_table(rows: list[dict]) -> str:

@@ -14,8 +14,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vllm_palu.attention.latent_quant import LATENT_DTYPES, fake_quant_latent
-from vllm_palu.errors import PaluError
+from vllm_palu.attention.latent_quant import fake_quant_latent
+from vllm_palu.config import LatentFormat
 
 
 class GroupedUpProjection(nn.Module):
@@ -71,17 +71,16 @@ class LowRankProjection(nn.Module):
         return self.up(latent)
 
 
-def _quantize_groups(latent: torch.Tensor, num_groups: int, mode: str) -> torch.Tensor:
+def _quantize_groups(latent: torch.Tensor, num_groups: int, latent_format: LatentFormat) -> torch.Tensor:
     grouped = latent.unflatten(-1, (num_groups, -1))
-    return fake_quant_latent(grouped, mode).flatten(-2).to(latent.dtype)
+    return fake_quant_latent(grouped, latent_format).flatten(-2).to(latent.dtype)
 
 
-def set_latent_quant(model: nn.Module, mode: str) -> None:
-    """Fake-quantize every K and V latent per token and group as the paged cache stores it (``mode`` from
-    :data:`~vllm_palu.attention.latent_quant.LATENT_DTYPES`; ``auto``: unquantized)."""
-    if mode not in LATENT_DTYPES:
-        raise PaluError(f"unknown latent quantization {mode!r}; choose from {', '.join(LATENT_DTYPES)}")
+def set_latent_format(model: nn.Module, latent_format: LatentFormat) -> None:
+    """Fake-quantize every K and V latent per token and group as the paged cache stores it in ``latent_format``
+    (``auto``: unquantized)."""
+    latent_format = LatentFormat.parse(latent_format)
     for module in model.modules():
         if isinstance(module, LowRankProjection):
-            module.latent_hook = None if mode == "auto" else partial(_quantize_groups,
-                                                                     num_groups=module.up.num_groups, mode=mode)
+            module.latent_hook = None if latent_format == LatentFormat.AUTO else partial(
+                _quantize_groups, num_groups=module.up.num_groups, latent_format=latent_format)
