@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# SmolLM2-135M perplexity with quantized latents (docs/RESULTS.md, quantized-latents section): Palu joint group at
+# SmolLM2-135M perplexity with quantized latents (docs/RESULTS.md, "Perplexity vs KV bytes"): Palu joint group at
 # kv-ratio 0.5 / 0.375 / 0.25, latent rotation none / hadamard, latents fp8 / int4 (fake-quantized exactly as the
 # paged cache stores them). Same protocol as scripts/smollm2_results.sh: WikiText-2 eval.txt, first 40k tokens,
 # 1024-token windows; calibration on calib.txt (32 x 512, seed 0). Unquantized latents ("auto") are the foundation

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "ranks proportional to the k/v Fisher scores) or flrc (greedy on Fisher-weighted SVD "
                              "error; fisher/flrc add a layer-by-layer Fisher pass). All but uniform ignore "
                              "--k-fraction. measured was best on SmolLM2 but its probe pass is slow on CPU, so "
-                             "uniform stays the default (docs/RESULTS.md, section 4)")
+                             "uniform stays the default (docs/RESULTS.md, 'Rank allocation')")
     parser.add_argument("--decomposition", default="whitened_svd", help="whitened_svd (default) or svd")
     parser.add_argument("--latent-rotation", default="none",
                         help="orthogonal rotation folded into each group's latent space, for quantized latents: "

@@ -37,7 +37,7 @@ class ConvertOptions:
     rank_multiple: int = 8
     rank_alloc: str = "uniform"
     decomposition: str = "whitened_svd"
-    # Off by default: on SmolLM2 its effect on int4 latents was small and not consistent (docs/RESULTS.md §5).
+    # Off by default: on SmolLM2 its effect on int4 latents was small and not consistent (docs/RESULTS.md, "Latent rotation").
     latent_rotation: str = "none"
     calib: str | None = None
     calib_samples: int = 32

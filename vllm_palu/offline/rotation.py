@@ -10,9 +10,9 @@ runtime cost: down' = R @ down (latent' = R latent) and up' = up @ R^T, exact in
 - ``random``: a seeded random orthogonal r x r matrix (QR of a Gaussian), any rank.
 Seeds are fixed per rank (not per layer): the result depends only on the rank.
 
-Not the converter's default: on SmolLM2 (docs/RESULTS.md section 5) ``hadamard`` changed int4 latents' perplexity
-by -0.18 (kv-ratio 0.5), +0.05 (0.375, rank 48 = H16 kron Q3) and -0.10 (0.25), although it cuts the K/V error
-int4 adds by 17% at 0.5: too small and not consistent to change every checkpoint for.
+Not the converter's default: on SmolLM2 (docs/RESULTS.md, "Latent rotation") ``hadamard`` changed int4 latents'
+perplexity by -0.18 (kv-ratio 0.5), +0.05 (0.375, rank 48 = H16 kron Q3) and -0.10 (0.25), although it cuts the K/V
+error int4 adds by 17% at 0.5: too small and not consistent to change every checkpoint for.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 FLRC's code is not public; what is known (../shared/notes/method.md, section C) is that its allocation is
 Fisher-based, scores individual projections rather than blocks, and is much faster than an iterative search.
-Our reading, restricted to the KV projections (the assumptions are listed in docs/RESULTS.md):
+Our reading, restricted to the KV projections (the assumptions are listed in docs/ALLOCATION.md):
 
 * the unit is one projection (k_proj or v_proj) of one layer, and the step is one rank multiple (a kernel tile):
   the finest grain that keeps ranks uniform over the groups of a layer;
