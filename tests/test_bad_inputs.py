@@ -110,6 +110,10 @@ def test_bad_checkpoint(capsys, tmp_path, tiny_llama, calib_file, make_case):
     (["--rank-alloc", "magic"], "unknown --rank-alloc 'magic'"),
     (["--decomposition", "magic"], "unknown --decomposition 'magic'"),
     (["--latent-rotation", "magic"], "unknown --latent-rotation 'magic'; choose from none, hadamard, random"),
+    (["--latent-layout", "tied"], "unknown latent layout 'tied'; choose from split, shared"),
+    (["--latent-layout", "shared", "--key-weight", "0"], "--key-weight must be positive, got 0.0"),
+    (["--block-skip", "--latent-rotation", "hadamard"], "--block-skip re-bases each latent on input channels"),
+    (["--refine-steps", "-1"], "--refine-steps must be >= 0, got -1"),
     (["--device", "cuda"], "no CUDA device available"),
     (["--calib-seq-len", "4096"], "calibration text too short"),
 ])

@@ -77,3 +77,17 @@ def test_frontier_cli(tiny_llama, calib_file, tmp_path):
                           "--data", str(calib_file), "--kv-ratio", "half"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --kv-ratio must be a comma list of numbers, got 'half'"]
+
+
+def test_latent_layouts_are_points_of_the_sweep(tiny_llama, calib_file, tmp_path):
+    """Split and shared checkpoints at the same kv-ratio: the same KV bytes, their own perplexity, and the
+    shared latent's key rebuild works on the whole latent (2 r g d FLOPs per token and layer)."""
+    rows = run_frontier(options(tiny_llama, calib_file, tmp_path, allocations=["uniform"], kv_ratios=[0.5],
+                                kv_quants=["none"], latent_layouts=["split", "shared"], key_weight=0.5))
+    split, shared = (r for r in rows if r["kind"] == "palu")
+    assert (split["latent_layout"], shared["latent_layout"]) == ("split", "shared")
+    assert split["kv_bytes_vs_bf16"] == shared["kv_bytes_vs_bf16"] and split["ppl"] != shared["ppl"]
+    assert shared["label"] == "Palu uniform shared" and shared["k_ranks"] == shared["v_ranks"] == [64, 64]
+    # tiny model: 2 KV heads of 32 dims in one group; split keys rank 24 (k-fraction), shared rank 64
+    assert (split["key_rebuild_flops"], shared["key_rebuild_flops"]) == (2 * 24 * 2 * 32, 2 * 64 * 2 * 32)
+    assert "-shared-kw0.5" in shared["checkpoint"]

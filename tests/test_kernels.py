@@ -17,7 +17,8 @@ triton = pytest.importorskip("triton")
 
 from vllm_palu.attention import ops, reference  # noqa: E402
 from vllm_palu.attention.ops import KernelConfig  # noqa: E402
-from vllm_palu.attention.latent_quant import dequantize_rows, pages_to_rows, quantize_rows, rows_to_pages  # noqa: E402,E501
+from vllm_palu.attention.latent_quant import (dequantize_rows, pages_to_rows, quantize_rows, row_bytes,  # noqa: E402
+                                              rows_to_pages)
 
 DTYPES = [torch.float32] if DEVICE == "cpu" else [torch.bfloat16, torch.float16]
 TOLERANCE = {torch.float32: 2e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}
@@ -30,7 +31,8 @@ def rope_cache(max_position: int, head_dim: int, base: float = 10000.0) -> torch
 
 
 class Shape(NamedTuple):
-    """One case of the matrix: the batch (per request: context length, new tokens) and the layer's sizes."""
+    """One case of the matrix: the batch (per request: context length, new tokens), the layer's sizes and what a
+    cache row holds (``shared``: one latent, rank_k == rank_v)."""
 
     seq_lens: list[int]
     query_lens: list[int]
@@ -41,16 +43,23 @@ class Shape(NamedTuple):
     rank_k: int
     rank_v: int
     block_size: int
+    latent_layout: str = "split"
+
+
+def shared(shape: Shape) -> Shape:
+    """The shape with one shared latent of rank_k per row."""
+    return shape._replace(rank_v=shape.rank_k, latent_layout="shared")
 
 
 def make_case(shape: Shape, dtype, extra_blocks=0, bias=False, seed=0):
-    """A paged latent cache holding every request's context, its block table shuffled, plus poisoned padding."""
+    """A paged latent cache holding every request's context, its block table shuffled, plus poisoned padding. The
+    case carries its ``latent_layout``: the launcher and the oracle both take it."""
     generator = torch.Generator(device=DEVICE).manual_seed(seed)
     groups = shape.kv_heads // shape.group_size
     blocks_per_req = [-(-s // shape.block_size) for s in shape.seq_lens]
     num_blocks = sum(blocks_per_req) + extra_blocks + 1
-    cache = torch.randn(num_blocks, groups, shape.block_size, shape.rank_k + shape.rank_v, generator=generator,
-                        device=DEVICE, dtype=dtype)
+    row = shape.rank_k if shape.latent_layout == "shared" else shape.rank_k + shape.rank_v
+    cache = torch.randn(num_blocks, groups, shape.block_size, row, generator=generator, device=DEVICE, dtype=dtype)
     order = torch.randperm(num_blocks, generator=generator, device=DEVICE)[:sum(blocks_per_req)]
     block_table = torch.zeros(len(shape.seq_lens), max(blocks_per_req), dtype=torch.int32, device=DEVICE)
     start = 0
@@ -67,7 +76,7 @@ def make_case(shape: Shape, dtype, extra_blocks=0, bias=False, seed=0):
                 cos_sin_cache=rope_cache(max(shape.seq_lens) + 1, shape.head_dim).to(DEVICE),
                 query_start_loc=query_start.to(DEVICE),
                 seq_lens=torch.tensor(shape.seq_lens, dtype=torch.int32, device=DEVICE), block_table=block_table,
-                scale=shape.head_dim ** -0.5)
+                scale=shape.head_dim ** -0.5, latent_layout=shape.latent_layout)
 
 
 def check(case, oracle=None, tolerance=None, *, is_neox_style=True, launch=None, **kwargs):
@@ -97,6 +106,7 @@ SMALL = [
     Shape([9, 90, 33], [1, 7, 33], 6, 3, 3, 32, 16, 16, 64),        # mixed batch, SmolLM2-like joint group
     Shape([33, 70], [1, 1], 4, 4, 1, 32, 16, 24, 16),               # MHA decode: one query row per KV head
 ]
+SHARED_SMALL = [shared(shape) for shape in SMALL]  # ranks 16, 24 (padded), 8, 40 (two chunks), 16, 16
 
 
 FULL = [  # GPU only (gpu_shapes): real head sizes and context lengths
@@ -105,15 +115,20 @@ FULL = [  # GPU only (gpu_shapes): real head sizes and context lengths
     Shape([2048, 700], [1, 700], 32, 32, 4, 128, 128, 256, 128),              # Llama-2-7B MHA, groups of 4
     Shape([5000], [2048], 9, 3, 3, 64, 64, 128, 32),                           # SmolLM2 joint group, long chunk
 ]
+SHARED_FULL = [  # GPU only: shared latents at kv-ratio 0.5 (r = half the group's K + V width)
+    Shape([3000, 1, 4500, 2049], [1, 1, 1, 1], 32, 8, 1, 128, 128, 128, 16, "shared"),  # Llama-3-8B per head
+    Shape([4096, 3000], [128, 7], 32, 8, 2, 128, 176, 176, 64, "shared"),              # groups of 2, two chunks
+    Shape([5000], [2048], 9, 3, 3, 64, 192, 192, 32, "shared"),                         # SmolLM2 joint group
+]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SMALL + gpu_shapes(FULL))
+@pytest.mark.parametrize("shape", SMALL + SHARED_SMALL + gpu_shapes(FULL + SHARED_FULL))
 def test_attention_matches_reference(shape, dtype):
     check(make_case(shape, dtype, seed=len(shape.seq_lens)))
 
 
-@pytest.mark.parametrize("shape", [SMALL[1], SMALL[3]])
+@pytest.mark.parametrize("shape", [SMALL[1], SMALL[3], SHARED_SMALL[1], SHARED_SMALL[3]])
 def test_fp16_key_path_matches_reference(shape):
     """The fp16 key tiles (and fp16 rebuild accumulation) that 16-bit models use, exercised with fp32 inputs (runs
     under the interpreter too)."""
@@ -126,9 +141,11 @@ def test_rank_chunks_cover_rank_with_less_padding(rank, chunks):
     assert ops.rank_chunks(rank) == chunks
 
 
+@pytest.mark.parametrize("latent_layout", ["split", "shared"])
 @pytest.mark.parametrize("num_splits", [2, 4])
-def test_split_kv_matches_reference(num_splits):
-    check(make_case(Shape([100, 7], [1, 1], 4, 2, 1, 32, 16, 24, 16), DTYPES[0]), num_splits=num_splits)
+def test_split_kv_matches_reference(num_splits, latent_layout):
+    shape = Shape([100, 7], [1, 1], 4, 2, 1, 32, 16, 24, 16)
+    check(make_case(shape if latent_layout == "split" else shared(shape), DTYPES[0]), num_splits=num_splits)
 
 
 @pytest.mark.parametrize("rope_shift, block_n", [(True, 16), (True, 32), (False, 32)])
@@ -169,7 +186,8 @@ def test_gptj_rotary_and_key_bias(query_lens):
           is_neox_style=False)
 
 
-PREFILL = [SMALL[2], SMALL[3], SMALL[4]] + gpu_shapes([FULL[1], FULL[3]])
+PREFILL = ([SMALL[2], SMALL[3], SMALL[4], SHARED_SMALL[3], SHARED_SMALL[4]]
+           + gpu_shapes([FULL[1], FULL[3], SHARED_FULL[1], SHARED_FULL[2]]))
 
 
 @pytest.mark.parametrize("workspace_tokens", [16, 48])
@@ -181,18 +199,22 @@ def test_prefill_windows_match_reference(shape, workspace_tokens):
     check(make_case(shape, DTYPES[0], seed=6), config=KernelConfig(prefill_workspace_tokens=workspace_tokens))
 
 
-def test_padding_decodes_without_tokens_then_prefill():
+@pytest.mark.parametrize("latent_layout", ["split", "shared"])
+def test_padding_decodes_without_tokens_then_prefill(latent_layout):
     """CUDA-graph padding: leading requests with no token count as decodes; the prefill path still finds its
     tokens (num_decode_tokens, not num_decodes)."""
-    case = make_case(Shape([9, 4, 90], [1, 0, 7], 6, 3, 3, 32, 16, 40, 16), DTYPES[0], seed=8)
+    shape = Shape([9, 4, 90], [1, 0, 7], 6, 3, 3, 32, 16, 40, 16)
+    case = make_case(shape if latent_layout == "split" else shared(shape), DTYPES[0], seed=8)
     check(case, num_decodes=2, num_decode_tokens=1)
 
 
+@pytest.mark.parametrize("latent_layout", ["split", "shared"])
 @pytest.mark.parametrize("latent_format", ["auto", "fp8", "int4"])
-def test_decodes_first_then_prefill(latent_format):
+def test_decodes_first_then_prefill(latent_format, latent_layout):
     """vLLM's reordered batches: the first num_decodes requests (one token each) take the decode kernel, the rest
     the prefill path, into one output."""
     shape = Shape([9, 300, 90, 33], [1, 1, 7, 33], 6, 3, 3, 32, 16, 40, 16)
+    shape = shape if latent_layout == "split" else shared(shape)
     if latent_format == "auto":
         case, oracle = make_case(shape, DTYPES[0], seed=7), None
     else:
@@ -200,48 +222,91 @@ def test_decodes_first_then_prefill(latent_format):
     check(case, oracle, num_decodes=2, num_decode_tokens=2, latent_format=latent_format)
 
 
-def test_write_latents_scatters_by_slot():
+@pytest.mark.parametrize("latent_format", ["auto", "fp8", "int4"])
+def test_shared_latent_is_read_as_both_k_and_v(latent_format):
+    """The shared layout against the split oracle on rows holding the latent twice ([z, z]): the kernels' V is the
+    latent at offset 0 of the row (decode kernel and prefill path, one mixed batch). Canary: V taken from another
+    place (the neighbouring slot's latent) changes the oracle far beyond the tolerance."""
+    shape = shared(SMALL[4])
+    if latent_format == "auto":
+        case = make_case(shape, DTYPES[0], seed=21)
+        dequantized = dict(case)
+    else:
+        case, dequantized = quantized_case(shape, latent_format, DTYPES[0], seed=21)
+    latent = dequantized["kv_cache"]
+    twice = dict(dequantized, kv_cache=torch.cat([latent, latent], dim=-1), latent_layout="split")
+    check(case, oracle=twice, num_decodes=1, latent_format=latent_format)
+    elsewhere = dict(twice, kv_cache=torch.cat([latent, latent.roll(1, dims=2)], dim=-1))
+    right = reference.paged_latent_attention(**twice, is_neox_style=True)
+    wrong = reference.paged_latent_attention(**elsewhere, is_neox_style=True)
+    assert float((wrong - right).norm() / right.norm()) > 0.05
+
+
+@pytest.mark.parametrize("latent_format, split_offsets", [("auto", (16, 0)), ("fp8", (16, 1)), ("int4", (8, 2))])
+def test_plan_places_the_v_latent(latent_format, split_offsets):
+    """Where the kernels read V (payload offset, scale slot) is fixed by the plan: after K in a split row, K's own
+    place in a shared row; a shared plan needs rank_v == rank_k."""
+    case = make_case(SMALL[0], DTYPES[0])
+    plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], True, 4, 24, 1.0, latent_format)
+    assert (plan.ranks["V_OFFSET"], plan.ranks["V_SCALE"]) == split_offsets and plan.latent_layout == "split"
+    plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], True, 4, 16, 1.0, latent_format,
+                          latent_layout="shared")
+    assert (plan.ranks["V_OFFSET"], plan.ranks["V_SCALE"]) == (0, 0) and plan.decode["V_OFFSET"] == 0
+    with pytest.raises(ValueError, match="rank_k and rank_v must be equal"):
+        ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], True, 4, 24, 1.0, latent_format,
+                       latent_layout="shared")
+
+
+@pytest.mark.parametrize("latent_layout", ["split", "shared"])
+def test_write_latents_scatters_by_slot(latent_layout):
+    """Split rows get K then V; shared rows the one latent (K's), with nothing written past it (the next slot)."""
     generator = torch.Generator().manual_seed(0)
-    cache = torch.randn(6, 2, 16, 40, generator=generator).to(DEVICE)
+    rank_v = 24 if latent_layout == "split" else 16
+    cache = torch.randn(6, 2, 16, 16 + rank_v if latent_layout == "split" else 16, generator=generator).to(DEVICE)
     expected = cache.clone()
     slots = torch.tensor([3, -1, 17, 95], dtype=torch.int64, device=DEVICE)
     k_latent = torch.randn(4, 2, 16, generator=generator).to(DEVICE)
-    v_latent = torch.randn(4, 2, 24, generator=generator).to(DEVICE)
-    reference.write_latents(expected, slots, k_latent, v_latent)
-    ops.write_latents(cache, slots, k_latent, v_latent)
+    v_latent = torch.randn(4, 2, rank_v, generator=generator).to(DEVICE)  # shared: not read
+    reference.write_latents(expected, slots, k_latent, v_latent, latent_layout=latent_layout)
+    ops.write_latents(cache, slots, k_latent, v_latent, latent_layout=latent_layout)
     assert torch.equal(cache, expected)
+    assert torch.equal(reference.gather_latents(cache, torch.arange(6, device=DEVICE), 96)[:, 17, :16], k_latent[2])
 
 
 def quantized_case(shape, latent_format, dtype, seed=5):
     """The case's latents stored as fp8/int4 rows, and the same case with the dequantized latents (the oracle)."""
-    rank_k, rank_v = shape.rank_k, shape.rank_v
+    rank_k, rank_v, layout = shape.rank_k, shape.rank_v, shape.latent_layout
     case = make_case(shape, torch.float32, seed=seed)
-    latents = case["kv_cache"] * torch.linspace(0.5, 4.0, rank_k + rank_v, device=DEVICE)  # uneven ranges
-    rows = quantize_rows(latents[..., :rank_k], latents[..., rank_k:], latent_format)
-    k_latent, v_latent = dequantize_rows(rows, rank_k, rank_v, latent_format)
-    dequantized = dict(case, kv_cache=torch.cat([k_latent, v_latent], dim=-1))
+    latents = case["kv_cache"] * torch.linspace(0.5, 4.0, case["kv_cache"].shape[-1], device=DEVICE)  # uneven
+    if layout == "shared":
+        rows = quantize_rows(latents, None, latent_format, layout)
+        dequantized = dict(case, kv_cache=dequantize_rows(rows, rank_k, rank_v, latent_format, layout)[0])
+    else:
+        rows = quantize_rows(latents[..., :rank_k], latents[..., rank_k:], latent_format)
+        dequantized = dict(case, kv_cache=torch.cat(dequantize_rows(rows, rank_k, rank_v, latent_format), dim=-1))
     quantized = {name: value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
-                 for name, value in dict(case, kv_cache=rows_to_pages(rows, latent_format)).items()}
+                 for name, value in dict(case, kv_cache=rows_to_pages(rows, latent_format, layout)).items()}
     quantized["cos_sin_cache"] = case["cos_sin_cache"]
     return quantized, dequantized
 
 
 @pytest.mark.parametrize("latent_format", ["fp8", "int4"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SMALL[1:4] + gpu_shapes(FULL))
+@pytest.mark.parametrize("shape", SMALL[1:4] + SHARED_SMALL[1:4] + gpu_shapes(FULL + SHARED_FULL))
 def test_quantized_latents_match_dequantizing_reference(shape, latent_format, dtype):
     quantized, dequantized = quantized_case(shape, latent_format, dtype)
     check(quantized, oracle=dequantized, latent_format=latent_format)
 
 
 @pytest.mark.parametrize("latent_format", ["fp8", "int4"])
-def test_quantized_latents_with_splits(latent_format):
-    quantized, dequantized = quantized_case(SMALL[1], latent_format, DTYPES[0])
+@pytest.mark.parametrize("shape", [SMALL[1], SHARED_SMALL[1]])
+def test_quantized_latents_with_splits(shape, latent_format):
+    quantized, dequantized = quantized_case(shape, latent_format, DTYPES[0])
     check(quantized, oracle=dequantized, latent_format=latent_format, num_splits=4)
 
 
 @pytest.mark.parametrize("latent_format", ["fp8", "int4"])
-@pytest.mark.parametrize("shape", [SMALL[1], SMALL[3]])  # decode kernel, prefill path
+@pytest.mark.parametrize("shape", [SMALL[1], SMALL[3], SHARED_SMALL[1], SHARED_SMALL[3]])  # decode, prefill
 def test_quantized_latents_with_key_bias(shape, latent_format):
     """Qwen2-style key bias with quantized latents, in the decode kernel and the prefill path."""
     quantized, dequantized = quantized_case(shape, latent_format, DTYPES[0])
@@ -251,24 +316,26 @@ def test_quantized_latents_with_key_bias(shape, latent_format):
 
 
 @pytest.mark.parametrize("latent_format", ["fp8", "int4"])
-@pytest.mark.parametrize("ranks,dtype", [((16, 24), torch.float32), ((48, 80), torch.bfloat16),
-                                         ((2, 6), torch.float16)])
-def test_write_latents_quantizes_rows(latent_format, ranks, dtype):
+@pytest.mark.parametrize("ranks,dtype,latent_layout", [
+    ((16, 24), torch.float32, "split"), ((48, 80), torch.bfloat16, "split"), ((2, 6), torch.float16, "split"),
+    ((16, 16), torch.float32, "shared"), ((48, 48), torch.bfloat16, "shared"), ((2, 2), torch.float16, "shared")])
+def test_write_latents_quantizes_rows(latent_format, ranks, dtype, latent_layout):
     """The fused quantize-and-scatter kernel writes exactly the bytes of the PyTorch contract (codes, fp16 scales
-    and minima, page layout), for latents spanning six orders of magnitude between rows; padding slots untouched."""
+    and minima, page layout), for latents spanning six orders of magnitude between rows; padding slots untouched.
+    Shared rows: the one latent and its one scale set."""
     generator = torch.Generator().manual_seed(1)
     magnitude = 10.0 ** (torch.rand(4, 2, 1, generator=generator) * 6 - 3)
     k_latent = (torch.randn(4, 2, ranks[0], generator=generator) * magnitude).to(dtype).to(DEVICE)
     v_latent = (torch.randn(4, 2, ranks[1], generator=generator) * magnitude + 1).to(dtype).to(DEVICE)
-    rows = quantize_rows(k_latent, v_latent, latent_format)
+    rows = quantize_rows(k_latent, v_latent, latent_format, latent_layout)
     cache = torch.randint(0, 255, (6, 2, 16, rows.shape[-1]), dtype=torch.uint8, generator=generator).to(DEVICE)
-    expected = pages_to_rows(cache, latent_format)
+    expected = pages_to_rows(cache, latent_format, latent_layout)
     slots = torch.tensor([3, -1, 17, 95], dtype=torch.int64, device=DEVICE)
     expected[slots[[0, 2, 3]] // 16, :, slots[[0, 2, 3]] % 16] = rows[[0, 2, 3]]
-    ops.write_latents(cache, slots, k_latent, v_latent, latent_format=latent_format)
-    assert torch.equal(pages_to_rows(cache, latent_format), expected)
-    reference_cache = rows_to_pages(pages_to_rows(cache, latent_format), latent_format)
-    reference.write_latents(reference_cache, slots, k_latent, v_latent, latent_format=latent_format)
+    ops.write_latents(cache, slots, k_latent, v_latent, latent_format=latent_format, latent_layout=latent_layout)
+    assert torch.equal(pages_to_rows(cache, latent_format, latent_layout), expected)
+    reference_cache = rows_to_pages(pages_to_rows(cache, latent_format, latent_layout), latent_format, latent_layout)
+    reference.write_latents(reference_cache, slots, k_latent, v_latent, latent_format, latent_layout)
     assert torch.equal(reference_cache, cache)
 
 
@@ -357,8 +424,9 @@ class LaunchRecorder:
         return lambda *args, **kwargs: self.launches.append((grid, args, kwargs))
 
 
-@pytest.mark.parametrize("latent_format", ["auto", "fp8"])
-def test_launchers_read_no_device_tensor(monkeypatch, latent_format):
+@pytest.mark.parametrize("latent_layout", ["split", "shared"])
+@pytest.mark.parametrize("latent_format", ["auto", "fp8", "int4"])
+def test_launchers_read_no_device_tensor(monkeypatch, latent_format, latent_layout):
     """A launcher decides everything from the plan and host-side sizes: run it on "meta" tensors (any read of a
     value raises) with the kernels recorded instead of launched. This is what lets decode run inside CUDA graphs
     and keeps host time per call low. The decode grid depends on the batch size, never on context lengths."""
@@ -367,30 +435,40 @@ def test_launchers_read_no_device_tensor(monkeypatch, latent_format):
                                                   "rebuild_context_kernel", "prefill_attention_kernel")}
     for name, recorder in kernels.items():
         monkeypatch.setattr(ops, name, recorder)
+    rank_v = 24 if latent_layout == "split" else 16
     case = make_case(Shape([40, 70, 9], [1, 1, 9], 4, 2, 1, 32, 16, 24, 16), torch.float32, seed=13)
-    plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], False, 4, 24, 0.2, latent_format)
-    row = 40 if latent_format == "auto" else 44
+    plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], False, 4, rank_v, 0.2, latent_format,
+                          latent_layout=latent_layout)
+    row = row_bytes(16, rank_v, latent_format, 1, latent_layout)  # values for auto
     meta = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
     cache = meta(20, 2, 16, row, dtype=torch.float32 if latent_format == "auto" else torch.uint8)
-    query, out = meta(11, 4, 32), meta(11, 4, 24)
+    query, out = meta(11, 4, 32), meta(11, 4, rank_v)
     qsl, seq_lens = meta(4, dtype=torch.int32), meta(3, dtype=torch.int32)
     table, slots = meta(3, 8, dtype=torch.int32), meta(11, dtype=torch.int64)
-    ops.write_latents(cache, slots, meta(11, 2, 16), meta(11, 2, 24), latent_format, 11)
+    ops.write_latents(cache, slots, meta(11, 2, 16), meta(11, 2, rank_v), latent_format, 11, latent_layout)
     ops.decode_attention(plan, query, cache, qsl, seq_lens, table, out, 2, 4, meta(2 * 4 * 4 * 32), meta(64))
     ops.prefill_attention(plan, query, cache, qsl, seq_lens, table, out, ops.PrefillBatch(2, 1, 2, 9, 291))
     decode_grid = kernels["decode_attention_kernel"].launches[0][0]
     assert decode_grid == (2, 2, 4) and kernels["reduce_splits_kernel"].launches[0][0] == (2, 4)
     assert len(kernels["prefill_attention_kernel"].launches) == len(kernels["rebuild_context_kernel"].launches)
+    write = kernels["write_latents_kernel" if latent_format == "auto" else "write_quantized_latents_kernel"]
+    assert write.launches[0][2]["SHARED"] == (latent_layout == "shared")
+    for name in ("decode_attention_kernel", "rebuild_context_kernel"):  # where V sits: the plan's constexprs
+        constexprs = kernels[name].launches[0][2]
+        assert (constexprs["V_OFFSET"], constexprs["V_SCALE"]) == (plan.ranks["V_OFFSET"], plan.ranks["V_SCALE"])
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs: GPU only")
-@pytest.mark.parametrize("latent_format", ["auto", "fp8"])
-def test_decode_replays_in_a_cuda_graph_with_new_lengths(latent_format):
+@pytest.mark.parametrize("latent_layout", ["split", "shared"])
+@pytest.mark.parametrize("latent_format", ["auto", "fp8", "int4"])
+def test_decode_replays_in_a_cuda_graph_with_new_lengths(latent_format, latent_layout):
     """The decode step (decode kernel and split reduction with the batch size's split count and persistent
     scratch), captured once and replayed after the metadata buffers change in place (other contexts, other
     blocks, new queries): each split's range comes from seq_lens on the device, so replays equal the reference."""
     shape = Shape([3000, 17, 900], [1, 1, 1], 32, 8, 1, 128, 48, 80, 16)
+    shape = shape if latent_layout == "split" else shared(shape._replace(rank_k=128))
+    rank_v = shape.rank_v
     longer_shape = shape._replace(seq_lens=[2000, 2900, 5])
     if latent_format == "auto":
         case, longer = make_case(shape, torch.bfloat16, seed=9), make_case(longer_shape, torch.bfloat16, seed=10)
@@ -402,12 +480,12 @@ def test_decode_replays_in_a_cuda_graph_with_new_lengths(latent_format):
     static["cos_sin_cache"] = rope_cache(4096, 128).to(DEVICE)
     static["block_table"] = torch.zeros(3, 256, dtype=torch.int32, device=DEVICE)
     static["block_table"][:, :case["block_table"].shape[1]] = case["block_table"]
-    plan = ops.plan_layer(static["k_up"], None, static["cos_sin_cache"], True, 32, 80, static["scale"],
-                          latent_format)
+    plan = ops.plan_layer(static["k_up"], None, static["cos_sin_cache"], True, 32, rank_v, static["scale"],
+                          latent_format, latent_layout=latent_layout)
     splits = ops.decode_splits(3, plan.kv_heads, plan.multiprocessors)
-    partial, stats = ops.decode_scratch(32, 80, 8, 3, plan.multiprocessors, DEVICE)
+    partial, stats = ops.decode_scratch(32, rank_v, 8, 3, plan.multiprocessors, DEVICE)
     assert splits > 1
-    out = torch.empty(3, 32, 80, dtype=torch.bfloat16, device=DEVICE)
+    out = torch.empty(3, 32, rank_v, dtype=torch.bfloat16, device=DEVICE)
 
     def launch():
         ops.decode_attention(plan, static["query"], static["kv_cache"], static["query_start_loc"],
@@ -430,6 +508,7 @@ def test_decode_replays_in_a_cuda_graph_with_new_lengths(latent_format):
 FLASH_PREFILL = [  # GPU only: shapes whose V rank fits the head dim (vLLM's FlashAttention runs them)
     Shape([4096, 3000, 700], [512, 7, 700], 32, 8, 1, 128, 40, 88, 16),   # Llama-3-8B kv 0.5 per head, chunked
     Shape([2048, 9, 300], [1, 9, 300], 16, 4, 1, 64, 24, 40, 32),         # head dim 64, a decode first
+    Shape([4096, 3000, 700], [512, 7, 700], 32, 8, 1, 128, 96, 96, 16, "shared"),  # one shared latent per head
 ]
 
 

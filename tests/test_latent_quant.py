@@ -1,4 +1,5 @@
-"""Quantized latent cache rows (fp8 e4m3, int4): round trips, exact byte layout, agreement with fake quantization."""
+"""Quantized latent cache rows (fp8 e4m3, int4), split and shared: round trips, exact byte layout, agreement with fake
+quantization."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 import torch
 
 from vllm_palu.attention.latent_quant import (check_ranks, dequantize_rows, fake_quant_latent, page_views,
-                                              pages_to_rows, quantize_rows, rank_v_of_row, row_bytes, rows_to_pages)
+                                              pages_to_rows, quantize_rows, rank_v_of_row, row_bytes, rows_to_pages,
+                                              scale_bytes)
 
 
 def latents(tokens=64, groups=3, rank_k=24, rank_v=40, seed=0, dtype=torch.float32):
@@ -146,3 +148,117 @@ def test_page_layout_puts_payload_rows_first_then_scale_rows(latent_format):
     assert torch.equal(pages_to_rows(pages, latent_format), rows)
     with pytest.raises(ValueError, match="contiguous uint8"):
         page_views(pages.transpose(1, 2), latent_format)
+
+
+# The shared layout: one latent per row, both the K and the V latent (rank_k == rank_v == r).
+
+
+def test_shared_row_bytes_hold_one_latent_and_one_scale_set():
+    assert row_bytes(64, 64, "auto", latent_layout="shared") == 128
+    assert row_bytes(64, 64, "auto", 4, "shared") == 256  # positional, as PaluConfig calls it
+    assert row_bytes(64, 64, "fp8", latent_layout="shared") == 64 + 2
+    assert row_bytes(64, 64, "int4", latent_layout="shared") == 32 + 4
+    assert scale_bytes("fp8", "shared") == 2 and scale_bytes("int4", "shared") == 4 and scale_bytes("int4") == 8
+    for latent_format in ("fp8", "int4"):
+        assert rank_v_of_row(row_bytes(24, 24, latent_format, 1, "shared"), 24, latent_format, "shared") == 24
+        with pytest.raises(ValueError, match="shared rows of rank 24"):  # a split row is not a shared one
+            rank_v_of_row(row_bytes(24, 24, latent_format), 24, latent_format, "shared")
+    assert rank_v_of_row(24, 24, "auto", "shared") == 24 and rank_v_of_row(64, 24, "auto") == 40
+
+
+@pytest.mark.parametrize("rank_k, rank_v, latent_format, latent_layout, problem", [
+    (8, 16, "auto", "shared", "rank_k and rank_v must be equal"), (7, 7, "fp8", "shared", "even rank"),
+    (9, 9, "int4", "shared", "even rank"), (8, 8, "auto", "joint", "unknown latent layout")])
+def test_unsupported_shared_ranks(rank_k, rank_v, latent_format, latent_layout, problem):
+    assert problem in check_ranks(rank_k, rank_v, latent_format, latent_layout)
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        row_bytes(rank_k, rank_v, latent_format, 2, latent_layout)
+    assert check_ranks(7, 7, "auto", "shared") is None and check_ranks(8, 8, "int4", "shared") is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("latent_format", ["fp8", "int4"])
+def test_shared_rows_round_trip_to_the_fake_quantized_latent_exactly(latent_format, dtype):
+    z, _ = latents(rank_k=24, seed=4, dtype=dtype)
+    rows = quantize_rows(z, None, latent_format, "shared")
+    assert rows.dtype == torch.uint8 and rows.shape == (64, 3, row_bytes(24, 24, latent_format, 1, "shared"))
+    assert torch.equal(rows, quantize_rows(z, z, latent_format, "shared"))  # the V argument is not read
+    k_hat, v_hat = dequantize_rows(rows, 24, 24, latent_format, "shared")
+    assert torch.equal(k_hat, fake_quant_latent(z, latent_format)) and torch.equal(v_hat, k_hat)
+    assert float((k_hat - z.float()).abs().max()) > 0  # canary: it did quantize
+    # The shared row is the split row's K half: same payload bytes, same K scale set.
+    split = quantize_rows(z, z, latent_format)
+    payload = 24 if latent_format == "fp8" else 12
+    assert torch.equal(rows[..., :payload], split[..., :payload])
+    assert torch.equal(rows[..., payload:], split[..., 2 * payload:2 * payload + rows.shape[-1] - payload])
+
+
+def test_shared_layouts_by_hand():
+    """int4: [0, 2, 4, 6] (min 0, scale 0.4: codes 0, 5, 10, 15) -> 2 code bytes, scale, min; fp8: [448, -224]
+    (scale 1) -> 2 e4m3 bytes, scale."""
+    row = quantize_rows(torch.tensor([[[0.0, 2.0, 4.0, 6.0]]]), None, "int4", "shared")[0, 0]
+    assert row.shape == (2 + 4,) and row[:2].tolist() == [0 | 10 << 4, 5 | 15 << 4]
+    assert row[2:].clone().view(torch.float16).float().tolist() == [torch.tensor(0.4).half().item(), 0.0]
+    row = quantize_rows(torch.tensor([[[448.0, -224.0]]]), None, "fp8", "shared")[0, 0]
+    assert row[:2].tolist() == torch.tensor([448.0, -224.0]).to(torch.float8_e4m3fn).view(torch.uint8).tolist()
+    assert row[2:].clone().view(torch.float16).float().tolist() == [1.0]
+
+
+@pytest.mark.parametrize("latent_format", ["fp8", "int4"])
+def test_shared_page_layout_puts_payload_rows_first_then_scale_rows(latent_format):
+    z = torch.randn(3, 2, 16, 24)  # [blocks, groups, block_size, r]
+    rows = quantize_rows(z.flatten(0, 1), None, latent_format, "shared").view(3, 2, 16, -1)
+    pages = rows_to_pages(rows, latent_format, "shared")
+    payload_bytes = 24 if latent_format == "fp8" else 12
+    flat = pages.view(3, -1)
+    assert torch.equal(flat[:, :2 * 16 * payload_bytes], rows[..., :payload_bytes].reshape(3, -1))
+    assert torch.equal(flat[:, 2 * 16 * payload_bytes:], rows[..., payload_bytes:].reshape(3, -1))
+    assert torch.equal(pages_to_rows(pages, latent_format, "shared"), rows)
+    assert page_views(pages, latent_format, "shared")[1].shape[-1] == scale_bytes(latent_format, "shared")
+
+
+def _attention_inputs(groups=2, heads=4, head_dim=16):
+    generator = torch.Generator().manual_seed(9)
+    query = torch.randn(3, heads, head_dim, generator=generator)
+    positions = torch.arange(64, dtype=torch.float32)[:, None] * torch.linspace(0.5, 0.01, head_dim // 2)
+    cos_sin = torch.cat((positions.cos(), positions.sin()), dim=-1)
+    # One request of 9 cached tokens (slots 4..12 = blocks 1, 2, 3), the last 3 are the queries.
+    metadata = (torch.tensor([0, 3]), torch.tensor([9]), torch.tensor([[1, 2, 3]]), head_dim ** -0.5)
+    return query, cos_sin, metadata, generator
+
+
+@pytest.mark.parametrize("latent_format", ["fp8", "int4"])
+def test_paged_attention_on_quantized_shared_rows_equals_attention_on_dequantized_latents(latent_format):
+    """The PyTorch serving path with shared latents: write_latents quantizes the one latent into a uint8 cache,
+    paged_latent_attention reads it as both K and V latent; same result as a float shared cache of the
+    fake-quantized latent, and as split rows holding that latent twice (V really is the K latent)."""
+    from vllm_palu.attention.reference import paged_latent_attention, write_latents
+
+    groups, rank, heads, head_dim, block = 2, 24, 4, 16, 4
+    z, other = latents(tokens=10, groups=groups, rank_k=rank, rank_v=rank, seed=5)
+    slots = torch.tensor([4, 5, 6, 7, 8, 9, 10, 11, 12, -1])  # blocks 1..3, then a padding token
+    query, cos_sin, metadata, generator = _attention_inputs(groups, heads, head_dim)
+    k_up = torch.randn(groups, 2 * head_dim, rank, generator=generator)
+    quantized_cache = torch.zeros(4, groups, block, row_bytes(rank, rank, latent_format, 1, "shared"),
+                                  dtype=torch.uint8)
+    write_latents(quantized_cache, slots, z, other, latent_format, "shared")  # `other` is not read
+    served = paged_latent_attention(query, quantized_cache, k_up, None, cos_sin, True, *metadata,
+                                    latent_format=latent_format, latent_layout="shared")
+    z_hat = fake_quant_latent(z, latent_format)
+    float_cache = torch.zeros(4, groups, block, rank)
+    write_latents(float_cache, slots, z_hat, None, latent_layout="shared")
+    expected = paged_latent_attention(query, float_cache, k_up, None, cos_sin, True, *metadata,
+                                      latent_layout="shared")
+    assert served.shape == (3, heads, rank) and torch.allclose(served, expected, atol=1e-6)
+    twice_cache = torch.zeros(4, groups, block, 2 * rank)
+    write_latents(twice_cache, slots, z_hat, z_hat)
+    twice = paged_latent_attention(query, twice_cache, k_up, None, cos_sin, True, *metadata)
+    assert torch.allclose(served, twice, atol=1e-6)
+    write_latents(twice_cache, slots, z_hat, fake_quant_latent(other, latent_format))
+    split = paged_latent_attention(query, twice_cache, k_up, None, cos_sin, True, *metadata)
+    assert not torch.allclose(served, split, atol=1e-2)  # canary: V comes from the shared latent, not elsewhere
+    exact_cache = torch.zeros_like(float_cache)
+    write_latents(exact_cache, slots, z, None, latent_layout="shared")
+    unquantized = paged_latent_attention(query, exact_cache, k_up, None, cos_sin, True, *metadata,
+                                         latent_layout="shared")
+    assert not torch.allclose(served, unquantized, atol=1e-3)  # canary: quantization is visible

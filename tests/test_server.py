@@ -110,14 +110,19 @@ def test_eight_concurrent_requests(server, tiny_palu):
 
 
 @pytest.mark.skipif(ON_GPU and torch.cuda.device_count() < 2, reason="tensor parallelism on a GPU needs two")
-def test_tensor_parallel_two_ranks(tiny_palu, tmp_path):
-    """vLLM's own distributed engine, TP=2: each rank caches one of the two latent groups per layer. The build
-    machine has one NUMA node and two cores, so the ranks' OpenMP threads are bound by hand."""
-    tokenizer = AutoTokenizer.from_pretrained(tiny_palu)
+@pytest.mark.parametrize("latent_layout", ["split", "shared"])
+def test_tensor_parallel_two_ranks(tiny_palu, tiny_checkpoints, calib_file, tmp_path, latent_layout):
+    """vLLM's own distributed engine, TP=2: each rank caches one of the two latent groups per layer (shared
+    layout: each rank's one latent per group rebuilds its K and V). The build machine has one NUMA node and two
+    cores, so the ranks' OpenMP threads are bound by hand."""
+    model = tiny_palu if latent_layout == "split" else convert_tiny(
+        tiny_checkpoints["qwen2"], tmp_path / "shared", calib_file, kv_ratio=0.5, group_size="1",
+        latent_layout="shared")
+    tokenizer = AutoTokenizer.from_pretrained(model)
     prompts = [tokenizer(p, add_special_tokens=False).input_ids for p in PROMPTS]
-    with vllm_server(tiny_palu, "--tensor-parallel-size", "2", *serve_args(), log=tmp_path / "tp2.log",
+    with vllm_server(model, "--tensor-parallel-size", "2", *serve_args(), log=tmp_path / "tp2.log",
                      env={"VLLM_CPU_OMP_THREADS_BIND": "0|1"}) as url:
-        body = complete(url, tiny_palu, prompt=prompts, max_tokens=MAX_TOKENS, return_token_ids=True)
+        body = complete(url, model, prompt=prompts, max_tokens=MAX_TOKENS, return_token_ids=True)
     served = [c["token_ids"] for c in sorted(body["choices"], key=lambda c: c["index"])]
-    assert served == reference_greedy(load_palu_model(tiny_palu), prompts, MAX_TOKENS)
+    assert served == reference_greedy(load_palu_model(model), prompts, MAX_TOKENS)
     assert "tensor_parallel_size=2" in (tmp_path / "tp2.log").read_text()

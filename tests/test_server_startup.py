@@ -57,3 +57,14 @@ def test_palu_section_disagreeing_with_weights(joint_palu, tmp_path):
     (broken / "config.json").write_text(json.dumps(config))
     code, output = failed_start(broken, *ARGS)
     assert code != 0 and "does not match its palu config: layer 1: self_attn.k_proj.down.weight has shape" in output
+
+
+def test_split_checkpoint_labelled_shared(joint_palu, tmp_path):
+    """A shared latent is one latent for K and V: a section claiming the shared layout with different K and V
+    ranks is refused before any weight is read."""
+    broken = shutil.copytree(joint_palu, tmp_path / "relabelled")
+    config = json.loads((broken / "config.json").read_text())
+    config["palu"]["latent_layout"] = "shared"
+    (broken / "config.json").write_text(json.dumps(config))
+    code, output = failed_start(broken, *ARGS)
+    assert code != 0 and "a shared latent is both the K and the V latent: k_ranks and v_ranks must be equal" in output

@@ -31,6 +31,12 @@ def palu_models(tiny_checkpoints, calib_file, tmp_path_factory):
                                  group_size="1"),
         "llama3-rope": convert_tiny(tiny_checkpoints["llama3-rope"], root / "llama3", calib_file, kv_ratio=0.75,
                                     group_size="1"),
+        # Shared latents: one joint group of r = 64 (above head_dim: v_up runs per head), and per head r = 32 with
+        # k/v biases (v_up folds into o_proj).
+        "llama-shared": convert_tiny(tiny_checkpoints["llama"], root / "llama-shared", calib_file, kv_ratio=0.5,
+                                     latent_layout="shared", key_weight=0.5),
+        "qwen2-shared-g1": convert_tiny(tiny_checkpoints["qwen2"], root / "qwen2-shared-g1", calib_file,
+                                        kv_ratio=0.5, group_size="1", latent_layout="shared"),
     }
 
 
@@ -39,7 +45,7 @@ def token_prompts(model_dir, texts):
     return [tokenizer(text, add_special_tokens=False).input_ids for text in texts]
 
 
-@pytest.mark.parametrize("name", ["llama-g1", "qwen2", "qwen2-g1", "llama3-rope"])
+@pytest.mark.parametrize("name", ["llama-g1", "qwen2", "qwen2-g1", "llama3-rope", "llama-shared", "qwen2-shared-g1"])
 def test_greedy_and_prompt_logprobs_match_reference(palu_models, name):
     model_dir = palu_models[name]
     prompts = token_prompts(model_dir, PROMPTS)
@@ -92,6 +98,24 @@ def test_quantized_latents_serve_the_quantized_reference(palu_models, kv_cache_d
     # 1 GiB over 2 layers of pages; unquantized fp32 rows would be (8 + 24) * 4 = 128 bytes: 2,097,152 tokens.
     assert result["capacity_tokens"] == (2 ** 30 // (2 * 2 * 32 * row)) * 32
     assert result["capacity_tokens"] / 2_097_152 == pytest.approx(128 / row, rel=1e-3)
+
+
+@pytest.mark.parametrize("kv_cache_dtype, latent_format", [("auto", "auto"), ("fp8", "fp8"),
+                                                           ("int4_per_token_head", "int4")])
+def test_shared_latents_are_cached_once(palu_models, kv_cache_dtype, latent_format):
+    """The shared layout's page row holds its one latent (r values, or quantized with one scale set), not K and V
+    copies: 64 fp32 values here, as many bytes as the split layout at the same kv-ratio; served tokens equal the
+    reference model with the same latent format."""
+    model_dir = palu_models["llama-shared"]  # 2 layers, one joint group of r = 64, fp32
+    prompts = token_prompts(model_dir, PROMPTS)
+    result = run_vllm({"model": str(model_dir), "llm": {**ENGINE, "kv_cache_dtype": kv_cache_dtype},
+                       "prompts": prompts, "max_tokens": MAX_TOKENS, "inspect": True})
+    assert result["tokens"] == reference_greedy(load_palu_model(model_dir, latent_format=latent_format), prompts,
+                                                MAX_TOKENS)
+    row = {"auto": 64 * 4, "fp8": 64 + 2, "int4": 32 + 4}[latent_format]
+    for cache in result["caches"]:
+        assert cache["page_bytes"] == 32 * row and cache["shape"][1:2] == [1]
+    assert result["capacity_tokens"] == (2 ** 30 // (2 * 32 * row)) * 32
 
 
 def test_full_rank_palu_serves_the_dense_models_tokens(tiny_llama, palu_models):
@@ -149,12 +173,12 @@ def test_perplexity_through_vllm_equals_reference(palu_models, calib_file, tmp_p
     assert abs(rows["vllm"]["ppl"] / rows["reference"]["ppl"] - 1) < 1e-3
 
 
-@pytest.mark.parametrize("batching", ["plain", "mixed"])
-def test_triton_kernels_in_vllm_match_the_pytorch_path(palu_models, batching):
+@pytest.mark.parametrize("name, batching", [("qwen2", "plain"), ("qwen2", "mixed"), ("qwen2-shared-g1", "mixed")])
+def test_triton_kernels_in_vllm_match_the_pytorch_path(palu_models, name, batching):
     """The Triton kernels (interpreted on CPU, fp32) and the PyTorch path serve the same greedy tokens.
     "mixed": a long prompt prefilled in 16-token chunks while the short ones decode, so batches hold decodes (first,
     reordered by vLLM: the decode kernel) and a prompt chunk (the prefill path) together."""
-    model_dir = palu_models["qwen2"]
+    model_dir = palu_models[name]
     texts = PROMPTS[:2] + ([" ".join(CORPUS[:3])] if batching == "mixed" else [])
     prompts = token_prompts(model_dir, texts)
     llm = ENGINE if batching == "plain" else {**ENGINE, "max_num_batched_tokens": 16, "enable_chunked_prefill": True}

@@ -5,6 +5,11 @@ down-projection (hidden -> latent, the part that is cached) and a per-group up-p
 heads). This module only describes that format; it imports neither vLLM nor transformers, so the serving plugin,
 the converter and the benchmarks can all read it. :meth:`PaluConfig.of` is the one reader of the section.
 
+The **latent layout** (:class:`LatentLayout`) is what a (token, group) row of the cache holds: ``split``, a K latent
+and a V latent (``rank_k + rank_v`` values, Palu); ``shared``, one latent of ``r`` values that both the keys and the
+values are rebuilt from (SkipCat's shared projection applied to ``[W_k; W_v]``: ``z = A x``, ``K = B_K z`` before
+RoPE, ``V = B_V z``; ``k_ranks == v_ranks == r``). It is a property of the checkpoint.
+
 The **latent format** (:class:`LatentFormat`) is how the paged cache stores latents: ``auto`` unquantized (the
 model dtype, or the 16-bit ``--kv-cache-dtype`` given), ``fp8`` (float8 e4m3, one fp16 scale per token, group and
 K/V), ``int4`` (asymmetric int4, two a byte, fp16 scale and minimum per token, group and K/V). Serving selects it
@@ -21,15 +26,17 @@ a quantized row is specified in :mod:`vllm_palu.attention.latent_quant`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from typing import Any
 
 from vllm_palu.errors import PaluError
 
-# Version 2 renamed the weight dtype field ``latent_dtype`` -> ``weight_dtype``; version 1 is still read.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# Version 2 renamed the weight dtype field ``latent_dtype`` -> ``weight_dtype``; version 3 added ``latent_layout``
+# (earlier checkpoints are all ``split``). Versions 1 and 2 are still read.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 # Base architecture -> the architecture name a converted checkpoint carries.
 PALU_ARCHITECTURES = {
@@ -45,24 +52,35 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 LATENT_ROTATIONS = ("none", "hadamard", "random")
 
 
-class LatentFormat(str, Enum):
-    """How the paged cache stores latents (a ``str``: ``LatentFormat.FP8 == "fp8"``)."""
-
-    AUTO = "auto"
-    FP8 = "fp8"
-    INT4 = "int4"
+class _Choice(str, Enum):
+    """A named choice that is also its ``str`` (``LatentFormat.FP8 == "fp8"``), parsed with a one-line error."""
 
     def __str__(self) -> str:
         return self.value
 
     @classmethod
-    def parse(cls, name: str) -> LatentFormat:
-        """The format called ``name``; PaluError naming the formats otherwise."""
+    def parse(cls, name: str):
+        """The member called ``name``; PaluError naming the members otherwise."""
         try:
             return cls(name)
         except ValueError:
-            raise PaluError(f"unknown latent format {name!r}; choose from "
-                            f"{', '.join(f.value for f in cls)}") from None
+            label = re.sub(r"(?<!^)(?=[A-Z])", " ", cls.__name__).lower()  # LatentFormat -> "latent format"
+            raise PaluError(f"unknown {label} {name!r}; choose from {', '.join(m.value for m in cls)}") from None
+
+
+class LatentFormat(_Choice):
+    """How the paged cache stores latents."""
+
+    AUTO = "auto"
+    FP8 = "fp8"
+    INT4 = "int4"
+
+
+class LatentLayout(_Choice):
+    """What one (token, group) cache row holds (module doc)."""
+
+    SPLIT = "split"
+    SHARED = "shared"
 
 
 # vLLM --kv-cache-dtype -> the latent format the PALU cache stores.
@@ -91,9 +109,10 @@ BACKEND_NAME = "PALU"
 class PaluConfig:
     """Per-layer latent layout of a Palu checkpoint.
 
-    ``k_ranks[i]`` / ``v_ranks[i]`` are the latent widths of *each group* of layer ``i``; a layer caches
-    ``num_groups * (k_ranks[i] + v_ranks[i])`` values per token. All groups of a layer share one rank, which is
-    what the paged kernels need.
+    ``k_ranks[i]`` / ``v_ranks[i]`` are the latent widths of *each group* of layer ``i``; a ``split`` layer caches
+    ``num_groups * (k_ranks[i] + v_ranks[i])`` values per token, a ``shared`` one ``num_groups * k_ranks[i]`` (its
+    one latent is both the K and the V latent: ``k_ranks == v_ranks``). All groups of a layer share one rank, which
+    is what the paged kernels need.
     """
 
     base_architecture: str
@@ -102,6 +121,7 @@ class PaluConfig:
     group_size: int  # KV heads per latent group
     k_ranks: list[int]
     v_ranks: list[int]
+    latent_layout: str = LatentLayout.SPLIT.value
     kv_bias: bool = False  # q/k/v projections carry biases (Qwen2); k/v biases live on the up-projections
     weight_dtype: str = "bfloat16"  # the dtype the converter wrote the weights in
     # Orthogonal rotation folded into every group's down/up projections (exact; helps quantized latents).
@@ -129,8 +149,14 @@ class PaluConfig:
         """Output width of one group's up-projection (its heads' K or V dims): the largest useful rank."""
         return self.group_size * self.head_dim
 
+    @property
+    def shared(self) -> bool:
+        return self.latent_layout == LatentLayout.SHARED
+
     def latent_width(self, layer: int) -> int:
-        return self.num_groups * (self.k_ranks[layer] + self.v_ranks[layer])
+        """Values cached per token in layer ``layer``, over its groups."""
+        per_group = self.k_ranks[layer] if self.shared else self.k_ranks[layer] + self.v_ranks[layer]
+        return self.num_groups * per_group
 
     def dense_kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         return self.num_layers * 2 * self.num_kv_heads * self.head_dim * dtype_bytes
@@ -142,15 +168,15 @@ class PaluConfig:
         from vllm_palu.attention.latent_quant import row_bytes  # imports torch: not at module level
 
         per_value = DTYPE_BYTES[self.weight_dtype] if dtype_bytes is None else dtype_bytes
-        return sum(self.num_groups * row_bytes(self.k_ranks[i], self.v_ranks[i], latent_format, per_value)
-                   for i in range(self.num_layers))
+        return sum(self.num_groups * row_bytes(self.k_ranks[i], self.v_ranks[i], latent_format, per_value,
+                                               self.latent_layout) for i in range(self.num_layers))
 
     def latent_format_problem(self, latent_format: LatentFormat) -> str | None:
         """Why this checkpoint's ranks cannot be cached in ``latent_format``, or None."""
         from vllm_palu.attention.latent_quant import check_ranks
 
         for layer in range(self.num_layers):
-            problem = check_ranks(self.k_ranks[layer], self.v_ranks[layer], latent_format)
+            problem = check_ranks(self.k_ranks[layer], self.v_ranks[layer], latent_format, self.latent_layout)
             if problem:
                 return f"layer {layer}: {problem}"
         return None
@@ -173,10 +199,15 @@ class PaluConfig:
         if len(self.k_ranks) != len(self.v_ranks) or not self.k_ranks:
             raise PaluError(f"k_ranks ({len(self.k_ranks)}) and v_ranks ({len(self.v_ranks)}) "
                             "must list one rank per layer")
+        LatentLayout.parse(self.latent_layout)
+        if self.shared and self.k_ranks != self.v_ranks:
+            raise PaluError("a shared latent is both the K and the V latent: k_ranks and v_ranks must be equal")
+        # A shared latent rebuilds the group's K and V rows: up to twice the group width is useful.
+        widest = 2 * self.group_width if self.shared else self.group_width
         for name, ranks in (("k", self.k_ranks), ("v", self.v_ranks)):
             for layer, rank in enumerate(ranks):
-                if not 1 <= rank <= self.group_width:
-                    raise PaluError(f"layer {layer}: {name} rank {rank} outside [1, {self.group_width}]")
+                if not 1 <= rank <= widest:
+                    raise PaluError(f"layer {layer}: {name} rank {rank} outside [1, {widest}]")
         if self.weight_dtype not in DTYPE_BYTES:
             raise PaluError(f"unsupported weight_dtype {self.weight_dtype!r}")
         if self.rotation not in LATENT_ROTATIONS:
@@ -191,6 +222,7 @@ class PaluConfig:
         section = dict(section)
         if section.get("format_version") == 1:
             section["weight_dtype"] = section.pop("latent_dtype", "bfloat16")
+        if section.get("format_version") in (1, 2):  # split latents, the only layout then
             section["format_version"] = FORMAT_VERSION
         try:
             return cls(**section)

@@ -26,6 +26,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--group-size", default="all",
                         help="KV heads per latent group: 1 = per head, 'all' = joint (default); must divide "
                              "the KV heads")
+    parser.add_argument("--latent-layout", default="split",
+                        help="split (default): a K latent and a V latent per token and group (Palu); shared: one "
+                             "latent both are rebuilt from, factorized from [W_k; W_v] (SkipCat's shared "
+                             "projection), caching each layer's K + V budget as one latent")
+    parser.add_argument("--key-weight", type=float, default=1.0,
+                        help="shared layout: weight of the keys' rows in the stacked factorization (default 1)")
+    parser.add_argument("--block-skip", action="store_true",
+                        help="re-base each latent on input channels picked by pivoted QR (SkipCat's block "
+                             "skipping: the latent is x_P1 + A' x_P2); exact, off by default")
+    parser.add_argument("--refine-steps", type=int, default=0,
+                        help="Adam steps per layer fitting the K/V factors to the attention output on the "
+                             "calibration set, starting from the SVD (default 0: the SVD factors)")
     parser.add_argument("--rank-multiple", type=int, default=8, help="round ranks to this multiple (default 8)")
     parser.add_argument("--rank-alloc", default="uniform",
                         help="uniform (default), measured (optimal ranks for the loss increase measured by "

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from vllm_palu.config import FORMAT_KV_CACHE_DTYPES, LatentFormat, PaluConfig, head_dim_of
+from vllm_palu.config import FORMAT_KV_CACHE_DTYPES, LatentFormat, LatentLayout, PaluConfig, head_dim_of
 from vllm_palu.errors import PaluError
 
 
@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--json", type=Path, help="also write the rows as JSON to this file")
 
     frontier = commands.add_parser(
-        "frontier", help="perplexity vs KV bytes: Palu (allocation x kv-ratio x latent format) against dense "
-                         "KV quantization; writes frontier.json, frontier.md and a PNG plot")
+        "frontier", help="perplexity vs KV bytes: Palu (allocation x latent layout x kv-ratio x latent format) "
+                         "against dense KV quantization; writes frontier.json, frontier.md and a PNG plot")
     frontier.add_argument("--model", required=True, help="dense HF checkpoint directory or 'smollm2-135m'")
     frontier.add_argument("--data", required=True, help="plain-text evaluation file")
     frontier.add_argument("--calib", help="calibration text for the conversions (default: self-generated)")
@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     frontier.add_argument("--latent-format", default="auto",
                           help="comma list of latent formats for the Palu points: auto (default), fp8, int4 "
                                "(as the paged cache stores them; bytes count the scales)")
+    frontier.add_argument("--latent-layout", default="split",
+                          help="comma list of latent layouts: split (default), shared (the converter's flag)")
+    frontier.add_argument("--key-weight", type=float, default=1.0, help="shared layouts' --key-weight")
+    frontier.add_argument("--refine-steps", type=int, default=0, help="the converter's --refine-steps")
     frontier.add_argument("--group-size", default="all")
     frontier.add_argument("--seq-len", type=int, default=1024)
     frontier.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens of the text")
@@ -77,7 +81,8 @@ def run_frontier(args: argparse.Namespace) -> str:
         model=args.model, data=args.data, output=args.output, cache_dir=args.cache_dir or args.output,
         calib=args.calib, allocations=names(args.rank_alloc), kv_ratios=ratios, kv_quants=names(args.kv_quant),
         latent_formats=[LatentFormat.parse(name) for name in names(args.latent_format)],
-        group_size=args.group_size, seq_len=args.seq_len,
+        latent_layouts=[LatentLayout.parse(name) for name in names(args.latent_layout)],
+        key_weight=args.key_weight, refine_steps=args.refine_steps, group_size=args.group_size, seq_len=args.seq_len,
         max_tokens=args.max_tokens, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len,
         seed=args.seed, device=args.device, plot=args.plot)
     rows = sweep(options)

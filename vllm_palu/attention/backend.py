@@ -22,7 +22,7 @@ from vllm.v1.attention.backends.utils import split_decodes_and_prefills
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from vllm_palu.attention import reference
-from vllm_palu.config import BACKEND_NAME, KV_CACHE_DTYPE_FORMATS, latent_format_for
+from vllm_palu.config import BACKEND_NAME, KV_CACHE_DTYPE_FORMATS, LatentLayout, latent_format_for
 
 if TYPE_CHECKING:  # ops imports Triton: only where the kernels run
     from vllm_palu.attention.ops import PrefillBatch
@@ -169,6 +169,7 @@ class PaluAttentionImpl(AttentionImpl):
         self.num_kv_heads = num_kv_heads  # latent groups on this rank
         self.kv_cache_dtype = kv_cache_dtype
         self.latent_format = latent_format_for(kv_cache_dtype)
+        self.latent_layout = LatentLayout.SPLIT  # the layer's, from prepare()
         self.plan = None  # the Triton kernels' per-layer facts (ops.LayerPlan); None: the PyTorch path
         self.kernels = None  # vllm_palu.attention.ops once planned (imports Triton)
         self.prefill = None  # vLLM's FlashAttention over the rebuilt context where it runs, else ops.prefill_attention
@@ -179,6 +180,7 @@ class PaluAttentionImpl(AttentionImpl):
         CUDA graphs): up-projection layout, rotary table in the key dtype, tiles (:func:`ops.plan_layer`), and which
         attention the prefill path runs over the rebuilt context."""
         self.prepared = True
+        self.latent_layout = layer.latent_layout
         if uses_triton_kernels(layer.k_up.device):
             from vllm_palu.attention import ops
 
@@ -187,16 +189,17 @@ class PaluAttentionImpl(AttentionImpl):
             rotary = layer.rotary_emb
             self.kernels = ops
             self.plan = ops.plan_layer(layer.k_up, layer.k_up_bias, rotary.cos_sin_cache, rotary.is_neox_style,
-                                       self.num_heads, layer.rank_v, self.scale, self.latent_format)
+                                       self.num_heads, layer.rank_v, self.scale, self.latent_format,
+                                       latent_layout=self.latent_layout)
             self.prefill = FlashPrefill.for_plan(self.plan) or ops.prefill_attention
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor,
                 attn_metadata: PaluAttentionMetadata | None, output: torch.Tensor,
                 output_scale: torch.Tensor | None = None,
                 output_block_scale: torch.Tensor | None = None) -> torch.Tensor:
-        """query ``[T, H, head_dim]`` (rotated), key ``[T, G, rank_k]`` / value ``[T, G, rank_v]`` latents,
-        output ``[T, H, rank_v]``; kv_cache ``[num_blocks, G, block_size, row]`` (row: latent_quant.row_bytes
-        for fp8 / int4 latents in uint8, else rank_k + rank_v values)."""
+        """query ``[T, H, head_dim]`` (rotated), key ``[T, G, rank_k]`` / value ``[T, G, rank_v]`` latents (the same
+        latent in the shared layout), output ``[T, H, rank_v]``; kv_cache ``[num_blocks, G, block_size, row]``
+        (row: latent_quant.row_bytes)."""
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("PALU attention does not fuse output quantization")
         if attn_metadata is None:  # memory-profiling run
@@ -209,7 +212,8 @@ class PaluAttentionImpl(AttentionImpl):
             self._forward_reference(layer, query, key, value, kv_cache, metadata, output)
             return output
         ops = self.kernels
-        ops.write_latents(kv_cache, metadata.slot_mapping, key, value, self.latent_format, tokens)
+        ops.write_latents(kv_cache, metadata.slot_mapping, key, value, self.latent_format, tokens,
+                          self.latent_layout)
         if metadata.num_decodes:
             ops.decode_attention(plan, query, kv_cache, metadata.query_start_loc, metadata.seq_lens,
                                  metadata.block_table, output, metadata.num_decodes, metadata.num_splits,
@@ -222,9 +226,9 @@ class PaluAttentionImpl(AttentionImpl):
     def _forward_reference(self, layer, query, key, value, kv_cache, metadata, output) -> None:
         tokens = metadata.num_actual_tokens
         reference.write_latents(kv_cache, metadata.slot_mapping[:tokens], key[:tokens], value[:tokens],
-                                latent_format=self.latent_format)
+                                latent_format=self.latent_format, latent_layout=self.latent_layout)
         rotary = layer.rotary_emb
         output[:tokens] = reference.paged_latent_attention(
             query[:tokens], kv_cache, layer.k_up, layer.k_up_bias, rotary.cos_sin_cache, rotary.is_neox_style,
             metadata.query_start_loc, metadata.seq_lens, metadata.block_table, self.scale,
-            latent_format=self.latent_format).to(output.dtype)
+            latent_format=self.latent_format, latent_layout=self.latent_layout).to(output.dtype)

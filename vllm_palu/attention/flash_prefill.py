@@ -2,7 +2,8 @@
 
 Dense vLLM runs prompt chunks on FlashAttention (FA3 on Hopper); a PALU prefill differs only in where the keys come
 from. The context is rebuilt once into a workspace in FlashAttention's layout (:func:`ops.rebuild_context`: rotated
-keys, and V latents zero-padded to the head dim, per KV head), then FlashAttention runs over it in parts:
+keys, and V latents zero-padded to the head dim, per KV head; in the shared latent layout the V latent is the one
+latent the keys are rebuilt from, as the plan tells the rebuild kernel), then FlashAttention runs over it in parts:
 
 - the new tokens, packed like the queries: ``causal=True`` (FlashAttention's causal mask is bottom-right aligned,
   which is the chunk's own causality);

@@ -11,8 +11,11 @@ GPT-J-style rotary is handled by the plan permuting k_up rows and query columns 
 their offset in the tile and the query back by the tile's start (``ROPE_SHIFT``), so the rotary table is read one
 row per tile instead of one row per key. ``write_latents_kernel`` scatters new tokens' 16-bit latents into their
 slots; ``write_quantized_latents_kernel`` quantizes them to fp8 / int4 on the way (the contract of
-:mod:`vllm_palu.attention.latent_quant`, bit for bit). Every step-dependent size (batch, context, split count) is
-a run-time value, so one compiled kernel per layer shape serves every batch (and vLLM's warm-up compiles it).
+:mod:`vllm_palu.attention.latent_quant`, bit for bit). In the shared latent layout a row holds one latent that is
+both the K and the V latent: the writes store it once, and the attention kernels take its V tiles from the K tiles
+they loaded (``V_OFFSET`` / ``V_SCALE`` 0, constexprs of the plan). Every step-dependent size (batch, context,
+split count) is a run-time value, so one compiled kernel per layer shape serves every batch (and vLLM's warm-up
+compiles it).
 Variants tried and their measurements: docs/KERNEL_NOTES.md.
 """
 
@@ -28,8 +31,9 @@ def write_latents_kernel(
     stride_kt, stride_kg, stride_vt, stride_vg,
     stride_cb, stride_cg, stride_cn,
     BLOCK_SIZE: tl.constexpr, RANK_K: tl.constexpr, RANK_V: tl.constexpr,
-    PAD_K: tl.constexpr, PAD_V: tl.constexpr,
+    PAD_K: tl.constexpr, PAD_V: tl.constexpr, SHARED: tl.constexpr,
 ):
+    """One token's latents of one group into its slot: K then V, or (``SHARED``) the one latent, K's."""
     token = tl.program_id(0)
     group = tl.program_id(1)
     slot = tl.load(slot_ptr + token).to(tl.int64)
@@ -39,9 +43,10 @@ def write_latents_kernel(
     rk = tl.arange(0, PAD_K)
     k = tl.load(k_ptr + token * stride_kt + group * stride_kg + rk, mask=rk < RANK_K)
     tl.store(base + rk, k.to(cache_ptr.dtype.element_ty), mask=rk < RANK_K)
-    rv = tl.arange(0, PAD_V)
-    v = tl.load(v_ptr + token * stride_vt + group * stride_vg + rv, mask=rv < RANK_V)
-    tl.store(base + RANK_K + rv, v.to(cache_ptr.dtype.element_ty), mask=rv < RANK_V)
+    if not SHARED:
+        rv = tl.arange(0, PAD_V)
+        v = tl.load(v_ptr + token * stride_vt + group * stride_vg + rv, mask=rv < RANK_V)
+        tl.store(base + RANK_K + rv, v.to(cache_ptr.dtype.element_ty), mask=rv < RANK_V)
 
 
 @triton.jit
@@ -107,11 +112,12 @@ def write_quantized_latents_kernel(
     stride_kt, stride_kg, stride_vt, stride_vg,
     stride_pb, stride_pg, stride_pn, stride_sb, stride_sg, stride_sn,
     BLOCK_SIZE: tl.constexpr, RANK_K: tl.constexpr, RANK_V: tl.constexpr,
-    PAD_K: tl.constexpr, PAD_V: tl.constexpr, INT4: tl.constexpr,
+    PAD_K: tl.constexpr, PAD_V: tl.constexpr, INT4: tl.constexpr, SHARED: tl.constexpr,
 ):
     """Quantize a token's K and V latents of one group into its cache slot: payload bytes (K then V) in the
     page's payload rows, fp16 scales (and minima for int4: K scale, K min, V scale, V min) in its scale rows.
-    One launch instead of the PyTorch quantization plus two scatters."""
+    ``SHARED``: the one latent (K's) and its one scale set only. One launch instead of the PyTorch quantization
+    plus two scatters."""
     token = tl.program_id(0)
     group = tl.program_id(1)
     slot = tl.load(slot_ptr + token).to(tl.int64)
@@ -124,8 +130,9 @@ def write_quantized_latents_kernel(
     k_bytes: tl.constexpr = RANK_K // 2 if INT4 else RANK_K
     scales_per_latent: tl.constexpr = 2 if INT4 else 1
     _quantize_latent(k_ptr + token * stride_kt + group * stride_kg, payload_row, scale_row, RANK_K, PAD_K, INT4)
-    _quantize_latent(v_ptr + token * stride_vt + group * stride_vg, payload_row + k_bytes,
-                     scale_row + scales_per_latent, RANK_V, PAD_V, INT4)
+    if not SHARED:
+        _quantize_latent(v_ptr + token * stride_vt + group * stride_vg, payload_row + k_bytes,
+                         scale_row + scales_per_latent, RANK_V, PAD_V, INT4)
 
 
 @triton.jit
@@ -142,13 +149,16 @@ def _rebuild_half(latent_0, latent_1, up_0, up_1, SPLIT_K: tl.constexpr, ACC_DTY
 @triton.jit
 def _load_tile(token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K: tl.constexpr, RANK_V: tl.constexpr,
                K0_LIMIT: tl.constexpr, V0_LIMIT: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr,
-               LATENT: tl.constexpr, KEY_DTYPE: tl.constexpr):
+               LATENT: tl.constexpr, V_OFFSET: tl.constexpr, V_SCALE: tl.constexpr, KEY_DTYPE: tl.constexpr):
     """A KV tile's latents, K as [BLOCK_N, rank chunk] (dequantized, key dtype) and V transposed as
     [rank chunk, BLOCK_N], plus V's per-token scale and minimum (quantized V is dequantized inside P.V).
 
-    LATENT 0: rows of rank_k + rank_v values. 1 (fp8): e4m3 bytes; scale rows hold fp16 K and V scales. 2 (int4):
-    rank/2 bytes per latent, byte j holding codes j (low nibble) and j + rank/2 (high); scale rows hold fp16 K scale,
-    K min, V scale, V min (vllm_palu.attention.latent_quant)."""
+    LATENT 0: rows of 16-bit values. 1 (fp8): e4m3 bytes; scale rows hold fp16 scales. 2 (int4): rank/2 bytes per
+    latent, byte j holding codes j (low nibble) and j + rank/2 (high); scale rows hold fp16 scale, min pairs
+    (vllm_palu.attention.latent_quant). K sits at the start of a row and of its scale row; V at ``V_OFFSET``
+    (values, or payload bytes) and scale slot ``V_SCALE``. 0 means the shared layout: V is the K latent, and its
+    tiles are the K tiles already loaded, transposed in registers (equal ranks give equal tile shapes), its scales
+    K's: the latent is read from memory once."""
     rows_k = token_ptrs[:, None]
     rows_v = token_ptrs[None, :]
     k_mask_0 = in_range[:, None] & (rk0[None, :] < K0_LIMIT)
@@ -156,14 +166,21 @@ def _load_tile(token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K: tl.
     v_scale = in_range.to(tl.float32)  # unused unless quantized
     v_min = v_scale
     if LATENT == 2:
-        k_scale = tl.load(scale_rows, mask=in_range, other=0.0).to(tl.float32)[:, None]
-        k_min = tl.load(scale_rows + 1, mask=in_range, other=0.0).to(tl.float32)[:, None]
-        v_scale = tl.load(scale_rows + 2, mask=in_range, other=0.0).to(tl.float32)
-        v_min = tl.load(scale_rows + 3, mask=in_range, other=0.0).to(tl.float32)
+        k_scale = tl.load(scale_rows, mask=in_range, other=0.0).to(tl.float32)
+        k_min = tl.load(scale_rows + 1, mask=in_range, other=0.0).to(tl.float32)
         k_codes = tl.load(rows_k + rk0[None, :], mask=k_mask_0, other=0)  # elements j and j + rank_k / 2
-        latent_0 = ((k_codes & 15).to(tl.float32) * k_scale + k_min).to(KEY_DTYPE)
-        latent_1 = ((k_codes >> 4).to(tl.float32) * k_scale + k_min).to(KEY_DTYPE)
-        v_codes = tl.load(rows_v + RANK_K // 2 + rv0[:, None], mask=v_mask_0, other=0)
+        latent_0 = ((k_codes & 15).to(tl.float32) * k_scale[:, None] + k_min[:, None]).to(KEY_DTYPE)
+        latent_1 = ((k_codes >> 4).to(tl.float32) * k_scale[:, None] + k_min[:, None]).to(KEY_DTYPE)
+        if V_OFFSET == 0:  # shared: the K codes
+            v_codes = tl.trans(k_codes)
+        else:
+            v_codes = tl.load(rows_v + V_OFFSET + rv0[:, None], mask=v_mask_0, other=0)
+        if V_SCALE == 0:
+            v_scale = k_scale
+            v_min = k_min
+        else:
+            v_scale = tl.load(scale_rows + V_SCALE, mask=in_range, other=0.0).to(tl.float32)
+            v_min = tl.load(scale_rows + V_SCALE + 1, mask=in_range, other=0.0).to(tl.float32)
         v_0 = (v_codes & 15).to(KEY_DTYPE)  # codes are exact in fp16; scale and min enter in P.V
         v_1 = (v_codes >> 4).to(KEY_DTYPE)
     else:
@@ -171,15 +188,25 @@ def _load_tile(token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K: tl.
         latent_1 = latent_0
         if SPLIT_K:
             latent_1 = tl.load(rows_k + rk1[None, :], mask=in_range[:, None] & (rk1[None, :] < RANK_K), other=0)
-        v_0 = tl.load(rows_v + RANK_K + rv0[:, None], mask=v_mask_0, other=0)
-        v_1 = v_0
-        if SPLIT_V:
-            v_1 = tl.load(rows_v + RANK_K + rv1[:, None], mask=in_range[None, :] & (rv1[:, None] < RANK_V), other=0)
+        if V_OFFSET == 0:  # shared: the K chunks (the same masks: RANK_V == RANK_K)
+            v_0 = tl.trans(latent_0)
+            v_1 = v_0
+            if SPLIT_V:
+                v_1 = tl.trans(latent_1)
+        else:
+            v_0 = tl.load(rows_v + V_OFFSET + rv0[:, None], mask=v_mask_0, other=0)
+            v_1 = v_0
+            if SPLIT_V:
+                v_1 = tl.load(rows_v + V_OFFSET + rv1[:, None], mask=in_range[None, :] & (rv1[:, None] < RANK_V),
+                              other=0)
         if LATENT == 1:
-            k_scale = tl.load(scale_rows, mask=in_range, other=0.0).to(tl.float32)[:, None]
-            v_scale = tl.load(scale_rows + 1, mask=in_range, other=0.0).to(tl.float32)
-            latent_0 = (latent_0.to(tl.float8e4nv, bitcast=True).to(tl.float32) * k_scale).to(KEY_DTYPE)
-            latent_1 = (latent_1.to(tl.float8e4nv, bitcast=True).to(tl.float32) * k_scale).to(KEY_DTYPE)
+            k_scale = tl.load(scale_rows, mask=in_range, other=0.0).to(tl.float32)
+            if V_SCALE == 0:
+                v_scale = k_scale
+            else:
+                v_scale = tl.load(scale_rows + V_SCALE, mask=in_range, other=0.0).to(tl.float32)
+            latent_0 = (latent_0.to(tl.float8e4nv, bitcast=True).to(tl.float32) * k_scale[:, None]).to(KEY_DTYPE)
+            latent_1 = (latent_1.to(tl.float8e4nv, bitcast=True).to(tl.float32) * k_scale[:, None]).to(KEY_DTYPE)
             v_0 = v_0.to(tl.float8e4nv, bitcast=True).to(KEY_DTYPE)  # exact in fp16; the scale enters in P.V
             v_1 = v_1.to(tl.float8e4nv, bitcast=True).to(KEY_DTYPE)
         else:
@@ -206,6 +233,7 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_
                  STRIDE_CN: tl.constexpr, STRIDE_SN: tl.constexpr, STRIDE_CS: tl.constexpr,
                  HALF: tl.constexpr, RANK_K: tl.constexpr, RANK_V: tl.constexpr, K0_LIMIT: tl.constexpr,
                  V0_LIMIT: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, LATENT: tl.constexpr,
+                 V_OFFSET: tl.constexpr, V_SCALE: tl.constexpr,
                  KEY_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, ROPE_SHIFT: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
@@ -226,7 +254,7 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_
     scale_rows = scale_group + pages * stride_sb + (scale_slot_offset + slot_base * STRIDE_SN)
     latent_0, latent_1, v_0, v_1, v_scale, v_min = _load_tile(
         token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V,
-        LATENT, KEY_DTYPE)
+        LATENT, V_OFFSET, V_SCALE, KEY_DTYPE)
     key_lo = _rebuild_half(latent_0, latent_1, up_lo_0, up_lo_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE, DOT_PRECISION)
     key_hi = _rebuild_half(latent_0, latent_1, up_hi_0, up_hi_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE, DOT_PRECISION)
     if HAS_BIAS:
@@ -297,7 +325,8 @@ def decode_attention_kernel(
     RV0: tl.constexpr, RV1: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, KEY_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, LATENT: tl.constexpr, K0_LIMIT: tl.constexpr, K1_OFFSET: tl.constexpr,
-    V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr, ROPE_SHIFT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr, V_OFFSET: tl.constexpr, V_SCALE: tl.constexpr,
+    ROPE_SHIFT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """One program per (request, KV head, KV split) of a decode batch: each request has one new token (already in
     the cache) and attends over its whole context. The grid's third dimension is the split count; with more than
@@ -392,7 +421,7 @@ def decode_attention_kernel(
             bias_lo, bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset,
             rope_offset, cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
             STRIDE_CN, STRIDE_SN, STRIDE_CS, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT,
-            KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, False, ROPE_SHIFT, DOT_PRECISION)
+            V_OFFSET, V_SCALE, KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, False, ROPE_SHIFT, DOT_PRECISION)
         pages = next_pages
     for kv_tile in range(full_last, last):
         pages = _tile_pages(kv_tile, cols < seq_len - kv_tile * BLOCK_N, table_row, col_page, BLOCK_N, BLOCK_SIZE)
@@ -401,7 +430,7 @@ def decode_attention_kernel(
             bias_lo, bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset,
             rope_offset, cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
             STRIDE_CN, STRIDE_SN, STRIDE_CS, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT,
-            KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, True, False, DOT_PRECISION)
+            V_OFFSET, V_SCALE, KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, True, False, DOT_PRECISION)
 
     if num_splits > 1:
         num_heads = HEADS_PER_KV * tl.num_programs(1)

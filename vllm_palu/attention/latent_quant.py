@@ -3,50 +3,84 @@
 Contract (the Triton kernels implement exactly this; the PyTorch functions here are the oracle):
 
     LatentFormat (vllm_palu.config)       auto: latents stored unquantized in the cache dtype; fp8; int4
-    row_bytes(rank_k, rank_v, latent_format)            bytes of one (token, group) row
-    quantize_rows(k_latent [T, G, rk], v_latent [T, G, rv], latent_format) -> uint8 [T, G, row]
-    dequantize_rows(rows uint8 [..., row], rank_k, rank_v, latent_format) -> (k [..., rk] fp32, v [..., rv] fp32)
+    LatentLayout (vllm_palu.config)       split: a K latent and a V latent per row; shared: one latent (rk == rv == r)
+    row_bytes(rank_k, rank_v, latent_format, dtype_bytes, latent_layout)    bytes of one (token, group) row
+    quantize_rows(k_latent [T, G, rk], v_latent [T, G, rv], latent_format, latent_layout) -> uint8 [T, G, row]
+        (shared: quantizes k_latent only; v_latent is the same latent and is ignored)
+    dequantize_rows(rows uint8 [..., row], rank_k, rank_v, latent_format, latent_layout)
+        -> (k [..., rk] fp32, v [..., rv] fp32)   (shared: v is k)
     fake_quant_latent(x [..., r], latent_format) -> dequantize(quantize(x)) in fp32 (one K or V latent per vector)
 
-Row layout per (token, group); scales are little-endian fp16 (``torch.float16`` viewed as 2 uint8):
+Row layout per (token, group); scales are little-endian fp16 (``torch.float16`` viewed as 2 uint8). ``split``:
 
+    auto  [rk K values][rv V values] in the cache dtype                                    row = rk + rv values
     fp8   [rk bytes K e4m3][rv bytes V e4m3][K scale fp16][V scale fp16]                  row = rk + rv + 4
     int4  [rk/2 K codes][rv/2 V codes][K scale fp16][K min fp16][V scale fp16][V min fp16] row = (rk + rv)/2 + 8
 
+``shared`` (one latent z of r values, both the K and the V latent; its scales serve both):
+
+    auto  [r values] in the cache dtype                                                    row = r values
+    fp8   [r bytes e4m3][scale fp16]                                                       row = r + 2
+    int4  [r/2 codes][scale fp16][min fp16]                                                row = r/2 + 4
+
 fp8: scale = fp16(clamp(absmax / 448, 2^-24, 65504)) (fp32 math, rounded to fp16 *before* use);
      q = e4m3(clamp(x / scale, -448, 448)), round to nearest even; x^ = q * scale (exact in fp32).
-int4 (asymmetric, per token, group, and K/V separately): min = fp16(min(x)) clamped to the fp16 range;
+int4 (asymmetric, per token, group, and latent): min = fp16(min(x)) clamped to the fp16 range;
      scale = fp16(clamp((max(x) - min(x)) / 15, 2^-24, 65504)) from the fp32 max and min;
      code = clamp(round_half_even((x - min16) / scale16), 0, 15); x^ = code * scale16 + min16 (fp32; the product
      is exact, so an FMA gives the same result).
      Packing "halves": byte j (0 <= j < r/2) = code[j] | code[j + r/2] << 4.
 Page layout (what the paged cache holds): a layer's cache is ``uint8 [blocks, G, block_size, row]``, but within
 each page (block) the payload parts of all (group, token) rows come first, ``[G, block_size, P]`` with
-``P = row - scale bytes``, then their scale parts, ``[G, block_size, S]`` (:func:`page_views`). Inline scales would
-make a row 132 bytes for ranks 48 + 80 and cost payload rows the 16-byte alignment that wide GPU loads need; the
-page size, and so vLLM's capacity, is the same either way.
-Requirements: fp8 needs rk + rv even (2-byte aligned scales); int4 needs rk and rv even. Quantization always
-reads the latent as produced by the model (its dtype), converted to fp32.
+``P = row - scale bytes`` (:func:`scale_bytes`), then their scale parts, ``[G, block_size, S]`` (:func:`page_views`).
+Inline scales would make a row 132 bytes for ranks 48 + 80 and cost payload rows the 16-byte alignment that wide
+GPU loads need; the page size, and so vLLM's capacity, is the same either way.
+Requirements: split fp8 needs rk + rv even (2-byte aligned scales); split int4 needs rk and rv even; shared needs
+rk == rv, and r even for fp8 and int4. Quantization always reads the latent as produced by the model (its dtype),
+converted to fp32.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vllm_palu.config import LatentFormat
+from vllm_palu.config import LatentFormat, LatentLayout
 
 LATENT_FORMATS = tuple(LatentFormat)
+LATENT_LAYOUTS = tuple(LatentLayout)
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
 INT4_LEVELS = 15
 SCALE_MIN = 2.0 ** -24  # smallest positive fp16: a rounded scale is never 0
 FP16_MAX = 65504.0
-SCALE_BYTES = {"fp8": 4, "int4": 8}  # per (token, group) row: fp16 scales (and minima) of K and V
+LATENT_SCALE_BYTES = {"auto": 0, "fp8": 2, "int4": 4}  # per latent: fp16 scale (and fp16 minimum for int4)
 
 
-def check_ranks(rank_k: int, rank_v: int, latent_format: LatentFormat) -> str | None:
-    """Why ``latent_format`` cannot store latents of these ranks, or None if it can."""
+def is_shared(latent_layout: LatentLayout) -> bool:
+    """Whether a row holds one latent that is both the K and the V latent."""
+    if latent_layout not in LATENT_LAYOUTS:
+        raise ValueError(f"unknown latent layout {str(latent_layout)!r}; choose from {', '.join(LATENT_LAYOUTS)}")
+    return latent_layout == LatentLayout.SHARED
+
+
+def scale_bytes(latent_format: LatentFormat, latent_layout: LatentLayout = LatentLayout.SPLIT) -> int:
+    """Scale bytes of one row: one scale set per latent it holds (two split, one shared)."""
+    return LATENT_SCALE_BYTES[latent_format] * (1 if is_shared(latent_layout) else 2)
+
+
+def check_ranks(rank_k: int, rank_v: int, latent_format: LatentFormat,
+                latent_layout: LatentLayout = LatentLayout.SPLIT) -> str | None:
+    """Why ``latent_format`` / ``latent_layout`` cannot store latents of these ranks, or None if they can."""
     if latent_format not in LATENT_FORMATS:
         return f"unknown latent format {str(latent_format)!r}; choose from {', '.join(LATENT_FORMATS)}"
+    if latent_layout not in LATENT_LAYOUTS:
+        return f"unknown latent layout {str(latent_layout)!r}; choose from {', '.join(LATENT_LAYOUTS)}"
+    if latent_layout == LatentLayout.SHARED:
+        if rank_k != rank_v:
+            return (f"a shared latent is both the K and the V latent: rank_k and rank_v must be equal, got "
+                    f"{rank_k} and {rank_v}")
+        if latent_format != "auto" and rank_k % 2:
+            return f"{latent_format} shared latents need an even rank, got {rank_k}"
+        return None
     if latent_format == "fp8" and (rank_k + rank_v) % 2:
         return f"fp8 latents need rank_k + rank_v even (2-byte aligned scales), got {rank_k} + {rank_v}"
     if latent_format == "int4" and (rank_k % 2 or rank_v % 2):
@@ -54,29 +88,39 @@ def check_ranks(rank_k: int, rank_v: int, latent_format: LatentFormat) -> str | 
     return None
 
 
-def _require(rank_k: int, rank_v: int, latent_format: LatentFormat) -> None:
-    problem = check_ranks(rank_k, rank_v, latent_format)
+def _require(rank_k: int, rank_v: int, latent_format: LatentFormat, latent_layout: LatentLayout) -> None:
+    problem = check_ranks(rank_k, rank_v, latent_format, latent_layout)
     if problem:
         raise ValueError(problem)
 
 
-def row_bytes(rank_k: int, rank_v: int, latent_format: LatentFormat, dtype_bytes: int = 2) -> int:
+def row_bytes(rank_k: int, rank_v: int, latent_format: LatentFormat, dtype_bytes: int = 2,
+              latent_layout: LatentLayout = LatentLayout.SPLIT) -> int:
     """Bytes of one (token, group) cache row; ``dtype_bytes`` is the cache element size for ``latent_format='auto'``."""
-    _require(rank_k, rank_v, latent_format)
+    _require(rank_k, rank_v, latent_format, latent_layout)
+    values = rank_k if is_shared(latent_layout) else rank_k + rank_v
     if latent_format == "auto":
-        return (rank_k + rank_v) * dtype_bytes
-    if latent_format == "fp8":
-        return rank_k + rank_v + SCALE_BYTES["fp8"]
-    return (rank_k + rank_v) // 2 + SCALE_BYTES["int4"]
+        return values * dtype_bytes
+    per_byte = 1 if latent_format == "fp8" else 2
+    return values // per_byte + scale_bytes(latent_format, latent_layout)
 
 
-def rank_v_of_row(row: int, rank_k: int, latent_format: LatentFormat) -> int:
-    """Inverse of :func:`row_bytes` for the quantized formats (the V rank the kernels infer from the row width)."""
+def rank_v_of_row(row: int, rank_k: int, latent_format: LatentFormat,
+                  latent_layout: LatentLayout = LatentLayout.SPLIT) -> int:
+    """The V rank of cache rows ``row`` wide (bytes; for ``auto``, values), as the kernels infer it: the inverse of
+    :func:`row_bytes`. Shared rows must be exactly one latent of ``rank_k`` wide."""
+    if is_shared(latent_layout):
+        expected = rank_k if latent_format == "auto" else row_bytes(rank_k, rank_k, latent_format, 1, latent_layout)
+        if row != expected:
+            raise ValueError(f"{latent_format} shared rows of rank {rank_k} are {expected} wide, got {row}")
+        return rank_k
+    if latent_format == "auto":
+        return row - rank_k
     if latent_format == "fp8":
-        return row - SCALE_BYTES["fp8"] - rank_k
+        return row - scale_bytes("fp8") - rank_k
     if latent_format == "int4":
-        return 2 * (row - SCALE_BYTES["int4"]) - rank_k
-    raise ValueError(f"rank_v_of_row: not a quantized latent format: {str(latent_format)!r}")
+        return 2 * (row - scale_bytes("int4")) - rank_k
+    raise ValueError(f"unknown latent format {str(latent_format)!r}; choose from {', '.join(LATENT_FORMATS)}")
 
 
 def _fp16_bytes(values: torch.Tensor) -> torch.Tensor:
@@ -135,12 +179,18 @@ def _quantize_one(x: torch.Tensor, latent_format: LatentFormat) -> tuple[torch.T
     return packed, torch.cat((_fp16_bytes(scale[..., 0]), _fp16_bytes(low[..., 0])), dim=-1)
 
 
-def quantize_rows(k_latent: torch.Tensor, v_latent: torch.Tensor, latent_format: LatentFormat) -> torch.Tensor:
-    """``k_latent [T, G, rk]``, ``v_latent [T, G, rv]`` (any float dtype) -> cache rows ``uint8 [T, G, row]``."""
-    _require(k_latent.shape[-1], v_latent.shape[-1], latent_format)
+def quantize_rows(k_latent: torch.Tensor, v_latent: torch.Tensor | None, latent_format: LatentFormat,
+                  latent_layout: LatentLayout = LatentLayout.SPLIT) -> torch.Tensor:
+    """``k_latent [T, G, rk]``, ``v_latent [T, G, rv]`` (any float dtype) -> cache rows ``uint8 [T, G, row]``. Shared:
+    the one latent is ``k_latent`` (``v_latent`` is the same latent and is not read)."""
+    shared = is_shared(latent_layout)
+    rank_k = k_latent.shape[-1]
+    _require(rank_k, rank_k if shared else v_latent.shape[-1], latent_format, latent_layout)
     if latent_format == "auto":
         raise ValueError("quantize_rows: 'auto' latents are stored unquantized")
     k_payload, k_scales = _quantize_one(k_latent, latent_format)
+    if shared:
+        return torch.cat((k_payload, k_scales), dim=-1)
     v_payload, v_scales = _quantize_one(v_latent, latent_format)
     return torch.cat((k_payload, v_payload, k_scales, v_scales), dim=-1)
 
@@ -153,46 +203,53 @@ def _dequantize_one(payload: torch.Tensor, scales: torch.Tensor, latent_format: 
     return codes * scale + low
 
 
-def dequantize_rows(rows: torch.Tensor, rank_k: int, rank_v: int,
-                    latent_format: LatentFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cache rows ``uint8 [..., row]`` -> (K latents ``[..., rk]``, V latents ``[..., rv]``), fp32."""
-    _require(rank_k, rank_v, latent_format)
-    if rows.shape[-1] != row_bytes(rank_k, rank_v, latent_format):
-        expected = row_bytes(rank_k, rank_v, latent_format)
-        raise ValueError(f"{latent_format} rows of rank_k {rank_k} + rank_v {rank_v} are {expected} "
+def dequantize_rows(rows: torch.Tensor, rank_k: int, rank_v: int, latent_format: LatentFormat,
+                    latent_layout: LatentLayout = LatentLayout.SPLIT) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cache rows ``uint8 [..., row]`` -> (K latents ``[..., rk]``, V latents ``[..., rv]``), fp32; shared: the
+    one latent, returned as both."""
+    expected = row_bytes(rank_k, rank_v, latent_format, 1, latent_layout)
+    if rows.shape[-1] != expected:
+        raise ValueError(f"{latent_format} {latent_layout} rows of rank_k {rank_k} + rank_v {rank_v} are {expected} "
                          f"bytes, got {rows.shape[-1]}")
-    per_value = 1 if latent_format == "fp8" else 2  # values per payload byte
-    k_end = rank_k // per_value
-    v_end = k_end + rank_v // per_value
-    half_scales = SCALE_BYTES[latent_format] // 2
-    k = _dequantize_one(rows[..., :k_end], rows[..., v_end:v_end + half_scales], latent_format)
-    v = _dequantize_one(rows[..., k_end:v_end], rows[..., v_end + half_scales:], latent_format)
+    per_byte = 1 if latent_format == "fp8" else 2  # values per payload byte
+    k_end = rank_k // per_byte
+    latent_scales = LATENT_SCALE_BYTES[latent_format]
+    if is_shared(latent_layout):
+        k = _dequantize_one(rows[..., :k_end], rows[..., k_end:], latent_format)
+        return k, k
+    v_end = k_end + rank_v // per_byte
+    k = _dequantize_one(rows[..., :k_end], rows[..., v_end:v_end + latent_scales], latent_format)
+    v = _dequantize_one(rows[..., k_end:v_end], rows[..., v_end + latent_scales:], latent_format)
     return k, v
 
 
-def page_views(kv_cache: torch.Tensor, latent_format: LatentFormat) -> tuple[torch.Tensor, torch.Tensor]:
+def page_views(kv_cache: torch.Tensor, latent_format: LatentFormat,
+               latent_layout: LatentLayout = LatentLayout.SPLIT) -> tuple[torch.Tensor, torch.Tensor]:
     """A quantized layer cache ``uint8 [blocks, G, block_size, row]`` as two views of the same memory: payload rows
     ``[blocks, G, block_size, P]`` and scale rows ``[blocks, G, block_size, S]`` (the page layout, module doc)."""
     if kv_cache.dtype != torch.uint8 or not kv_cache.is_contiguous():
         raise ValueError(f"{latent_format} latents need a contiguous uint8 cache, got {kv_cache.dtype} with strides "
                          f"{tuple(kv_cache.stride())}")
     blocks, groups, block_size, row = kv_cache.shape
-    payload_bytes = row - SCALE_BYTES[latent_format]
+    scales = scale_bytes(latent_format, latent_layout)
+    payload_bytes = row - scales
     flat = kv_cache.view(blocks, groups * block_size * row)
     split = groups * block_size * payload_bytes
     return (flat[:, :split].view(blocks, groups, block_size, payload_bytes),
-            flat[:, split:].view(blocks, groups, block_size, SCALE_BYTES[latent_format]))
+            flat[:, split:].view(blocks, groups, block_size, scales))
 
 
-def rows_to_pages(rows: torch.Tensor, latent_format: LatentFormat) -> torch.Tensor:
+def rows_to_pages(rows: torch.Tensor, latent_format: LatentFormat,
+                  latent_layout: LatentLayout = LatentLayout.SPLIT) -> torch.Tensor:
     """Rows ``uint8 [blocks, G, block_size, row]`` in token order -> the same data in the page layout."""
     pages = torch.empty_like(rows, memory_format=torch.contiguous_format)
-    payload, scales = page_views(pages, latent_format)
+    payload, scales = page_views(pages, latent_format, latent_layout)
     payload.copy_(rows[..., :payload.shape[-1]])
     scales.copy_(rows[..., payload.shape[-1]:])
     return pages
 
 
-def pages_to_rows(kv_cache: torch.Tensor, latent_format: LatentFormat) -> torch.Tensor:
+def pages_to_rows(kv_cache: torch.Tensor, latent_format: LatentFormat,
+                  latent_layout: LatentLayout = LatentLayout.SPLIT) -> torch.Tensor:
     """Inverse of :func:`rows_to_pages`."""
-    return torch.cat(page_views(kv_cache, latent_format), dim=-1)
+    return torch.cat(page_views(kv_cache, latent_format, latent_layout), dim=-1)

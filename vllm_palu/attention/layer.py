@@ -1,7 +1,7 @@
 """The attention layer of a Palu model inside vLLM: it owns the key up-projection and the rotary tables the
 backend needs, and declares a KV-cache spec whose page holds one row per group and token: ``rank_k + rank_v``
-values, or with fp8 / int4 latents a uint8 row whose size counts the scales (so vLLM's token capacity grows with
-the compression; latent_quant describes the page layout)."""
+values (split layout) or ``r`` (shared), or with fp8 / int4 latents a uint8 row whose size counts the scales (so
+vLLM's token capacity grows with the compression; latent_quant describes the page layout)."""
 
 from __future__ import annotations
 
@@ -14,19 +14,21 @@ from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheSpec, get_kv_qu
 
 from vllm_palu.attention.backend import PaluAttentionBackend
 from vllm_palu.attention.latent_quant import row_bytes
-from vllm_palu.config import latent_format_for
+from vllm_palu.config import LatentLayout, latent_format_for
 
 
 class PaluAttentionLayer(Attention):
     """``forward(query [T, H*head_dim] rotated, k_latent [T, G*rank_k], v_latent [T, G*rank_v])``
-    -> ``[T, H*rank_v]``: each head's attention output in its group's V-latent space."""
+    -> ``[T, H*rank_v]``: each head's attention output in its group's V-latent space. Shared layout: ``k_latent``
+    and ``v_latent`` are the same latent (``rank_k == rank_v``), cached once."""
 
     def __init__(self, num_heads: int, head_dim: int, num_groups: int, group_size: int, rank_k: int, rank_v: int,
-                 rotary_emb: nn.Module, key_bias: bool, cache_config, prefix: str) -> None:
+                 latent_layout: str, rotary_emb: nn.Module, key_bias: bool, cache_config, prefix: str) -> None:
         # num_kv_heads = latent groups: vLLM allocates one cache slot per group, of width rank_k + rank_v.
         super().__init__(num_heads, head_dim, head_dim ** -0.5, num_kv_heads=num_groups, cache_config=cache_config,
                          prefix=prefix, attn_backend=PaluAttentionBackend, head_size_v=rank_v)
         self.num_groups, self.group_size, self.rank_k, self.rank_v = num_groups, group_size, rank_k, rank_v
+        self.latent_layout = LatentLayout.parse(latent_layout)
         self.latent_format = latent_format_for(self.kv_cache_dtype)  # set by Attention from --kv-cache-dtype
         self.rotary_emb = rotary_emb
         group_width = group_size * head_dim
@@ -41,13 +43,15 @@ class PaluAttentionLayer(Attention):
         self.impl.prepare(self)
 
     def get_kv_cache_spec(self, vllm_config: VllmConfig) -> KVCacheSpec:
-        quantized = self.latent_format != "auto"
-        # Quantized rows are uint8 (kv_cache_torch_dtype) of row_bytes each: state_content_bytes sizes the page.
+        # state_content_bytes sizes the page where a row is not head_size + head_size_v values of the cache dtype:
+        # quantized rows (uint8 of row_bytes, scales included) and shared latents (r values, not 2r).
+        dtype = self.kv_cache_torch_dtype
+        row = row_bytes(self.rank_k, self.rank_v, self.latent_format, dtype.itemsize, self.latent_layout)
+        plain = self.latent_format == "auto" and self.latent_layout == LatentLayout.SPLIT
         return FullAttentionSpec(block_size=vllm_config.cache_config.block_size, num_kv_heads=self.num_kv_heads,
-                                 head_size=self.rank_k, head_size_v=self.rank_v, dtype=self.kv_cache_torch_dtype,
+                                 head_size=self.rank_k, head_size_v=self.rank_v, dtype=dtype,
                                  kv_quant_mode=get_kv_quant_mode(self.kv_cache_dtype),
-                                 state_content_bytes=(row_bytes(self.rank_k, self.rank_v, self.latent_format)
-                                                      if quantized else None))
+                                 state_content_bytes=None if plain else row)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,  # type: ignore[override]
                 output_shape: torch.Size | None = None, output_dtype: torch.dtype | None = None) -> torch.Tensor:

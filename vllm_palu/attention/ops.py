@@ -1,11 +1,11 @@
 """Launchers of the Triton kernels (:mod:`vllm_palu.attention.kernels`, :mod:`vllm_palu.attention.prefill_kernels`).
 
 What does not change between steps is computed once per layer, by :func:`plan_layer`: the up-projection in the
-kernels' rotary layout, the rotary table in the key dtype and whether it can be shifted, the rank tiles, the tile
-shapes. A launcher then only reads host-side sizes and tensor strides: it never reads a device tensor, allocates
-nothing on the decode path, and so runs unchanged inside vLLM's CUDA graphs. The KV split count of a decode batch
-depends on its size alone (:func:`decode_splits`), so a graph captured for a batch size holds the grid eager mode
-would launch for it.
+kernels' rotary layout, the rotary table in the key dtype and whether it can be shifted, the rank tiles and where
+the V latent sits in a row (the latent layout: split or shared), the tile shapes. A launcher then only reads
+host-side sizes and tensor strides: it never reads a device tensor, allocates nothing on the decode path, and so
+runs unchanged inside vLLM's CUDA graphs. The KV split count of a decode batch depends on its size alone
+(:func:`decode_splits`), so a graph captured for a batch size holds the grid eager mode would launch for it.
 
 Shape contract: :mod:`vllm_palu.attention.reference` (the fp32 oracle); :func:`paged_latent_attention` has its
 signature. Imports no vLLM; runs on CPU tensors under ``TRITON_INTERPRET=1``.
@@ -22,7 +22,7 @@ import triton.language as tl
 
 from vllm_palu.attention.kernels import (decode_attention_kernel, reduce_splits_kernel, write_latents_kernel,
                                         write_quantized_latents_kernel)
-from vllm_palu.attention.latent_quant import page_views, rank_v_of_row
+from vllm_palu.attention.latent_quant import LATENT_SCALE_BYTES, check_ranks, is_shared, page_views, rank_v_of_row
 from vllm_palu.attention.prefill_kernels import prefill_attention_kernel, rebuild_context_kernel
 
 LOG2E = 1.4426950408889634
@@ -76,6 +76,7 @@ class LayerPlan:
     rank_k: int
     rank_v: int
     latent_format: str  # "auto", "fp8" or "int4" (vllm_palu.attention.latent_quant)
+    latent_layout: str  # "split" (K latent, V latent) or "shared" (one latent, both; rank_k == rank_v)
     softmax_scale: float
     scale: float  # softmax scale times log2(e): the kernels use exp2
     k_up: torch.Tensor  # [kv_heads, head_dim, rank_k], rotary halves in NeoX order
@@ -94,9 +95,11 @@ class LayerPlan:
         return self.num_heads // self.kv_heads
 
 
-def _rank_tiles(rank_k: int, rank_v: int, latent_format: str) -> dict:
+def _rank_tiles(rank_k: int, rank_v: int, latent_format: str, latent_layout: str) -> dict:
     """The kernels' rank constexprs: tiles covering the K and V latents (one chunk, or two with less padding; int4
-    pages hold both halves of a rank in one byte tile: two chunks of rank / 2)."""
+    pages hold both halves of a rank in one byte tile: two chunks of rank / 2), and where V sits in a row:
+    ``V_OFFSET`` (elements, or payload bytes for fp8 / int4) and ``V_SCALE`` (slot of V's fp16 scale, its int4
+    minimum next) in the scale row. A shared latent is the K latent: both 0, the K latent's own slots."""
     if latent_format == "int4":
         rk0 = rk1 = _pow2(rank_k // 2)
         rv0 = rv1 = _pow2(rank_v // 2)
@@ -105,10 +108,13 @@ def _rank_tiles(rank_k: int, rank_v: int, latent_format: str) -> dict:
         rk0, rk1 = rank_chunks(rank_k)
         rv0, rv1 = rank_chunks(rank_v)
         k_limit, v_limit = rank_k, rank_v
+    shared = is_shared(latent_layout)
     return dict(RANK_K=rank_k, RANK_V=rank_v, RK0=rk0, RK1=max(rk1, 16), RV0=rv0, RV1=max(rv1, 16),
                 SPLIT_K=rk1 > 0, SPLIT_V=rv1 > 0, LATENT=LATENT_CODES[latent_format], K0_LIMIT=k_limit,
                 K1_OFFSET=k_limit if latent_format == "int4" else rk0, V0_LIMIT=v_limit,
-                V1_OFFSET=v_limit if latent_format == "int4" else rv0)
+                V1_OFFSET=v_limit if latent_format == "int4" else rv0,
+                V_OFFSET=0 if shared else k_limit,  # split: after K's payload and K's fp16 scale set
+                V_SCALE=0 if shared else LATENT_SCALE_BYTES[latent_format] // 2)
 
 
 def rotary_permutation(head_dim: int, is_neox_style: bool, device) -> torch.Tensor | None:
@@ -147,13 +153,16 @@ def rotary_is_shiftable(table: torch.Tensor, block_n: int) -> bool:
 
 def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: torch.Tensor, is_neox_style: bool,
                num_heads: int, rank_v: int, scale: float, latent_format: str = "auto",
-               config: KernelConfig = KernelConfig()) -> LayerPlan:
+               config: KernelConfig = KernelConfig(), latent_layout: str = "split") -> LayerPlan:
     """The per-layer facts of the kernels, with every default of ``config`` resolved (the only place that does).
 
     ``k_up [groups, group_size * head_dim, rank_k]`` and ``k_bias`` as the model holds them; ``cos_sin_cache`` the
-    model's rotary table (its dtype: the model's). Costs one device sync (the rotary check): call it once per
-    layer, after the weights are loaded."""
+    model's rotary table (its dtype: the model's); ``latent_layout`` what a cache row holds (shared: ``rank_v ==
+    rank_k``). Costs one device sync (the rotary check): call it once per layer, after the weights are loaded."""
     num_groups, group_width, rank_k = k_up.shape
+    problem = check_ranks(rank_k, rank_v, latent_format, latent_layout)
+    if problem:
+        raise ValueError(problem)
     head_dim = cos_sin_cache.shape[-1]
     if head_dim * (group_width // head_dim) != group_width:
         raise NotImplementedError("partial rotary embeddings are not supported by the Triton PALU kernels")
@@ -183,7 +192,7 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     # buffer, the per-tile table (the offset rotation spills there).
     heads_per_kv = num_heads // kv_heads
     if latent_format == "auto":
-        wide = heads_per_kv > 1 and rank_k + rank_v >= 128
+        wide = heads_per_kv > 1 and (rank_k if is_shared(latent_layout) else rank_k + rank_v) >= 128
         block_n = 16 if wide and on_gpu and rotary_is_shiftable(rotary, 16) else 32
         warps, stages = 1, 3
     else:
@@ -191,7 +200,7 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     block_n = config.decode_block_n or block_n
     rope_shift = config.rope_shift if config.rope_shift is not None else latent_format == "auto"
     rope_shift = rope_shift and rotary_is_shiftable(rotary, block_n)
-    ranks = _rank_tiles(rank_k, rank_v, latent_format)
+    ranks = _rank_tiles(rank_k, rank_v, latent_format, latent_layout)
     # Decode query rows: the KV head's query heads, padded to a power of two only (not to 16: Triton pads tiny
     # dots itself, and the softmax and accumulators shrink; Llama-3-8B 476 -> 421 us).
     decode = dict(HEADS_PER_KV=heads_per_kv, GROUP_SIZE=group_size, HEAD_DIM=head_dim, HALF=head_dim // 2,
@@ -206,8 +215,8 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     prefill_tile = (prefill_block_m, prefill_block_n, config.prefill_warps or (8 if on_gpu else 4),
                     config.prefill_stages)
     return LayerPlan(num_heads=num_heads, kv_heads=kv_heads, group_size=group_size, head_dim=head_dim,
-                     rank_k=rank_k, rank_v=rank_v, latent_format=latent_format, softmax_scale=scale,
-                     scale=scale * LOG2E,
+                     rank_k=rank_k, rank_v=rank_v, latent_format=latent_format, latent_layout=latent_layout,
+                     softmax_scale=scale, scale=scale * LOG2E,
                      k_up=k_up_heads.contiguous(), k_bias=None if k_bias is None else k_bias.contiguous(),
                      query_permutation=permutation, rotary=rotary,
                      multiprocessors=torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 1,
@@ -236,15 +245,20 @@ def decode_scratch(num_heads: int, rank_v: int, kv_heads: int, max_requests: int
 
 
 def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: torch.Tensor,
-                  v_latent: torch.Tensor, latent_format: str = "auto", num_tokens: int | None = None) -> None:
+                  v_latent: torch.Tensor | None, latent_format: str = "auto", num_tokens: int | None = None,
+                  latent_layout: str = "split") -> None:
     """Triton version of :func:`vllm_palu.attention.reference.write_latents`: the first ``num_tokens`` (default:
     all) rows of ``k_latent [T, G, rank_k]`` / ``v_latent [T, G, rank_v]`` into their slots of ``kv_cache [blocks,
     G, block_size, row]`` (slots < 0: padding, skipped); fp8 / int4 latents are quantized into the page layout on
-    the way (:mod:`vllm_palu.attention.latent_quant`)."""
+    the way (:mod:`vllm_palu.attention.latent_quant`). Shared: ``k_latent`` is the one latent written
+    (``v_latent``, the same latent, is not read)."""
     num_tokens = k_latent.shape[0] if num_tokens is None else num_tokens
     if num_tokens == 0:
         return
+    shared = is_shared(latent_layout)
     groups, rank_k = k_latent.shape[1:]
+    if shared:  # the V arguments are never read: K's stand in, one compiled kernel per shape
+        v_latent = k_latent
     rank_v = v_latent.shape[-1]
     if latent_format == "auto":
         write_latents_kernel[(num_tokens, groups)](
@@ -252,15 +266,15 @@ def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: 
             k_latent.stride(0), k_latent.stride(1), v_latent.stride(0), v_latent.stride(1),
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
             BLOCK_SIZE=kv_cache.shape[2], RANK_K=rank_k, RANK_V=rank_v, PAD_K=_pow2(rank_k, 1),
-            PAD_V=_pow2(rank_v, 1))
+            PAD_V=_pow2(rank_v, 1), SHARED=shared)
         return
-    payload, scales = _cache_views(kv_cache, latent_format)
+    payload, scales = _cache_views(kv_cache, latent_format, latent_layout)
     write_quantized_latents_kernel[(num_tokens, groups)](
         k_latent, v_latent, payload, scales, slot_mapping,
         k_latent.stride(0), k_latent.stride(1), v_latent.stride(0), v_latent.stride(1),
         payload.stride(0), payload.stride(1), payload.stride(2), scales.stride(0), scales.stride(1),
         scales.stride(2), BLOCK_SIZE=kv_cache.shape[2], RANK_K=rank_k, RANK_V=rank_v,
-        PAD_K=_pow2(rank_k, 2), PAD_V=_pow2(rank_v, 2), INT4=latent_format == "int4")
+        PAD_K=_pow2(rank_k, 2), PAD_V=_pow2(rank_v, 2), INT4=latent_format == "int4", SHARED=shared)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -268,11 +282,12 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _cache_views(kv_cache: torch.Tensor, latent_format: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _cache_views(kv_cache: torch.Tensor, latent_format: str,
+                 latent_layout: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(latent rows, fp16 scale rows); the scale view is the cache itself (unused) for 16-bit latents."""
     if latent_format == "auto":
         return kv_cache, kv_cache
-    payload, scales = page_views(kv_cache, latent_format)
+    payload, scales = page_views(kv_cache, latent_format, latent_layout)
     return payload, scales.view(torch.float16)
 
 
@@ -291,7 +306,7 @@ def decode_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tenso
     ``partial`` / ``stats``: scratch of :func:`decode_scratch` (unused with one split). Returns the compiled
     decode kernel (registers, SASS: benchmarks/)."""
     query = kernel_query(plan, query)
-    payload, scales = _cache_views(kv_cache, plan.latent_format)
+    payload, scales = _cache_views(kv_cache, plan.latent_format, plan.latent_layout)
     bias = plan.k_bias if plan.k_bias is not None else plan.k_up  # unused when HAS_BIAS is false
     kernel = decode_attention_kernel[(num_requests, plan.kv_heads, num_splits)](
         query, payload, scales, plan.k_up, bias, plan.rotary, block_table, seq_lens, query_start_loc,
@@ -362,7 +377,7 @@ def rebuild_context(plan: LayerPlan, kv_cache: torch.Tensor, query_start_loc: to
                     else (workspace.prefix_keys, workspace.prefix_values))
     block_n = plan.prefill_tile[1]
     tiles = triton.cdiv(batch.max_query_len, block_n) if new_tokens else workspace.window // block_n
-    payload, scales = _cache_views(kv_cache, plan.latent_format)
+    payload, scales = _cache_views(kv_cache, plan.latent_format, plan.latent_layout)
     bias = plan.k_bias if plan.k_bias is not None else plan.k_up  # unused when HAS_BIAS is false
     width = values.shape[-1]
     rebuild_context_kernel[(tiles, batch.num_requests, plan.kv_heads)](
@@ -415,7 +430,7 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
                            scale: float, *, latent_format: str = "auto", num_decodes: int | None = None,
                            num_decode_tokens: int | None = None, num_splits: int | None = None,
                            out: torch.Tensor | None = None, config: KernelConfig = KernelConfig(),
-                           prefill=None) -> torch.Tensor:
+                           prefill=None, latent_layout: str = "split") -> torch.Tensor:
     """Triton version of :func:`vllm_palu.attention.reference.paged_latent_attention` (same signature), for tests
     and benchmarks: plans the layer and reads the batch's sizes from the device on every call, which serving does
     once per layer (the plan) and per step on the host (the metadata builder).
@@ -425,8 +440,7 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     :func:`prefill_attention`; a :class:`vllm_palu.attention.flash_prefill.FlashPrefill` on GPUs)."""
     num_tokens, num_heads, _ = query.shape
     rank_k = k_up.shape[-1]
-    row = kv_cache.shape[-1]
-    rank_v = row - rank_k if latent_format == "auto" else rank_v_of_row(row, rank_k, latent_format)
+    rank_v = rank_v_of_row(kv_cache.shape[-1], rank_k, latent_format, latent_layout)
     if out is None:
         out = query.new_empty(num_tokens, num_heads, rank_v)
     num_requests = seq_lens.shape[0]
@@ -434,7 +448,8 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     if num_decodes is None:
         num_decodes = num_requests if int(query_lens.max()) <= 1 else 0
     num_decode_tokens = num_decodes if num_decode_tokens is None else num_decode_tokens
-    plan = plan_layer(k_up, k_bias, cos_sin_cache, is_neox_style, num_heads, rank_v, scale, latent_format, config)
+    plan = plan_layer(k_up, k_bias, cos_sin_cache, is_neox_style, num_heads, rank_v, scale, latent_format, config,
+                      latent_layout)
     if num_decodes:
         splits = num_splits or decode_splits(num_decodes, plan.kv_heads, plan.multiprocessors)
         partial = query.new_empty(num_decodes * splits * num_heads * _pow2(rank_v), dtype=torch.float32)

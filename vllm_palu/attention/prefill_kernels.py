@@ -12,8 +12,8 @@ instead, in two parts per request:
 
 1. ``rebuild_context_kernel``: one program per (tile, request, KV head) reads a latent tile from the paged cache,
    rebuilds and rotates that KV head's keys and writes them, with its group's dequantized V latents (zero-padded to
-   the workspace's V width), into the workspace: ``keys [rows, kv_heads, HEAD_DIM]``, ``values [rows, kv_heads,
-   V_WIDTH]``, FlashAttention's layout.
+   the workspace's V width; in the shared layout, the one latent the keys were rebuilt from), into the workspace:
+   ``keys [rows, kv_heads, HEAD_DIM]``, ``values [rows, kv_heads, V_WIDTH]``, FlashAttention's layout.
 2. ``prefill_attention_kernel`` (where vLLM's FlashAttention is not used): FlashAttention over one part, one program
    per (query tile, request, KV head), the query tile packing BLOCK_Q tokens x the KV head's query heads (GQA),
    values in V-latent space. Prefix windows first, the new tokens last; the softmax state is carried between the
@@ -60,12 +60,13 @@ def rebuild_context_kernel(
     RANK_V: tl.constexpr, V_WIDTH: tl.constexpr, V_FILL: tl.constexpr, RK0: tl.constexpr, RK1: tl.constexpr,
     RV0: tl.constexpr, RV1: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, K0_LIMIT: tl.constexpr,
     K1_OFFSET: tl.constexpr, V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr, LATENT: tl.constexpr,
-    OPERAND_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    V_OFFSET: tl.constexpr, V_SCALE: tl.constexpr, OPERAND_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Rotated keys of one KV head and its group's V latents, for one tile of a request's part (``_part_range``),
     into the workspace rows of that part. ``V_FILL``: the power-of-two tile of zero columns after RANK_V (0: the
-    V width is the rank)."""
+    V width is the rank). Shared layout (``V_OFFSET`` 0): the V latents written are the shared latent, taken
+    from the K tile loaded for the keys (``_load_tile``)."""
     tile = tl.program_id(0)
     local_request = tl.program_id(1)
     kv_head = tl.program_id(2)
@@ -92,7 +93,7 @@ def rebuild_context_kernel(
     rv1 = V1_OFFSET + tl.arange(0, RV1)
     latent_0, latent_1, v_0, v_1, v_scale, v_min = _load_tile(
         token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V,
-        LATENT, OPERAND_DTYPE)
+        LATENT, V_OFFSET, V_SCALE, OPERAND_DTYPE)
     rows = row + tile * BLOCK_N + cols
 
     # Keys: rebuilt with fp32 accumulation (this pass is cheap), rotated in fp32, stored in the workspace dtype.

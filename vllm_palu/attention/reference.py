@@ -3,7 +3,8 @@
 Shape contract (one layer, one tensor-parallel rank):
 
     kv_cache      [num_blocks, num_groups, block_size, row]   any strides; per (token, group) row:
-                  latent_format "auto": row = rank_k + rank_v values in the cache dtype, K latent then V latent;
+                  latent_format "auto": latent_layout "split": row = rank_k + rank_v values in the cache dtype, K
+                  latent then V latent; "shared": row = r values, one latent that is both (rank_k == rank_v == r);
                   "fp8" / "int4": uint8 rows and pages laid out as vllm_palu.attention.latent_quant specifies
     slot_mapping  [T] int      block_id * block_size + offset; < 0 = padding, not written
     query         [T, num_heads, head_dim]        already rotated (RoPE at the query's position)
@@ -11,7 +12,8 @@ Shape contract (one layer, one tensor-parallel rank):
     k_bias        [num_groups * group_size * head_dim] or None  (Qwen2)
     cos_sin_cache [max_position, rotary_dim]      cos | sin halves, rope scaling already applied
     query_start_loc [B + 1], seq_lens [B] (context incl. the new tokens), block_table [B, max_blocks]
-    -> output     [T, num_heads, rank_v]          attention output in V-latent space (the caller up-projects)
+    -> output     [T, num_heads, rank_v]          attention output in V-latent space (the caller up-projects;
+                                                  shared: the r-dim space of the one latent)
 
 Key j of a request sits at position j; query token i of a request with q_len new tokens at seq_len - q_len + i.
 Quantized latents are dequantized to fp32 as they are read. Imports neither vLLM nor Triton.
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_palu.attention.latent_quant import dequantize_rows, page_views, quantize_rows, rank_v_of_row
+from vllm_palu.attention.latent_quant import dequantize_rows, is_shared, page_views, quantize_rows, rank_v_of_row
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
@@ -41,22 +43,25 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Te
 
 
 def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: torch.Tensor,
-                  v_latent: torch.Tensor, latent_format: str = "auto") -> None:
+                  v_latent: torch.Tensor | None, latent_format: str = "auto", latent_layout: str = "split") -> None:
     """Scatter new tokens' latents ``k_latent [T, G, rank_k]``, ``v_latent [T, G, rank_v]`` into their slots,
-    quantized per token and group when ``latent_format`` is fp8 or int4."""
+    quantized per token and group when ``latent_format`` is fp8 or int4. Shared: ``k_latent`` is the one latent
+    (``v_latent``, the same latent, is not read)."""
+    shared = is_shared(latent_layout)
     rank_k = k_latent.shape[-1]
     block_size = kv_cache.shape[2]
     valid = slot_mapping >= 0
     slots = slot_mapping[valid].long()
     blocks, offsets = slots // block_size, slots % block_size
     if latent_format != "auto":
-        rows = quantize_rows(k_latent[valid], v_latent[valid], latent_format)
-        payload, scales = page_views(kv_cache, latent_format)
+        rows = quantize_rows(k_latent[valid], None if shared else v_latent[valid], latent_format, latent_layout)
+        payload, scales = page_views(kv_cache, latent_format, latent_layout)
         payload[blocks, :, offsets, :] = rows[..., :payload.shape[-1]]
         scales[blocks, :, offsets, :] = rows[..., payload.shape[-1]:]
         return
     kv_cache[blocks, :, offsets, :rank_k] = k_latent[valid].to(kv_cache.dtype)
-    kv_cache[blocks, :, offsets, rank_k:] = v_latent[valid].to(kv_cache.dtype)
+    if not shared:
+        kv_cache[blocks, :, offsets, rank_k:] = v_latent[valid].to(kv_cache.dtype)
 
 
 def gather_latents(kv_cache: torch.Tensor, block_table_row: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -79,12 +84,12 @@ def reconstruct_keys(k_latent: torch.Tensor, k_up: torch.Tensor, k_bias: torch.T
 def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: torch.Tensor,
                            k_bias: torch.Tensor | None, cos_sin_cache: torch.Tensor, is_neox_style: bool,
                            query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor,
-                           scale: float, *, latent_format: str = "auto") -> torch.Tensor:
+                           scale: float, *, latent_format: str = "auto",
+                           latent_layout: str = "split") -> torch.Tensor:
     """Causal attention of every query token over its request's latent cache, in fp32 (shapes: module doc)."""
     num_tokens, num_heads, head_dim = query.shape
     num_groups, _, rank_k = k_up.shape
-    row = kv_cache.shape[-1]
-    rank_v = row - rank_k if latent_format == "auto" else rank_v_of_row(row, rank_k, latent_format)
+    rank_v = rank_v_of_row(kv_cache.shape[-1], rank_k, latent_format, latent_layout)
     output = query.new_zeros(num_tokens, num_heads, rank_v, dtype=torch.float32)
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     for request, seq_len in enumerate(lens):
@@ -92,12 +97,12 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
         if end == start:
             continue
         if latent_format == "auto":
-            rows = gather_latents(kv_cache, block_table[request], seq_len)
-            k_latent, v_latent = rows.float().split([rank_k, rank_v], dim=-1)
+            rows = gather_latents(kv_cache, block_table[request], seq_len).float()
+            k_latent, v_latent = (rows, rows) if is_shared(latent_layout) else rows.split([rank_k, rank_v], dim=-1)
         else:
             rows = torch.cat([gather_latents(view, block_table[request], seq_len)
-                              for view in page_views(kv_cache, latent_format)], dim=-1)
-            k_latent, v_latent = dequantize_rows(rows, rank_k, rank_v, latent_format)
+                              for view in page_views(kv_cache, latent_format, latent_layout)], dim=-1)
+            k_latent, v_latent = dequantize_rows(rows, rank_k, rank_v, latent_format, latent_layout)
         keys = reconstruct_keys(k_latent, k_up.float(), None if k_bias is None else k_bias.float(), head_dim)
         positions = torch.arange(seq_len, device=query.device)
         keys = apply_rope(keys, positions, cos_sin_cache.float(), is_neox_style)  # [S, kv_heads, head_dim]

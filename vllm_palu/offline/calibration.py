@@ -98,6 +98,11 @@ class _InputCatcher(nn.Module):
 class LayerBatch:
     hidden: torch.Tensor  # [batch, seq_len, hidden] on the device
     kwargs: dict[str, Any]  # position embeddings, mask...: what the base model passes every layer
+    # With record_attention: the current layer's self_attn call on this batch (its input, keyword arguments and
+    # output in the original model).
+    attention_input: torch.Tensor | None = None
+    attention_kwargs: dict[str, Any] | None = None
+    attention_output: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -143,24 +148,40 @@ class GramAccumulator:
 
 
 def iterate_layers(model: nn.Module, batches: list[LayerBatch], device: torch.device,
-                   desc: str = "calibrating + decomposing") -> Iterator[tuple[int, nn.Module, torch.Tensor]]:
+                   desc: str = "calibrating + decomposing",
+                   record_attention: bool = False) -> Iterator[tuple[int, nn.Module, torch.Tensor]]:
     """Walk the decoder layers in order, one on the device at a time.
 
     For each layer, runs the *original* layer over every calibration batch while accumulating the Gram matrix of
     the k/v projections' input, then yields ``(index, layer, gram)``; the caller may replace the layer's
     projections before the loop moves on. The next layer sees the original layer's outputs, as in Palu.
+    ``record_attention`` keeps each batch's self_attn input and output of the pass in its :class:`LayerBatch`.
     """
     layers = model.model.layers
     for index in tqdm(range(len(layers)), desc=desc, unit="layer"):
         layer = layers[index].to(device)
         accumulator = GramAccumulator(layer.self_attn.k_proj.in_features, device, index)
-        handle = layer.self_attn.k_proj.register_forward_pre_hook(accumulator)
+        handles = [layer.self_attn.k_proj.register_forward_pre_hook(accumulator)]
+        current: list[LayerBatch] = []
+
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            batch = current[0]
+            batch.attention_kwargs = dict(kwargs)
+            batch.attention_input = args[0] if args else batch.attention_kwargs.pop("hidden_states")
+            batch.attention_output = output[0] if isinstance(output, tuple) else output
+
+        if record_attention:
+            handles.append(layer.self_attn.register_forward_hook(record, with_kwargs=True))
         try:
             with torch.no_grad():
                 for batch in batches:
+                    current[:] = [batch]
                     out = layer(batch.hidden, **batch.kwargs)
                     batch.hidden = out[0] if isinstance(out, tuple) else out
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         yield index, layer, accumulator.gram
+        for batch in batches:  # one layer's recordings at a time
+            batch.attention_input = batch.attention_kwargs = batch.attention_output = None
         layers[index] = layer.to("cpu")

@@ -15,7 +15,7 @@ from torch import nn
 
 from vllm_palu.config import BASE_ARCHITECTURES, PALU_ARCHITECTURES, PaluConfig
 from vllm_palu.errors import PaluError
-from vllm_palu.offline.lowrank import LowRankProjection, set_latent_format
+from vllm_palu.offline.lowrank import GroupedUpProjection, LowRankProjection, SharedValueProjection, set_latent_format
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 LAYER_PREFIX = "model.layers"  # state-dict prefix of the decoder layers in all supported architectures
@@ -103,7 +103,8 @@ def load_dense_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32
 def load_palu_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                     latent_format: str = "auto") -> nn.Module:
     """The reference model of a Palu checkpoint: the base transformers model with every ``k_proj`` / ``v_proj``
-    replaced by its :class:`LowRankProjection` (latent = down(x), K = RoPE(up_k(latent)), V = up_v(latent)).
+    replaced by its factorization (:mod:`vllm_palu.offline.lowrank`: split, K = RoPE(up_k(down_k x)) and
+    V = up_v(down_v x); shared, one latent z = down(x), K = RoPE(up_k z), V = up_v z).
     ``latent_format`` (auto, fp8, int4) fake-quantizes the latents as serving's paged cache stores them."""
     from safetensors import safe_open
     from transformers import AutoConfig
@@ -123,10 +124,16 @@ def load_palu_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
         with safe_open(str(file), framework="pt") as handle:
             tensors.update({k: handle.get_tensor(k) for k in handle.keys() if _is_kv_key(k)})
     for index, layer in enumerate(layers):
-        for kind, rank in (("k", palu.k_ranks[index]), ("v", palu.v_ranks[index])):
-            dense = getattr(layer.self_attn, f"{kind}_proj")
-            projection = LowRankProjection(dense.in_features, palu.num_groups, rank, palu.group_width, palu.kv_bias,
-                                           dtype=dtype)
+        attention = layer.self_attn
+        keys = LowRankProjection(attention.k_proj.in_features, palu.num_groups, palu.k_ranks[index],
+                                 palu.group_width, palu.kv_bias, dtype=dtype)
+        if palu.shared:  # v_proj has no down-projection: its latent is k_proj's
+            values = SharedValueProjection(keys, GroupedUpProjection(palu.num_groups, palu.v_ranks[index],
+                                                                     palu.group_width, palu.kv_bias, dtype=dtype))
+        else:
+            values = LowRankProjection(attention.v_proj.in_features, palu.num_groups, palu.v_ranks[index],
+                                       palu.group_width, palu.kv_bias, dtype=dtype)
+        for kind, projection in (("k", keys), ("v", values)):
             prefix = f"{LAYER_PREFIX}.{index}.self_attn.{kind}_proj."
             for name, param in projection.named_parameters():
                 key = prefix + name
@@ -134,10 +141,10 @@ def load_palu_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32,
                     raise PaluError(f"layer {index}: {key} missing from the checkpoint")
                 if tensors[key].shape != param.shape:
                     raise PaluError(f"layer {index}: {key} has shape {tuple(tensors[key].shape)} but the palu "
-                                    f"section ({kind} rank {rank}, {palu.num_groups} groups) implies "
-                                    f"{tuple(param.shape)}")
+                                    f"section ({palu.latent_layout} layout, {kind} rank {projection.rank}, "
+                                    f"{palu.num_groups} groups) implies {tuple(param.shape)}")
                 param.data.copy_(tensors[key])
-            setattr(layer.self_attn, f"{kind}_proj", projection)
+        attention.k_proj, attention.v_proj = keys, values
     check_finite(model, f"Palu checkpoint {path}")
     model.config.palu = palu.to_dict()
     set_latent_format(model, latent_format)

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vllm_palu.config import LatentFormat, PaluConfig, head_dim_of
+from vllm_palu.config import LatentFormat, LatentLayout, PaluConfig, head_dim_of
 from vllm_palu.errors import PaluError
 
 DEFAULT_ALLOCATIONS = ("uniform", "measured", "fisher", "flrc")
@@ -38,7 +38,10 @@ class FrontierOptions:
     kv_ratios: list[float] = field(default_factory=lambda: list(DEFAULT_KV_RATIOS))
     kv_quants: list[str] = field(default_factory=lambda: list(DEFAULT_KV_QUANTS))
     latent_formats: list[LatentFormat] = field(default_factory=lambda: [LatentFormat.AUTO])
+    latent_layouts: list[LatentLayout] = field(default_factory=lambda: [LatentLayout.SPLIT])
     group_size: str = "all"
+    key_weight: float = 1.0  # shared layouts' (converter --key-weight)
+    refine_steps: int = 0
     seq_len: int = 1024
     max_tokens: int | None = None
     calib_samples: int = 32
@@ -60,6 +63,8 @@ def validate(options: FrontierOptions) -> None:
             raise PaluError(f"unknown KV quantization {mode!r}; choose from {', '.join(KV_QUANT_MODES)}")
     for latent_format in options.latent_formats:
         LatentFormat.parse(latent_format)
+    for latent_layout in options.latent_layouts:
+        LatentLayout.parse(latent_layout)
     for ratio in options.kv_ratios:
         if not 0 < ratio <= 1:
             raise PaluError(f"kv-ratio {ratio} outside (0, 1]")
@@ -89,12 +94,13 @@ def run_frontier(options: FrontierOptions) -> list[dict]:
         rows.append(_dense_point(source, mode, head_dim, ids, options))
         write_outputs(rows, options)  # after every point: a long sweep shows its progress and survives a crash
     for ratio in options.kv_ratios:
-        for allocation in options.allocations:
-            checkpoint, convert_seconds = _checkpoint(source, allocation, ratio, options)
-            for latent_format in options.latent_formats:
-                rows.append(_palu_point(checkpoint, allocation, ratio, LatentFormat.parse(latent_format),
-                                        convert_seconds, ids, options))
-                write_outputs(rows, options)
+        for latent_layout in map(LatentLayout.parse, options.latent_layouts):
+            for allocation in options.allocations:
+                checkpoint, convert_seconds = _checkpoint(source, allocation, latent_layout, ratio, options)
+                for latent_format in options.latent_formats:
+                    rows.append(_palu_point(checkpoint, allocation, ratio, LatentFormat.parse(latent_format),
+                                            convert_seconds, ids, options))
+                    write_outputs(rows, options)
     return rows
 
 
@@ -139,15 +145,19 @@ def _dense_point(source: Path, mode: str, head_dim: int, ids: torch.Tensor, opti
             "scored_tokens": row["scored_tokens"], "checkpoint": str(source)}
 
 
-def _checkpoint_name(allocation: str, ratio: float, options: FrontierOptions) -> str:
-    return f"palu-{allocation}-r{ratio:g}-g{options.group_size}"
+def _checkpoint_name(allocation: str, latent_layout: LatentLayout, ratio: float, options: FrontierOptions) -> str:
+    name = f"palu-{allocation}-r{ratio:g}-g{options.group_size}"
+    if latent_layout == LatentLayout.SHARED:
+        name += f"-shared-kw{options.key_weight:g}"
+    return name + (f"-refine{options.refine_steps}" if options.refine_steps else "")
 
 
-def _checkpoint(source: Path, allocation: str, ratio: float, options: FrontierOptions) -> tuple[Path, float | None]:
+def _checkpoint(source: Path, allocation: str, latent_layout: LatentLayout, ratio: float,
+                options: FrontierOptions) -> tuple[Path, float | None]:
     """The cached converted checkpoint, or a fresh conversion; (path, conversion seconds or None if cached)."""
     from vllm_palu.offline.converter import ConvertOptions, convert
 
-    path = options.cache_dir / _checkpoint_name(allocation, ratio, options)
+    path = options.cache_dir / _checkpoint_name(allocation, latent_layout, ratio, options)
     wanted_calib = {"samples": options.calib_samples, "seq_len": options.calib_seq_len, "seed": options.seed,
                     "source": str(options.calib) if options.calib else "self-generated"}
     config_file = path / "config.json"
@@ -155,13 +165,16 @@ def _checkpoint(source: Path, allocation: str, ratio: float, options: FrontierOp
         palu = json.loads(config_file.read_text()).get("palu", {})
         method, calib = palu.get("method", {}), palu.get("calibration", {})
         if (method.get("rank_alloc") == allocation and method.get("kv_ratio") == ratio
+                and palu.get("latent_layout", "split") == latent_layout
+                and method.get("refine_steps", 0) == options.refine_steps
                 and all(calib.get(k) == v for k, v in wanted_calib.items())):
             return path, None
     started = time.monotonic()
     convert(ConvertOptions(model=str(source), output=path, kv_ratio=ratio, group_size=options.group_size,
-                           rank_alloc=allocation, calib=options.calib, calib_samples=options.calib_samples,
-                           calib_seq_len=options.calib_seq_len, seed=options.seed, device=options.device,
-                           force=True))
+                           latent_layout=str(latent_layout), key_weight=options.key_weight,
+                           refine_steps=options.refine_steps, rank_alloc=allocation, calib=options.calib,
+                           calib_samples=options.calib_samples, calib_seq_len=options.calib_seq_len,
+                           seed=options.seed, device=options.device, force=True))
     return path, round(time.monotonic() - started, 1)
 
 
@@ -182,12 +195,21 @@ def _palu_point(checkpoint: Path, allocation: str, ratio: float, latent_format: 
 
     row = _cached_ppl(f"{checkpoint.name}-latent-{latent_format}", protocol, options, compute)
     kv_bytes = palu.latent_bytes_per_token(latent_format=latent_format) / palu.dense_kv_bytes_per_token(2)
-    label = f"Palu {allocation}" + ("" if latent_format == LatentFormat.AUTO else f" + {latent_format} latents")
+    label = (f"Palu {allocation}" + (" shared" if palu.shared else "")
+             + ("" if latent_format == LatentFormat.AUTO else f" + {latent_format} latents"))
     return {"kind": "palu", "label": label, "allocation": allocation, "kv_ratio": ratio,
-            "latent_format": str(latent_format), "kv_quant": None, "kv_bytes_vs_bf16": round(kv_bytes, 4),
+            "latent_layout": palu.latent_layout, "latent_format": str(latent_format), "kv_quant": None,
+            "kv_bytes_vs_bf16": round(kv_bytes, 4), "key_rebuild_flops": key_rebuild_flops(palu),
             "ppl": row["ppl"], "scored_tokens": row["scored_tokens"], "checkpoint": str(checkpoint),
             "k_ranks": palu.k_ranks, "v_ranks": palu.v_ranks,
             "allocation_seconds": palu.method.get("allocation_seconds"), "convert_seconds": convert_seconds}
+
+
+def key_rebuild_flops(palu: PaluConfig) -> float:
+    """FLOPs to rebuild one cached token's keys at decode, averaged over layers: ``2 r_k g d`` per group (a shared
+    latent's r_k is its whole width): the work the decode kernel does per token beyond reading it."""
+    per_layer = [2 * rank * palu.group_size * palu.head_dim * palu.num_groups for rank in palu.k_ranks]
+    return sum(per_layer) / len(per_layer)
 
 
 def format_table(rows: list[dict]) -> str:

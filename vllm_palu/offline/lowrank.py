@@ -1,9 +1,12 @@
-"""The factorized projection that replaces ``k_proj`` / ``v_proj`` in a Palu model.
+"""The factorized projections that replace ``k_proj`` / ``v_proj`` in a Palu model.
 
     latent = down(x)                                  hidden -> num_groups * rank   (what serving caches)
     out[g] = up.weight[g] @ latent[g] (+ bias[g])     rank -> group_size * head_dim, per group
 
-The state-dict names (``down.weight``, ``up.weight``, ``up.bias``) are the checkpoint format.
+Split layout: ``k_proj`` and ``v_proj`` are each a :class:`LowRankProjection`. Shared layout: ``k_proj`` is one
+(its ``down`` makes the one latent), ``v_proj`` a :class:`SharedValueProjection`, only an ``up`` over that latent.
+The state-dict names (``k_proj.down.weight``, ``{k,v}_proj.up.weight``, ``{k,v}_proj.up.bias``, and in the split
+layout ``v_proj.down.weight``) are the checkpoint format.
 """
 
 from __future__ import annotations
@@ -28,6 +31,13 @@ class GroupedUpProjection(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_groups, group_width, rank, dtype=dtype, device=device))
         self.bias = (nn.Parameter(torch.zeros(num_groups * group_width, dtype=dtype, device=device))
                      if bias else None)
+
+    @torch.no_grad()
+    def load_factor(self, up: torch.Tensor, bias: torch.Tensor | None) -> None:
+        """Take ``up [groups, width, rank]`` and the dense projection's bias (None: it had none)."""
+        self.weight.copy_(up)
+        if bias is not None:
+            self.bias.copy_(bias)
 
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         grouped = latent.unflatten(-1, (self.num_groups, self.rank))
@@ -55,9 +65,40 @@ class LowRankProjection(nn.Module):
         projection = cls(dense.in_features, num_groups, rank, group_width, bias=dense.bias is not None,
                          dtype=dense.weight.dtype, device=device)
         projection.down.weight.data.copy_(down.reshape(-1, dense.in_features))
-        projection.up.weight.data.copy_(up)
-        if dense.bias is not None:
-            projection.up.bias.data.copy_(dense.bias)
+        projection.up.load_factor(up, dense.bias)
+        return projection
+
+    @property
+    def rank(self) -> int:
+        return self.up.rank
+
+    def latent(self, x: torch.Tensor) -> torch.Tensor:
+        """What the cache stores for ``x`` (through ``latent_hook``)."""
+        latent = self.down(x)
+        return latent if self.latent_hook is None else self.latent_hook(latent)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.latent(x))
+
+
+class SharedValueProjection(nn.Module):
+    """``v_proj`` of the shared layout: the values' up-projection of ``k_proj``'s latent (hook included, so K and V
+    see the same stored latent)."""
+
+    def __init__(self, keys: LowRankProjection, up: GroupedUpProjection):
+        super().__init__()
+        self.up = up
+        self.keys = (keys,)  # not a submodule: the one down-projection is saved and moved as k_proj's
+
+    @classmethod
+    def from_factors(cls, keys: LowRankProjection, dense: nn.Linear, up: torch.Tensor,
+                     device: torch.device | str | None = None) -> "SharedValueProjection":
+        """The replacement of ``dense`` (v_proj) with the values' factor ``up [groups, width, rank]`` over ``keys``'
+        latent (dense's bias moves to the up-projection)."""
+        num_groups, group_width, rank = up.shape
+        projection = cls(keys, GroupedUpProjection(num_groups, rank, group_width, dense.bias is not None,
+                                                   dtype=dense.weight.dtype, device=device))
+        projection.up.load_factor(up, dense.bias)
         return projection
 
     @property
@@ -65,10 +106,7 @@ class LowRankProjection(nn.Module):
         return self.up.rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        latent = self.down(x)
-        if self.latent_hook is not None:
-            latent = self.latent_hook(latent)
-        return self.up(latent)
+        return self.up(self.keys[0].latent(x))
 
 
 def _quantize_groups(latent: torch.Tensor, num_groups: int, latent_format: LatentFormat) -> torch.Tensor:
