@@ -16,7 +16,7 @@ mkdir -p "$OUT"
 run() {  # kv-ratio, rotation, latent quantizations
   local name="palu-r$1-rot$2"
   if [ ! -f "$OUT/$name/config.json" ]; then
-    $PY -m vllm_palu.convert --model "$MODEL" --output "$OUT/$name" --force --kv-ratio "$1" --group-size all \
+    $PY -m vllm_palu.convert --model "$MODEL" --output "$OUT/$name" --force --kv-ratio "$1" --latent-layout split --group-size all \
       --calib "$DATA/calib.txt" --latent-rotation "$2" > "$OUT/convert-$name.log" 2>&1
   fi
   $PY -m vllm_palu.eval ppl --model "$OUT/$name" "${EVAL[@]}" --latent-format "$3" \

@@ -14,7 +14,7 @@ $PY -m vllm_palu.eval ppl --model smollm2-135m "${EVAL[@]}" --kv-quant none,int8
 
 run() {  # name, converter flags...
   local name=$1; shift
-  $PY -m vllm_palu.convert --model smollm2-135m --output "$OUT/$name" --force "$@" > "$OUT/convert-$name.log" 2>&1
+  $PY -m vllm_palu.convert --model smollm2-135m --output "$OUT/$name" --force --latent-layout split "$@" > "$OUT/convert-$name.log" 2>&1
   $PY -m vllm_palu.eval ppl --model "$OUT/$name" "${EVAL[@]}" --json "$OUT/ppl-$name.json" 2>/dev/null
 }
 for group in all 1; do

@@ -39,7 +39,7 @@ def test_checkpoint_ranks_match_the_converter_and_tokens_round_trip(tiny_llama, 
     tokenizer maps random ids to text and back unchanged over the whole vocabulary."""
     built = checkpoints.build("tiny", tmp_path / "palu", kv_ratio=0.5)
     dense = checkpoints.build("tiny", tmp_path / "dense")
-    converted = convert(ConvertOptions(model=str(tiny_llama), output=tmp_path / "converted", kv_ratio=0.5,
+    converted = convert(ConvertOptions(model=str(tiny_llama), output=tmp_path / "converted", kv_ratio=0.5, latent_layout="split",
                                        group_size="1", calib_samples=4, calib_seq_len=32, batch_size=2))
     ours = PaluConfig.of(json.loads((built / "config.json").read_text()))
     theirs = PaluConfig.of(json.loads((converted / "config.json").read_text()))

@@ -42,12 +42,15 @@ REPORT = {}
 
 @pytest.fixture(scope="module")
 def models(calib_file, tmp_path_factory):
-    """A tiny Llama with FlashAttention's head size (128), and its full-rank and kv-ratio 0.5 Palu checkpoints."""
+    """A tiny Llama with FlashAttention's head size (128), and its full-rank and kv-ratio 0.5 Palu checkpoints
+    (split per head; one latent shared by K and V over both KV heads)."""
     root = tmp_path_factory.mktemp("gpu-serving")
     dense = build_checkpoint(root / "dense", "llama", hidden_size=256, intermediate_size=512, head_dim=128)
     return {"dense": dense,
             "full": convert_tiny(dense, root / "full", calib_file, kv_ratio=1.0, group_size="all"),
-            "kv0.5": convert_tiny(dense, root / "kv05", calib_file, kv_ratio=0.5, group_size="1")}
+            "kv0.5": convert_tiny(dense, root / "kv05", calib_file, kv_ratio=0.5, group_size="1"),
+            "kv0.5-shared": convert_tiny(dense, root / "kv05-shared", calib_file, kv_ratio=0.5, group_size="all",
+                                         latent_layout="shared", key_weight=0.5)}
 
 
 @pytest.fixture(scope="module")
@@ -119,13 +122,14 @@ def test_full_rank_palu_bf16_matches_dense_flash_attn(models, prompts, dense_run
         assert divergence["dense_top2_gap"] <= 2 * between, REPORT
 
 
-def test_kv05_palu_bf16_prompt_logprobs_match_reference(models, dense_run, dense_noise):
+@pytest.mark.parametrize("name", ["kv0.5", "kv0.5-shared"])
+def test_kv05_palu_bf16_prompt_logprobs_match_reference(models, dense_run, dense_noise, name):
     """kv-ratio 0.5: the served model is the Palu reference model (fp32), up to bf16 serving's own error."""
-    palu = run_vllm({"model": str(models["kv0.5"]), "llm": PALU_BF16, "prompts": dense_run["scored_sequences"][:1],
+    palu = run_vllm({"model": str(models[name]), "llm": PALU_BF16, "prompts": dense_run["scored_sequences"][:1],
                      "max_tokens": 1, "score": dense_run["scored_sequences"]})
-    reference = load_palu_model(models["kv0.5"])
+    reference = load_palu_model(models[name])
     error = largest_difference(palu["scores"], fp32_scores(reference, dense_run["scored_sequences"]))
-    REPORT["kv0.5"] = {"palu_bf16_vs_palu_fp32_reference_max_abs_logprob": error}
+    REPORT[name] = {"palu_bf16_vs_palu_fp32_reference_max_abs_logprob": error}
     write_report()
     assert not late_palu_compiles(palu["log"])
     assert error <= NOISE_FACTOR * dense_noise + NOISE_FLOOR, REPORT

@@ -11,7 +11,7 @@ from vllm_palu.errors import PaluError
 
 def build_parser() -> argparse.ArgumentParser:
     from vllm_palu.config import LATENT_ROTATIONS
-    from vllm_palu.offline.converter import DEFAULT_K_FRACTION
+    from vllm_palu.offline.converter import DEFAULT_K_FRACTION, DEFAULT_KEY_WEIGHT
 
     parser = argparse.ArgumentParser(
         prog="python -m vllm_palu.convert",
@@ -23,15 +23,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="kept latent width / original K+V width, in (0, 1] (default 0.5)")
     parser.add_argument("--k-fraction", type=float, default=DEFAULT_K_FRACTION,
                         help=f"share of the latent budget given to keys (default {DEFAULT_K_FRACTION})")
-    parser.add_argument("--group-size", default="all",
-                        help="KV heads per latent group: 1 = per head, 'all' = joint (default); must divide "
-                             "the KV heads")
-    parser.add_argument("--latent-layout", default="split",
-                        help="split (default): a K latent and a V latent per token and group (Palu); shared: one "
-                             "latent both are rebuilt from, factorized from [W_k; W_v] (SkipCat's shared "
-                             "projection), caching each layer's K + V budget as one latent")
-    parser.add_argument("--key-weight", type=float, default=1.0,
-                        help="shared layout: weight of the keys' rows in the stacked factorization (default 1)")
+    parser.add_argument("--latent-layout", default="auto",
+                        help="split: a K latent and a V latent per token and group (Palu); shared: one latent both "
+                             "are rebuilt from, factorized from [W_k; W_v] (SkipCat's shared projection), caching "
+                             "each layer's K + V budget as one latent. auto (default): the most accurate layout "
+                             "measured whose key-rebuild work stays servable faster than dense decode (at most "
+                             "1 MFLOP per token and layer at Llama-3-8B shapes): shared over all KV heads where "
+                             "that fits (SmolLM2), else split with joint keys (Llama-3-8B at kv <= 0.7)")
+    parser.add_argument("--group-size", default="auto",
+                        help="KV heads per latent group: an integer dividing the KV heads, 'all' = joint, or "
+                             "auto (default, with --latent-layout: the widest group that stays servable)")
+    parser.add_argument("--key-weight", type=float, default=DEFAULT_KEY_WEIGHT,
+                        help="shared layout: weight of the keys' rows in the stacked factorization "
+                             f"(default {DEFAULT_KEY_WEIGHT})")
     parser.add_argument("--block-skip", action="store_true",
                         help="re-base each latent on input channels picked by pivoted QR (SkipCat's block "
                              "skipping: the latent is x_P1 + A' x_P2); exact, off by default")

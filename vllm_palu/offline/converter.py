@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from vllm_palu.offline.checkpoint import (atomic_directory, base_architecture, c
                                           copy_auxiliary_files, load_dense_model, read_config)
 from vllm_palu.offline.decompositions import DECOMPOSITIONS, Factorization, relative_error
 from vllm_palu.offline.block_skip import skip_block
+from vllm_palu.offline.layout_choice import choose_layout
 from vllm_palu.offline.lowrank import LowRankProjection, SharedValueProjection
 from vllm_palu.offline.refine import refine_attention
 from vllm_palu.offline.rotation import rotate_factors
@@ -27,6 +28,8 @@ from vllm_palu.offline.smollm2 import resolve_model
 
 # Share of the latent budget given to keys. Keys compress better than values (docs/RESULTS.md, k-fraction sweep).
 DEFAULT_K_FRACTION = 0.3125
+# Shared layout: keys weighted down in the stacked factorization (docs/RESULTS.md, "Latent layout").
+DEFAULT_KEY_WEIGHT = 0.5
 SUMMARY_FILE = "PALU_SUMMARY.md"
 
 
@@ -36,10 +39,10 @@ class ConvertOptions:
     output: Path
     kv_ratio: float = 0.5
     k_fraction: float = DEFAULT_K_FRACTION
-    group_size: str = "all"  # KV heads per latent group: an integer, or "all" (one joint group)
-    latent_layout: str = "split"
+    group_size: str = "auto"  # KV heads per latent group: an integer, "all" (one joint group) or "auto"
+    latent_layout: str = "auto"  # split, shared, or auto (vllm_palu.offline.layout_choice)
     # Shared layout: the keys' weight in the stacked [key_weight * W_k; W_v] factorization.
-    key_weight: float = 1.0
+    key_weight: float = DEFAULT_KEY_WEIGHT
     block_skip: bool = False
     refine_steps: int = 0  # Adam steps per layer fitting the factors to the attention output (0: SVD factors)
     rank_multiple: int = 8
@@ -56,13 +59,16 @@ class ConvertOptions:
     force: bool = False
 
 
-def parse_group_size(value: str, num_kv_heads: int) -> int:
+def parse_group_size(value: str, num_kv_heads: int) -> int | None:
+    """KV heads per group, or None for "auto" (:func:`vllm_palu.offline.layout_choice.choose_layout`)."""
+    if value == "auto":
+        return None
     if value == "all":
         return num_kv_heads
     try:
         group_size = int(value)
     except ValueError:
-        raise PaluError(f"--group-size must be a positive integer or 'all', got {value!r}") from None
+        raise PaluError(f"--group-size must be a positive integer, 'all' or 'auto', got {value!r}") from None
     if group_size < 1 or num_kv_heads % group_size:
         raise PaluError(f"--group-size {group_size} must divide the model's {num_kv_heads} KV heads")
     return group_size
@@ -90,7 +96,10 @@ def convert(options: ConvertOptions) -> Path:
     budget = RankBudget(options.kv_ratio, options.k_fraction, options.rank_multiple)
     num_kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
     head_dim = head_dim_of(config)
-    group_size = parse_group_size(str(options.group_size), num_kv_heads)
+    latent_layout, group_size = choose_layout(num_kv_heads, head_dim, options.kv_ratio, options.k_fraction,
+                                              options.latent_layout,
+                                              parse_group_size(str(options.group_size), num_kv_heads))
+    options = replace(options, latent_layout=str(latent_layout), group_size=str(group_size))  # "auto" resolved
     if options.decomposition not in DECOMPOSITIONS:
         raise PaluError(f"unknown --decomposition {options.decomposition!r}; choose from {', '.join(DECOMPOSITIONS)}")
     if options.rank_alloc not in ALLOCATIONS:
@@ -98,7 +107,7 @@ def convert(options: ConvertOptions) -> Path:
     if options.latent_rotation not in LATENT_ROTATIONS:
         raise PaluError(f"unknown --latent-rotation {options.latent_rotation!r}; "
                         f"choose from {', '.join(LATENT_ROTATIONS)}")
-    shared = LatentLayout.parse(options.latent_layout) == LatentLayout.SHARED
+    shared = latent_layout == LatentLayout.SHARED
     if not options.key_weight > 0:
         raise PaluError(f"--key-weight must be positive, got {options.key_weight}")
     if options.refine_steps < 0:
@@ -152,7 +161,7 @@ def convert(options: ConvertOptions) -> Path:
             method["refine_steps"] = options.refine_steps
         palu = PaluConfig(
             base_architecture=architecture, num_kv_heads=num_kv_heads, head_dim=head_dim, group_size=group_size,
-            k_ranks=k_ranks, v_ranks=v_ranks, latent_layout=str(LatentLayout.parse(options.latent_layout)),
+            k_ranks=k_ranks, v_ranks=v_ranks, latent_layout=str(latent_layout),
             weight_dtype=_dtype_name(save_dtype), rotation=options.latent_rotation,
             kv_bias=model.model.layers[0].self_attn.k_proj.up.bias is not None, method=method,
             calibration=calib.describe(options.seed), reconstruction_error=errors)

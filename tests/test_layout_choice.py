@@ -1,0 +1,48 @@
+"""The converter's default layout (``--latent-layout auto``, ``--group-size auto``): the measured preference order,
+bounded by key-rebuild work servable faster than dense decode."""
+
+import json
+
+import pytest
+
+from helpers import convert_tiny
+from vllm_palu.config import LatentLayout
+from vllm_palu.offline.layout_choice import KEY_REBUILD_FLOPS_PER_BYTE, choose_layout, key_rebuild_flops
+
+SHARED, SPLIT = LatentLayout.SHARED, LatentLayout.SPLIT
+
+
+def test_issue_figures_at_llama3_8b_shapes():
+    """The key-rebuild work of the layouts the accuracy issue names (8 KV heads, head dim 128, kv 0.5)."""
+    assert key_rebuild_flops(SHARED, 8, 8, 128, 0.5, 0.3125) == 2 ** 21  # 2.1 MFLOP: never faster than dense
+    assert key_rebuild_flops(SHARED, 2, 8, 128, 0.5, 0.3125) == 2 ** 19  # 0.5 MFLOP
+    assert key_rebuild_flops(SPLIT, 8, 8, 128, 0.5, 0.3125) == 655360  # 0.66 MFLOP (r_k 320)
+    assert KEY_REBUILD_FLOPS_PER_BYTE * 4096 == 1e6
+
+
+@pytest.mark.parametrize("heads, head_dim, kv_ratio, asked, expected", [
+    (3, 64, 0.5, ("auto", None), (SHARED, 3)),     # SmolLM2: a shared latent over its 3 heads is cheap enough
+    (3, 64, 0.25, ("auto", None), (SHARED, 3)),
+    (8, 128, 0.5, ("auto", None), (SPLIT, 8)),     # Llama-3-8B: shared over 8 heads is 2.1 MFLOP, joint keys 0.66
+    (8, 128, 0.25, ("auto", None), (SPLIT, 8)),    # shared over 8 heads: 1.05 MFLOP, over the bound
+    (8, 128, 0.9, ("auto", None), (SPLIT, 4)),     # joint keys too wide at kv 0.9, a shared latent over 4 too
+    (32, 128, 0.5, ("auto", None), (SPLIT, 8)),    # Llama-2-7B (MHA)
+    (8, 128, 0.5, ("shared", None), (SHARED, 2)),  # shared asked for: the widest servable group
+    (8, 128, 0.5, ("auto", 1), (SHARED, 1)),       # a fixed group size: shared where it is servable
+    (3, 64, 0.5, ("auto", 3), (SHARED, 3)),
+    (8, 128, 0.5, ("shared", 8), (SHARED, 8)),     # explicit and over the bound: the user's choice stands
+    (8, 128, 0.5, ("split", None), (SPLIT, 8)),
+])
+def test_choice(heads, head_dim, kv_ratio, asked, expected):
+    assert choose_layout(heads, head_dim, kv_ratio, 0.3125, *asked) == expected
+
+
+def test_converter_default_is_the_choice(tiny_llama, calib_file, tmp_path):
+    """No layout options: the tiny Llama (2 KV heads, head dim 32) gets one shared latent over both heads, with
+    the default key weight, and the summary says so."""
+    output = convert_tiny(tiny_llama, tmp_path / "palu", calib_file, kv_ratio=0.5, latent_layout="auto",
+                          group_size="auto")
+    palu = json.loads((output / "config.json").read_text())["palu"]
+    assert (palu["latent_layout"], palu["group_size"]) == ("shared", 2)
+    assert palu["k_ranks"] == palu["v_ranks"] == [64, 64] and palu["method"]["key_weight"] == 0.5
+    assert "Shared layout: one latent per group" in (output / "PALU_SUMMARY.md").read_text()

@@ -1,0 +1,55 @@
+"""The converter's default latent layout and group size (``--latent-layout auto``, ``--group-size auto``).
+
+The most accurate layout whose key-rebuild work can still be served faster than dense attention. Rebuilding keys
+costs ``2 r_k g d`` FLOP per cached token and group at every decode step (a shared latent's r_k is its whole
+width); dense decode reads the token's bf16 K and V. At Llama-3-8B shapes (8 KV heads, head dim 128: 4,096 bytes
+per token and layer) the bound is 1 MFLOP, a decode floor 1.5x under dense decode's memory floor on fp8 tensor
+cores. As FLOP per dense KV byte (``KEY_REBUILD_FLOPS_PER_BYTE``) the bound holds for any model shape.
+
+Preference order, most accurate first, from SmolLM2-135M at kv 0.5 (docs/RESULTS.md, "Latent layout"): wider
+groups first (split and shared both lost 35% or more of their accuracy per head), and at one group size a shared
+latent before a split one (better at both sizes measured). So: shared over all KV heads, split with all heads in
+one group, then shared and split over smaller groups. SmolLM2 has 3 KV heads, so a shared latent over part of the
+heads of a wider model (Llama-3-8B: groups of 2 or 4) against joint split keys was measured only as per head
+against all 3 heads, where joint split keys won (+24% against +54%).
+"""
+
+from __future__ import annotations
+
+from vllm_palu.config import LatentLayout
+
+# 1 MFLOP per token and layer at Llama-3-8B shapes, over its 2 * 8 * 128 bf16 K and V values.
+KEY_REBUILD_FLOPS_PER_BYTE = 1e6 / (2 * 8 * 128 * 2)
+
+
+def key_rebuild_flops(latent_layout: LatentLayout, group_size: int, num_kv_heads: int, head_dim: int,
+                      kv_ratio: float, k_fraction: float) -> float:
+    """Key-rebuild FLOP per cached token and layer of a uniform allocation (before rank rounding)."""
+    latent_width = kv_ratio * 2 * group_size * head_dim  # the group's K + V budget
+    rank_k = latent_width if latent_layout == LatentLayout.SHARED else k_fraction * latent_width
+    return 2 * rank_k * group_size * head_dim * (num_kv_heads // group_size)
+
+
+def servable(latent_layout: LatentLayout, group_size: int, num_kv_heads: int, head_dim: int, kv_ratio: float,
+             k_fraction: float) -> bool:
+    dense_bytes = 2 * num_kv_heads * head_dim * 2
+    flops = key_rebuild_flops(latent_layout, group_size, num_kv_heads, head_dim, kv_ratio, k_fraction)
+    return flops <= KEY_REBUILD_FLOPS_PER_BYTE * dense_bytes
+
+
+def choose_layout(num_kv_heads: int, head_dim: int, kv_ratio: float, k_fraction: float,
+                  latent_layout: str = "auto", group_size: int | None = None) -> tuple[LatentLayout, int]:
+    """The first servable candidate in the preference order among those the user's choices leave open
+    (``latent_layout`` "auto" or fixed; ``group_size`` None for auto). Where none is servable, the last one open
+    (the cheapest): an explicit choice is the user's to make."""
+    layouts = list(LatentLayout) if latent_layout == "auto" else [LatentLayout.parse(latent_layout)]
+    sizes = [size for size in range(num_kv_heads, 0, -1) if num_kv_heads % size == 0]
+    if group_size is not None:
+        sizes = [group_size]
+    # Wider groups first; at one group size, shared before split.
+    candidates = [(layout, size) for size in sizes for layout in (LatentLayout.SHARED, LatentLayout.SPLIT)]
+    candidates = [(layout, size) for layout, size in candidates if layout in layouts]
+    for layout, size in candidates:
+        if servable(layout, size, num_kv_heads, head_dim, kv_ratio, k_fraction):
+            return layout, size
+    return candidates[-1]
