@@ -8,10 +8,10 @@ from vllm_palu.offline.converter import ConvertOptions, convert
 
 
 def convert_tiny(source: Path, output: Path, calib: Path | None, **overrides) -> Path:
-    # Split with one joint group unless a test asks otherwise: the layout most tests were written for (the
-    # converter's "auto" default has its own tests).
+    # Split with one joint group and SVD factors unless a test asks otherwise: what most tests were written for
+    # (the converter's "auto" layout and its refinement have their own tests).
     options = dict(model=str(source), output=output, calib=str(calib) if calib else None, calib_samples=4, calib_seq_len=32,
-                   batch_size=2, latent_layout="split", group_size="all")
+                   batch_size=2, latent_layout="split", group_size="all", refine_steps=0)
     options.update(overrides)
     return convert(ConvertOptions(**options))
 

@@ -7,6 +7,7 @@ import pytest
 
 from helpers import convert_tiny
 from vllm_palu.config import LatentLayout
+from vllm_palu.offline.converter import DEFAULT_REFINE_STEPS
 from vllm_palu.offline.layout_choice import KEY_REBUILD_FLOPS_PER_BYTE, choose_layout, key_rebuild_flops
 
 SHARED, SPLIT = LatentLayout.SHARED, LatentLayout.SPLIT
@@ -38,11 +39,12 @@ def test_choice(heads, head_dim, kv_ratio, asked, expected):
 
 
 def test_converter_default_is_the_choice(tiny_llama, calib_file, tmp_path):
-    """No layout options: the tiny Llama (2 KV heads, head dim 32) gets one shared latent over both heads, with
-    the default key weight, and the summary says so."""
+    """The converter's defaults: the tiny Llama (2 KV heads, head dim 32) gets one shared latent over both heads,
+    the default key weight and refinement, and the summary says so."""
     output = convert_tiny(tiny_llama, tmp_path / "palu", calib_file, kv_ratio=0.5, latent_layout="auto",
-                          group_size="auto")
+                          group_size="auto", refine_steps=DEFAULT_REFINE_STEPS)
     palu = json.loads((output / "config.json").read_text())["palu"]
     assert (palu["latent_layout"], palu["group_size"]) == ("shared", 2)
     assert palu["k_ranks"] == palu["v_ranks"] == [64, 64] and palu["method"]["key_weight"] == 0.5
+    assert palu["method"]["refine_steps"] == 100 and palu["reconstruction_error"]["attention"]
     assert "Shared layout: one latent per group" in (output / "PALU_SUMMARY.md").read_text()

@@ -15,6 +15,7 @@ from vllm_palu.errors import PaluError
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vllm_palu.offline.converter import DEFAULT_KEY_WEIGHT, DEFAULT_REFINE_STEPS
     parser = argparse.ArgumentParser(prog="python -m vllm_palu.eval")
     commands = parser.add_subparsers(dest="command", required=True)
     ppl = commands.add_parser("ppl", help="token-level perplexity over non-overlapping windows")
@@ -55,8 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "(as the paged cache stores them; bytes count the scales)")
     frontier.add_argument("--latent-layout", default="split",
                           help="comma list of latent layouts: split (default), shared (the converter's flag)")
-    frontier.add_argument("--key-weight", type=float, default=1.0, help="shared layouts' --key-weight")
-    frontier.add_argument("--refine-steps", type=int, default=0, help="the converter's --refine-steps")
+    frontier.add_argument("--key-weight", type=float, default=DEFAULT_KEY_WEIGHT,
+                          help=f"shared layouts' --key-weight (default {DEFAULT_KEY_WEIGHT}, the converter's)")
+    frontier.add_argument("--refine-steps", type=int, default=DEFAULT_REFINE_STEPS,
+                          help=f"the converter's --refine-steps (default {DEFAULT_REFINE_STEPS})")
     frontier.add_argument("--group-size", default="all")
     frontier.add_argument("--seq-len", type=int, default=1024)
     frontier.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens of the text")

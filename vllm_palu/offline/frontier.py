@@ -21,6 +21,7 @@ from torch import nn
 
 from vllm_palu.config import LatentFormat, LatentLayout, PaluConfig, head_dim_of
 from vllm_palu.errors import PaluError
+from vllm_palu.offline.converter import DEFAULT_KEY_WEIGHT, DEFAULT_REFINE_STEPS
 
 DEFAULT_ALLOCATIONS = ("uniform", "measured", "fisher", "flrc")
 DEFAULT_KV_RATIOS = (0.75, 0.5, 0.375, 0.25)
@@ -40,8 +41,8 @@ class FrontierOptions:
     latent_formats: list[LatentFormat] = field(default_factory=lambda: [LatentFormat.AUTO])
     latent_layouts: list[LatentLayout] = field(default_factory=lambda: [LatentLayout.SPLIT])
     group_size: str = "all"
-    key_weight: float = 1.0  # shared layouts' (converter --key-weight)
-    refine_steps: int = 0
+    key_weight: float = DEFAULT_KEY_WEIGHT  # shared layouts' (converter --key-weight)
+    refine_steps: int = DEFAULT_REFINE_STEPS
     seq_len: int = 1024
     max_tokens: int | None = None
     calib_samples: int = 32
