@@ -189,16 +189,19 @@ def test_triton_kernels_in_vllm_match_the_pytorch_path(palu_models, name, batchi
     assert triton["tokens"] == torch_path["tokens"] == reference_greedy(load_palu_model(model_dir), prompts, 12)
 
 
-@pytest.mark.parametrize("allocation", ["flrc"])
-def test_non_uniform_ranks_serve_the_reference_tokens(tiny_checkpoints, calib_file, tmp_path, allocation):
+@pytest.mark.parametrize("allocation, latent_layout", [("flrc", "split"), ("flrc", "shared")])
+def test_non_uniform_ranks_serve_the_reference_tokens(tiny_checkpoints, calib_file, tmp_path, allocation,
+                                                      latent_layout):
     """A sensitivity-allocated checkpoint has different K/V ranks per layer, so vLLM sees layers whose KV pages
-    differ in size; greedy tokens must still equal the reference model's."""
+    differ in size; greedy tokens must still equal the reference model's. Shared: each layer's one latent is its
+    K + V budget."""
     import json
 
     model_dir = convert_tiny(tiny_checkpoints["llama"], tmp_path / allocation, calib_file, kv_ratio=0.5,
-                             group_size="1", rank_alloc=allocation)
+                             group_size="1", rank_alloc=allocation, latent_layout=latent_layout)
     palu = json.loads((model_dir / "config.json").read_text())["palu"]
-    widths = [k + v for k, v in zip(palu["k_ranks"], palu["v_ranks"])]
+    widths = (palu["k_ranks"] if latent_layout == "shared"
+              else [k + v for k, v in zip(palu["k_ranks"], palu["v_ranks"])])
     assert len(set(widths)) > 1, f"allocation gave uniform page widths {widths}"
     prompts = token_prompts(model_dir, PROMPTS)
     result = run_vllm({"model": str(model_dir), "llm": ENGINE, "prompts": prompts, "max_tokens": MAX_TOKENS,
