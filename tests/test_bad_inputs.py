@@ -106,7 +106,7 @@ def test_bad_checkpoint(capsys, tmp_path, tiny_llama, calib_file, make_case):
     (["--kv-ratio", "1.5"], "--kv-ratio must be in (0, 1], got 1.5"),
     (["--k-fraction", "1"], "--k-fraction must be in (0, 1)"),
     (["--group-size", "3"], "--group-size 3 must divide the model's 2 KV heads"),
-    (["--group-size", "two"], "--group-size must be a positive integer or 'all'"),
+    (["--group-size", "two"], "--group-size must be a positive integer, 'all' or 'auto', got 'two'"),
     (["--rank-alloc", "magic"], "unknown --rank-alloc 'magic'"),
     (["--decomposition", "magic"], "unknown --decomposition 'magic'"),
     (["--latent-rotation", "magic"], "unknown --latent-rotation 'magic'; choose from none, hadamard, random"),
