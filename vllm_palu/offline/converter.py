@@ -28,7 +28,7 @@ from vllm_palu.offline.smollm2 import resolve_model
 
 # Share of the latent budget given to keys. Keys compress better than values (docs/RESULTS.md, k-fraction sweep).
 DEFAULT_K_FRACTION = 0.3125
-# Shared layout: keys weighted down in the stacked factorization (docs/RESULTS.md, "Latent layout").
+# Shared layout: keys weighted down in the stacked factorization (docs/RESULTS.md, "Latent layout and refinement").
 DEFAULT_KEY_WEIGHT = 0.5
 # Adam steps per layer fitting the K/V factors to the attention output: on SmolLM2 at kv 0.5 (shared), 100 steps
 # cut the held-out perplexity gap from +15.9% to +5.9% for 4.6x the conversion time (docs/RESULTS.md).

@@ -6,9 +6,9 @@ width); dense decode reads the token's bf16 K and V. At Llama-3-8B shapes (8 KV 
 per token and layer) the bound is 1 MFLOP, a decode floor 1.5x under dense decode's memory floor on fp8 tensor
 cores. As FLOP per dense KV byte (``KEY_REBUILD_FLOPS_PER_BYTE``) the bound holds for any model shape.
 
-Preference order, most accurate first, from SmolLM2-135M at kv 0.5 (docs/RESULTS.md, "Latent layout"): wider
-groups first (split and shared both lost 35% or more of their accuracy per head), and at one group size a shared
-latent before a split one (better at both sizes measured). So: shared over all KV heads, split with all heads in
+Preference order, most accurate first, from SmolLM2-135M at kv 0.5 (docs/RESULTS.md, "Latent layout and
+refinement"): wider groups first (per head, split and shared were 27-37% worse in perplexity than over all heads),
+and at one group size a shared latent before a split one (better at both sizes measured). So: shared over all KV heads, split with all heads in
 one group, then shared and split over smaller groups. SmolLM2 has 3 KV heads, so a shared latent over part of the
 heads of a wider model (Llama-3-8B: groups of 2 or 4) against joint split keys was measured only as per head
 against all 3 heads, where joint split keys won (+24% against +54%).
