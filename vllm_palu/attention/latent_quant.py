@@ -110,7 +110,7 @@ def rank_v_of_row(row: int, rank_k: int, latent_format: LatentFormat,
     """The V rank of cache rows ``row`` wide (bytes; for ``auto``, values), as the kernels infer it: the inverse of
     :func:`row_bytes`. Shared rows must be exactly one latent of ``rank_k`` wide."""
     if is_shared(latent_layout):
-        expected = rank_k if latent_format == "auto" else row_bytes(rank_k, rank_k, latent_format, 1, latent_layout)
+        expected = row_bytes(rank_k, rank_k, latent_format, 1, latent_layout)  # auto: values, 1 "byte" each
         if row != expected:
             raise ValueError(f"{latent_format} shared rows of rank {rank_k} are {expected} wide, got {row}")
         return rank_k
