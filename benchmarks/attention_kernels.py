@@ -3,7 +3,7 @@ vLLM (a diagnostic: the product's numbers are the served model's, benchmarks/ser
 
     python -m benchmarks.attention_kernels kernels [--quick] [--out DIR]  every case: JSON, markdown, PNG
     python -m benchmarks.attention_kernels headline [--repeats 6]  the headline shape, Palu and dense alternating
-    python -m benchmarks.attention_kernels tune                    tile / warp / stage / split variants
+    python -m benchmarks.attention_kernels tune [--deadline S]     tile / warp / stage / heads-per-program variants
 
 Per case: median time (CUDA events, ``triton.testing.do_bench``), effective bandwidth, the roofline floor
 (benchmarks/kernel_cases.py) and the SM clock of each timing (benchmarks/gpu_clock.py). Every Palu configuration is
@@ -106,10 +106,6 @@ def plot_headline(rounds: list[dict], path: Path) -> None:
 
 
 def time_case(case: Case, device, monitor: ClockMonitor | None = None) -> dict:
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.nn.attention.bias import causal_lower_right
-
     row = {**asdict(case), "rank_k": case.ranks[0], "rank_v": case.ranks[1],
            "dense_floor_us": floor_us(case.dense_bytes(), case.dense_flops())}
     for latent in LATENTS if case.query_len == 1 else ("auto",):
@@ -124,6 +120,27 @@ def time_case(case: Case, device, monitor: ClockMonitor | None = None) -> dict:
         row[f"palu{suffix}_bandwidth_tbs"] = case.palu_bytes(latent) / us / 1e6
         del inputs
 
+    row.update(dense_us(case, device, monitor))
+    if case.query_len == 1:
+        if case.group_size == 1:
+            row["palu_unfused_us"] = unfused_palu_us(case, device)
+        row.update(flashinfer_decode.decode_us(case, device))
+    # Best dense bf16 decode: flash, cuDNN, or FlashInfer with bf16 pages (fp8 pages are a separate column).
+    dense = [row[key] for key in ("flash_us", "cudnn_us", "flashinfer_us") if row.get(key)]
+    row["best_dense_us"] = min(dense) if dense else None
+    for suffix in ("", "_fp8", "_int4"):
+        if f"palu{suffix}_us" in row:
+            row[f"speedup{suffix}_vs_best_dense"] = row["best_dense_us"] / row[f"palu{suffix}_us"] if dense else None
+    return row
+
+
+def dense_us(case: Case, device, monitor: ClockMonitor | None = None) -> dict:
+    """Dense attention of the case's shape on contiguous bf16 K/V: torch SDPA's flash and cuDNN backends."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    row = {}
     q = torch.randn(case.batch, case.heads, case.query_len, case.head_dim, device=device, dtype=torch.bfloat16)
     k = torch.randn(case.batch, case.kv_heads, case.context, case.head_dim, device=device, dtype=torch.bfloat16)
     v = torch.randn_like(k)
@@ -141,16 +158,6 @@ def time_case(case: Case, device, monitor: ClockMonitor | None = None) -> dict:
             row[f"{name}_error"] = str(error).splitlines()[0][:120]
     del q, k, v
     torch.cuda.empty_cache()
-    if case.query_len == 1:
-        if case.group_size == 1:
-            row["palu_unfused_us"] = unfused_palu_us(case, device)
-        row.update(flashinfer_decode.decode_us(case, device))
-    # Best dense bf16 decode: flash, cuDNN, or FlashInfer with bf16 pages (fp8 pages are a separate column).
-    dense = [row[key] for key in ("flash_us", "cudnn_us", "flashinfer_us") if row.get(key)]
-    row["best_dense_us"] = min(dense) if dense else None
-    for suffix in ("", "_fp8", "_int4"):
-        if f"palu{suffix}_us" in row:
-            row[f"speedup{suffix}_vs_best_dense"] = row["best_dense_us"] / row[f"palu{suffix}_us"] if dense else None
     return row
 
 
@@ -181,38 +188,68 @@ def unfused_palu_us(case: Case, device) -> float:
     return us
 
 
-def tune(device) -> list[dict]:
-    """Time tile / warp / stage / split-count variants of the decode kernel on the headline shapes (prints the best
-    first); every variant is reference-checked first."""
+# The accurate layouts (split with joint keys over groups of 2, 4 and all 8 heads; shared latents), Llama-3-8B and
+# Llama-2-7B shapes, batch 16: the decode kernel's variants, each with the KV heads per program it can take.
+TUNE_CASES = [Case("llama3-8b", 32, 8, 128, 0.5, 2, 16, 32768), Case("llama3-8b", 32, 8, 128, 0.5, 8, 16, 32768),
+              Case("llama3-8b", 32, 8, 128, 0.5, 4, 16, 32768), Case("llama2-7b", 32, 32, 128, 0.5, 4, 16, 32768),
+              Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768, latent_layout="shared"),
+              Case("llama3-8b", 32, 8, 128, 0.5, 2, 16, 32768, latent_layout="shared")]
+TUNE_TILES = [(16, 1, 3), (64, 4, 2), (32, 2, 2), (128, 4, 2)]  # keys, warps, stages
+TUNE_UP_BYTES = 100 * 1024  # heads per program whose up-projections exceed this cannot fit beside the tiles
+
+
+def tune_variants(case: Case) -> list[dict]:
+    """The plan's default first, then each tile with each number of KV heads per program that can fit."""
+    rank_k = case.ranks[0]
+    heads = [h for h in range(case.group_size, 0, -1)
+             if case.group_size % h == 0 and h * case.head_dim * rank_k * 2 <= TUNE_UP_BYTES] or [1]
+    return [{}] + [dict(decode_block_n=n, decode_warps=w, decode_stages=st, decode_heads=h)
+                   for h in heads for n, w, st in TUNE_TILES]
+
+
+def tune(device, deadline: float) -> list[dict]:
+    """Time decode-kernel variants (tile, warps, stages, KV heads per program) on TUNE_CASES until ``deadline``
+    seconds have passed, in rounds (every case's plan default, then every case's next variant, ...) so that a
+    deadline cuts each case alike; dense decode of each model shape first. Prints each case's variants best
+    first. Every variant is reference-checked first; one that does not compile or launch (shared memory) is
+    recorded and skipped."""
     import itertools
+    import time
 
     from triton.testing import do_bench
 
+    start = time.monotonic()
     rows = []
-    for case in (Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768), Case("llama3-8b", 32, 8, 128, 0.5, 2, 16, 32768),
-                 Case("llama3-8b", 32, 8, 128, 0.5, 1, 1, 65536)):
-        inputs = build_inputs(case, torch.bfloat16, device)
+    for model, case in {case.model: case for case in TUNE_CASES}.items():  # dense decode of each model shape
+        rows.append({"case": f"{model} dense b{case.batch} {case.context // 1024}K", **dense_us(case, device)})
+        print(json.dumps(rows[-1]), flush=True)
+    inputs = {case.name: build_inputs(case, torch.bfloat16, device) for case in TUNE_CASES}
+    rounds = itertools.zip_longest(*[[(case, v) for v in tune_variants(case)] for case in TUNE_CASES])
+    for case, variant in (item for round_ in rounds for item in round_ if item is not None):
+        if time.monotonic() - start > deadline:
+            break
+        config = KernelConfig(**variant)
         floor = floor_us(case.palu_bytes(), case.palu_flops())
-        for block_n, warps, stages, splits in itertools.product((16, 32, 64), (1, 2, 4), (2, 3), (None, 8, 32)):
-            variant = dict(decode_block_n=block_n, decode_warps=warps, decode_stages=stages)
-            config = KernelConfig(**variant)
-            try:
-                error = refcheck(case, device, "auto", config, splits)
-                if not error < 2e-2:
-                    raise AssertionError(f"reference check failed: relative error {error:.2e}")
-                us = do_bench(palu_call(case, inputs, config, splits)[0], return_mode="median") * 1e3
-            except Exception as failure:  # noqa: BLE001 - out of resources etc.: record and go on
-                rows.append({"case": asdict(case), **variant, "splits": splits,
-                             "error": str(failure).splitlines()[0][:100]})
-                continue
-            rows.append({"case": asdict(case), **variant, "splits": splits, "us": us, "of_floor": floor / us})
-        del inputs
-        torch.cuda.empty_cache()
-    for row in sorted((r for r in rows if "us" in r), key=lambda r: (r["case"]["group_size"], r["case"]["batch"],
-                                                                       r["us"]))[:60]:
-        print(f"gs{row['case']['group_size']} b{row['case']['batch']} ctx{row['case']['context']} "
-              f"N{row['decode_block_n']} w{row['decode_warps']} s{row['decode_stages']} splits {row['splits']}: "
-              f"{row['us']:.0f} us ({row['of_floor']:.0%} of floor)")
+        try:
+            error = refcheck(case, device, "auto", config)
+            if not error < 2e-2:
+                raise AssertionError(f"reference check failed: relative error {error:.2e}")
+            us = do_bench(palu_call(case, inputs[case.name], config)[0], return_mode="median") * 1e3
+        except Exception as failure:  # noqa: BLE001 - out of resources etc.: record and go on
+            rows.append({"case": case.name, **variant, "error": str(failure).splitlines()[0][:100]})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
+        rows.append({"case": case.name, **(variant or {"default": True}), "us": us, "of_floor": floor / us,
+                     "floor_us": floor})
+        print(json.dumps(rows[-1]), flush=True)
+    for case in TUNE_CASES:
+        timed = sorted((r for r in rows if r["case"] == case.name and "us" in r), key=lambda r: r["us"])
+        for row in timed[:8]:
+            variant = ("plan default" if row.get("default") else
+                       f"N{row['decode_block_n']} w{row['decode_warps']} s{row['decode_stages']} "
+                       f"heads {row['decode_heads']}")
+            print(f"{case.name}: {variant}: {row['us']:.0f} us ({row['of_floor']:.0%} of the {row['floor_us']:.0f} "
+                  f"us floor)")
     return rows
 
 
@@ -225,8 +262,7 @@ def default_cases() -> list[Case]:
                 if kv_heads == 32 and batch * context > 16 * 32768:
                     continue  # dense MHA K/V of that size does not fit beside the rest
                 cases.append(Case(model, heads, kv_heads, 128, kv_ratio, 1, batch, context))
-    cases.append(Case("llama3-8b", 32, 8, 128, 0.5, 2, 16, 32768))  # groups of 2 KV heads
-    cases.append(Case("llama2-7b", 32, 32, 128, 0.5, 2, 16, 16384))
+    cases += TUNE_CASES  # the accurate layouts: joint key groups, shared latents
     cases.append(Case("llama3-8b", 32, 8, 128, 0.5, 1, 1, 32768, query_len=2048))  # prefill chunks
     cases.append(Case("llama2-7b", 32, 32, 128, 0.5, 1, 1, 32768, query_len=2048))
     return cases
@@ -248,7 +284,8 @@ def write_outputs(rows: list[dict], out_dir: Path) -> None:
 
     for r in rows:
         fmt = lambda x: "–" if x is None else f"{x:.0f}"  # noqa: E731
-        lines.append(f"| {r['model']} | {r['kv_ratio']} | {r['group_size']} | {r['batch']} | {r['context']} | "
+        shared = " shared" if r.get("latent_layout") == "shared" else ""
+        lines.append(f"| {r['model']} | {r['kv_ratio']} | {r['group_size']}{shared} | {r['batch']} | {r['context']} | "
                      f"{r['query_len']} | {r['rank_k']}/{r['rank_v']} | {fmt(r['best_dense_us'])} "
                      f"({fmt(r['flash_us'])} / {fmt(r['cudnn_us'])} / {fmt(r.get('flashinfer_us'))}) | "
                      f"{fmt(r.get('flashinfer_fp8_us'))} | {r['dense_floor_us']:.0f} | {palu(r, '')} | "
@@ -264,7 +301,8 @@ def write_outputs(rows: list[dict], out_dir: Path) -> None:
     except ImportError:
         return
     fig, ax = plt.subplots(figsize=(14, 5))
-    labels = [f"{r['model']} r{r['kv_ratio']} gs{r['group_size']}\nb{r['batch']} {r['context'] // 1024}K"
+    labels = [f"{r['model']} r{r['kv_ratio']} gs{r['group_size']}{' sh' * (r.get('latent_layout') == 'shared')}"
+              f"\nb{r['batch']} {r['context'] // 1024}K"
               + (f" q{r['query_len']}" if r["query_len"] > 1 else "") for r in rows]
     x = range(len(rows))
     series = [("best_dense_us", "best dense bf16 (flash / cuDNN / FlashInfer)"),
@@ -289,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     parser.add_argument("--quick", action="store_true", help="only the headline cases")
     parser.add_argument("--repeats", type=int, default=6, help="headline: rounds of alternating timings")
+    parser.add_argument("--deadline", type=float, default=480, help="tune: seconds before no new variant starts")
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
@@ -300,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if headline(device, args.repeats, args.out) is not None else 1
     if args.what == "tune":
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "tune.json").write_text(json.dumps(tune(device), indent=1))
+        (args.out / "tune.json").write_text(json.dumps(tune(device, args.deadline), indent=1))
         return 0
     cases = default_cases()
     if args.quick:

@@ -3,10 +3,12 @@ it: registers, spills, shared memory and the SASS instruction mix of each KV loo
 tile). Lets kernel variants be judged by instruction counts before spending GPU time on timing them.
 
     python -m benchmarks.compile_sm90 [--tiles 16:1:3,64:2:2] [--latent auto|fp8|int4] [--dump DIR]
+        [--group-size 8 --ranks 320,704 --layout split|shared]
 
 Needs only Triton (its bundled ptxas and nvdisasm); the Triton on the GPU machine is 3.6, so use the same
 version here for numbers that carry over (``pip install --no-deps --target DIR triton==3.6.0``,
-``PYTHONPATH=DIR``). The shapes are the benchmark's Llama-3-8B case at kv-ratio 0.5 (K rank 48, V rank 80), and
+``PYTHONPATH=DIR``; vLLM 0.33's is 3.8). The shapes are Llama-3-8B's at kv-ratio 0.5 (default: per head, K rank 48, V
+rank 80; ``--group-size``, ``--ranks``, ``--layout`` for the others), and
 the constexprs are the ones the launcher's plan gives the kernel (``ops.plan_layer``).
 """
 
@@ -35,14 +37,15 @@ STRIDE_CONSTEXPRS = {"STRIDE_CN": 128, "STRIDE_SN": 128, "STRIDE_CS": 128}
 SCALARS = {"scale": "fp32"}
 
 
-def decode_constexprs(config: ops.KernelConfig, latent: str, rank_k: int = 48,
-                      rank_v: int = 80) -> tuple[dict, int, int]:
+def decode_constexprs(config: ops.KernelConfig, latent: str, rank_k: int = 48, rank_v: int = 80,
+                      group_size: int = 1, latent_layout: str = "split") -> tuple[dict, int, int]:
     """The decode kernel's constexprs, warps and stages as the launcher's plan sets them for Llama-3-8B shapes
-    (32 query heads, 8 KV heads of 128 dims, bf16 weights, a Llama-3 rotary table)."""
-    k_up = torch.zeros(8, 128, rank_k, dtype=torch.bfloat16)
+    (32 query heads, 8 KV heads of 128 dims in groups of ``group_size``, bf16 weights, a Llama-3 rotary table)."""
+    k_up = torch.zeros(8 // group_size, group_size * 128, rank_k, dtype=torch.bfloat16)
     angles = torch.arange(4096)[:, None] * (1.0 / 500000.0 ** (torch.arange(0, 128, 2) / 128))[None, :]
     table = torch.cat([angles.cos(), angles.sin()], dim=-1).to(torch.bfloat16)
-    decode = dict(ops.plan_layer(k_up, None, table, True, 32, rank_v, 128 ** -0.5, latent, config).decode)
+    decode = dict(ops.plan_layer(k_up, None, table, True, 32, rank_v, 128 ** -0.5, latent, config,
+                                 latent_layout).decode)
     warps, stages = decode.pop("num_warps"), decode.pop("num_stages")
     return {**decode, "BLOCK_SIZE": 16}, warps, stages
 
@@ -124,16 +127,26 @@ def main() -> None:
     parser.add_argument("--maxnreg", type=int, help="register cap per thread (Triton's maxnreg option)")
     parser.add_argument("--no-rope-shift", action="store_true", help="the per-tile rotary table (ROPE_SHIFT off)")
     parser.add_argument("--cache-dtype", default="bf16", help="element type of 16-bit latent pages (bf16, fp16)")
+    parser.add_argument("--group-size", type=int, default=1, help="KV heads per latent group (1, 2, 4, 8)")
+    parser.add_argument("--ranks", default="48,80", help="rank_k,rank_v of a group (default: kv 0.5 per head)")
+    parser.add_argument("--layout", default="split", choices=["split", "shared"])
+    parser.add_argument("--heads", type=int, help="KV heads per program (default: the plan's, ops.decode_heads)")
     args = parser.parse_args()
+    rank_k, rank_v = map(int, args.ranks.split(","))
+    row = rank_k if args.layout == "shared" else rank_k + rank_v
+    STRIDE_CONSTEXPRS.update(STRIDE_CN=row, STRIDE_SN=row)
     POINTERS["cache_ptr"] = "*u8" if args.latent != "auto" else f"*{args.cache_dtype}"
     for tile in args.tiles.split(","):
         block_n, warps, stages = map(int, tile.split(":"))
         config = ops.KernelConfig(decode_block_n=block_n, decode_warps=warps, decode_stages=stages,
+                                  decode_heads=args.heads,
                                   rope_shift=False if args.no_rope_shift else None)
-        constexprs, warps, stages = decode_constexprs(config, args.latent)
+        constexprs, warps, stages = decode_constexprs(config, args.latent, rank_k, rank_v, args.group_size,
+                                                      args.layout)
         compiled = compile_kernel(kernels.decode_attention_kernel, constexprs, warps, stages, args.maxnreg)
         shift = " shift" if constexprs["ROPE_SHIFT"] else ""
-        report(f"{args.latent} {block_n}x{warps}w{stages}s{shift}", compiled, args.dump)
+        heads = f" {constexprs['HEADS']}h" if args.group_size > 1 else ""
+        report(f"{args.latent} {block_n}x{warps}w{stages}s{heads}{shift}", compiled, args.dump)
 
 
 if __name__ == "__main__":

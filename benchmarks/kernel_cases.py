@@ -34,18 +34,27 @@ class Case:
     context: int
     query_len: int = 1
     k_fraction: float = 0.3125
+    latent_layout: str = "split"  # or "shared": one latent of the split row's width, both K and V
 
     @property
     def ranks(self) -> tuple[int, int]:
         width = self.group_size * self.head_dim
         total = self.kv_ratio * 2 * width
+        if self.latent_layout == "shared":
+            return int(total), int(total)
         rank_k = max(16, int(total * self.k_fraction / 16 + 0.5) * 16)
         return rank_k, int(total - rank_k)
+
+    @property
+    def name(self) -> str:
+        layout = " shared" if self.latent_layout == "shared" else ""
+        return f"{self.model} kv {self.kv_ratio} gs {self.group_size}{layout} b{self.batch} {self.context // 1024}K"
 
     def palu_bytes(self, latent: str = "auto") -> float:
         rank_k, rank_v = self.ranks
         groups = self.kv_heads // self.group_size
-        cached = self.batch * self.context * groups * row_bytes(rank_k, rank_v, latent)
+        cached = self.batch * self.context * groups * row_bytes(rank_k, rank_v, latent,
+                                                                latent_layout=self.latent_layout)
         up = self.kv_heads * self.head_dim * rank_k * 2
         return cached + up + 2 * self.batch * self.query_len * self.heads * (self.head_dim + rank_v) * 2
 
@@ -75,11 +84,13 @@ def build_inputs(case: Case, dtype, device, latent: str = "auto") -> dict:
     block_size = 16
     blocks_per_seq = case.context // block_size
     generator = torch.Generator(device=device).manual_seed(0)
-    cache = torch.randn(case.batch * blocks_per_seq, groups, block_size, rank_k + rank_v, device=device,
-                        dtype=dtype, generator=generator)
+    layout = case.latent_layout
+    row = rank_k if layout == "shared" else rank_k + rank_v
+    cache = torch.randn(case.batch * blocks_per_seq, groups, block_size, row, device=device, dtype=dtype,
+                        generator=generator)
     if latent != "auto":  # the same latents as fp8/int4 rows (quantized in slices: bounded temporaries)
-        cache = torch.cat([rows_to_pages(quantize_rows(part[..., :rank_k], part[..., rank_k:], latent), latent)
-                           for part in cache.split(4096)])
+        cache = torch.cat([rows_to_pages(quantize_rows(part[..., :rank_k], part[..., rank_k:], latent, layout),
+                                         latent, layout) for part in cache.split(4096)])
     block_table = torch.randperm(case.batch * blocks_per_seq, device=device, generator=generator
                                  ).view(case.batch, blocks_per_seq).to(torch.int32)
     query = torch.randn(case.batch * case.query_len, case.heads, case.head_dim, device=device, dtype=dtype,
@@ -93,7 +104,7 @@ def build_inputs(case: Case, dtype, device, latent: str = "auto") -> dict:
     seq_lens = torch.full((case.batch,), case.context, device=device, dtype=torch.int32)
     return dict(query=query, kv_cache=cache, k_up=k_up, k_bias=None, cos_sin_cache=cos_sin, is_neox_style=True,
                 query_start_loc=query_start, seq_lens=seq_lens, block_table=block_table,
-                scale=case.head_dim ** -0.5, latent_format=latent)
+                scale=case.head_dim ** -0.5, latent_format=latent, latent_layout=layout)
 
 
 def palu_call(case: Case, inputs: dict, config: KernelConfig = KernelConfig(), num_splits: int | None = None):
@@ -102,7 +113,7 @@ def palu_call(case: Case, inputs: dict, config: KernelConfig = KernelConfig(), n
     prefill path), and the output it writes."""
     rank_v = case.ranks[1]
     plan = ops.plan_layer(inputs["k_up"], None, inputs["cos_sin_cache"], True, case.heads, rank_v, inputs["scale"],
-                          inputs["latent_format"], config)
+                          inputs["latent_format"], config, inputs["latent_layout"])
     out = inputs["query"].new_empty(inputs["query"].shape[0], case.heads, rank_v)
     args = (plan, inputs["query"], inputs["kv_cache"], inputs["query_start_loc"], inputs["seq_lens"],
             inputs["block_table"], out)
@@ -125,8 +136,9 @@ def refcheck(case: Case, device, latent: str = "auto", config: KernelConfig = Ke
     inputs = build_inputs(small, torch.bfloat16, device, latent)
     oracle = dict(inputs, latent_format="auto")
     if latent != "auto":
-        rows = pages_to_rows(inputs["kv_cache"], latent)
-        oracle["kv_cache"] = torch.cat(dequantize_rows(rows, *small.ranks, latent), dim=-1)
+        rows = pages_to_rows(inputs["kv_cache"], latent, small.latent_layout)
+        latents = dequantize_rows(rows, *small.ranks, latent, small.latent_layout)
+        oracle["kv_cache"] = latents[0] if small.latent_layout == "shared" else torch.cat(latents, dim=-1)
     expected = reference.paged_latent_attention(**oracle)
     call, out = palu_call(small, inputs, config, num_splits)
     out.fill_(float("nan"))

@@ -48,6 +48,7 @@ class Config:
     kv_ratio: float | None  # None: the dense model
     kv_cache_dtype: str = "auto"
     baseline: str | None = None  # what its speed targets compare against
+    group_size: int = 1  # KV heads per latent group (Llama-3-8B's accurate default, --group-size auto: all 8)
 
 
 # In the order a run takes them: the main comparison first, so a deadline cuts the least important ones.
@@ -57,6 +58,8 @@ CONFIGS = {
     "palu-0.25": Config(0.25, baseline="dense-bf16"),
     "dense-fp8": Config(None, "fp8", baseline="dense-bf16"),
     "palu-0.5-fp8": Config(0.5, "fp8", baseline="dense-fp8"),  # PALU stores fp8 latents
+    "palu-0.5-g2": Config(0.5, baseline="dense-bf16", group_size=2),
+    "palu-0.5-g8": Config(0.5, baseline="dense-bf16", group_size=8),  # split over all 8 heads: the converter's default
 }
 
 
@@ -237,10 +240,10 @@ def build_checkpoints(args, shape: checkpoints.Shape, names: list[str]) -> dict[
     root = checkpoints.checkpoint_root(args.shape, shape.dtype, args.checkpoints)
     paths = {}
     for name in names:
-        ratio = CONFIGS[name].kv_ratio
-        directory = root / ("dense" if ratio is None else f"palu-{ratio}")
+        ratio, group_size = CONFIGS[name].kv_ratio, CONFIGS[name].group_size
+        directory = root / ("dense" if ratio is None else f"palu-{ratio}" + (f"-g{group_size}" * (group_size > 1)))
         if directory not in paths.values():
-            checkpoints.build(shape, directory, kv_ratio=ratio)
+            checkpoints.build(shape, directory, kv_ratio=ratio, group_size=group_size)
         paths[name] = directory
     return paths
 

@@ -12,6 +12,10 @@
 #                                         0.25 engines; host time per attention call (benchmarks/host_time.py)
 #   bash scripts/gpu_serving.sh extra     the fp8 configurations (dense fp8 KV, PALU fp8 latents) into the same
 #                                         results; `vllm serve` + `vllm bench serve`; the kernel microbenchmark
+#   bash scripts/gpu_serving.sh kernels   decode-kernel variants on the accurate layouts (joint key groups, shared
+#                                         latents) against dense decode (benchmarks/attention_kernels.py tune)
+#   bash scripts/gpu_serving.sh groups    end-to-end benchmark of PALU split over groups of 8 (the converter's
+#                                         Llama-3-8B default) and 2 heads against dense bf16: long decode, capacity
 #
 # Each step is time-boxed within the phase's BUDGET (one device call runs at most 600 s); logs land in $OUT (what the
 # device tool brings back) as one tarball, refreshed after every step, plus summary-PHASE.txt, also printed.
@@ -20,7 +24,7 @@
 # install 24 s; under triton 3.8 the kernel tests take more than 150 s (first compiles) and each bf16 test engine
 # about 60 s to start (torch.compile, CUDA graphs).
 set -uo pipefail
-phase=${1:?usage: gpu_serving.sh tests|serving|serve|extra}
+phase=${1:?usage: gpu_serving.sh tests|serving|serve|extra|kernels|groups}
 OUT=${OUT:-results/gpu}
 BUDGET=${BUDGET:-570}  # seconds for the whole phase: one device call runs at most 600
 logs=/tmp/palu-gpu/$phase
@@ -68,7 +72,7 @@ ENGINE='{"compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 
 SERVE_ARGS=${SERVE_ARGS:---capacity 0,1024,512}  # capacity: half the default output, to fit the call
 case $phase in
 tests)  # in order of what the rest depends on; each later step gets what is left of the budget
-    step kernel-tests 270 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py
+    step kernel-tests 400 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py
     step serving-gpu 300 python3 -m pytest -q -p no:cacheprovider tests/test_serving_gpu.py
     cat "$logs/report/bf16_serving.json" 2>/dev/null | tee -a "$summary"
     ;;
@@ -81,6 +85,16 @@ serve)
     step serve 330 python3 benchmarks/serve.py run --out "$results/serve" --deadline 320 \
         --configs dense-bf16,palu-0.5,palu-0.25 --engine-args "$ENGINE" $SERVE_ARGS
     step host-time 200 python3 benchmarks/host_time.py --out "$results/host" ${HOST_ARGS:-}
+    ;;
+kernels)
+    step tune $((BUDGET - 60)) python3 -m benchmarks.attention_kernels tune --deadline $((BUDGET - 130)) \
+        --out "$results/kernels"
+    ;;
+groups)
+    step serve-groups $((BUDGET - 40)) python3 benchmarks/serve.py run --out "$results/serve" \
+        --deadline $((BUDGET - 50)) --configs dense-bf16,palu-0.5-g8,palu-0.5-g2 --workloads long-decode,capacity \
+        --engine-args "$ENGINE" $SERVE_ARGS
+    step report 20 python3 benchmarks/serve.py report "$results/serve"
     ;;
 extra)
     step serve-fp8 230 python3 benchmarks/serve.py run --out "$results/serve" --deadline 220 \

@@ -105,6 +105,7 @@ SMALL = [
     Shape([130], [128], 2, 1, 1, 64, 40, 72, 16),                   # long prefill, head_dim 64, ranks not x16
     Shape([9, 90, 33], [1, 7, 33], 6, 3, 3, 32, 16, 16, 64),        # mixed batch, SmolLM2-like joint group
     Shape([33, 70], [1, 1], 4, 4, 1, 32, 16, 24, 16),               # MHA decode: one query row per KV head
+    Shape([50, 17, 96], [1, 1, 5], 16, 4, 4, 32, 40, 88, 16),       # GQA joint group of 4: 16 rows a program
 ]
 SHARED_SMALL = [shared(shape) for shape in SMALL]  # ranks 16, 24 (padded), 8, 40 (two chunks), 16, 16
 
@@ -114,6 +115,8 @@ FULL = [  # GPU only (gpu_shapes): real head sizes and context lengths
     Shape([4096, 3000], [128, 7], 32, 8, 2, 128, 96, 160, 64),                # chunked prefill + decode, groups of 2
     Shape([2048, 700], [1, 700], 32, 32, 4, 128, 128, 256, 128),              # Llama-2-7B MHA, groups of 4
     Shape([5000], [2048], 9, 3, 3, 64, 64, 128, 32),                           # SmolLM2 joint group, long chunk
+    Shape([3000, 1, 4500, 2049], [1, 1, 1, 1], 32, 8, 8, 128, 320, 704, 16),  # Llama-3-8B split over all 8 heads
+    Shape([3000, 4500], [1, 1], 32, 8, 4, 128, 160, 352, 16),                 # groups of 4
 ]
 SHARED_FULL = [  # GPU only: shared latents at kv-ratio 0.5 (r = half the group's K + V width)
     Shape([3000, 1, 4500, 2049], [1, 1, 1, 1], 32, 8, 1, 128, 128, 128, 16, "shared"),  # Llama-3-8B per head
@@ -133,6 +136,21 @@ def test_fp16_key_path_matches_reference(shape):
     """The fp16 key tiles (and fp16 rebuild accumulation) that 16-bit models use, exercised with fp32 inputs (runs
     under the interpreter too)."""
     check(make_case(shape, torch.float32, seed=7), tolerance=5e-3, config=KernelConfig(key_dtype=torch.float16))
+
+
+@pytest.mark.parametrize("heads", [1, 2])
+@pytest.mark.parametrize("shape", [SMALL[1], SMALL[2], SMALL[6], SHARED_SMALL[6]])
+def test_decode_programs_of_fewer_heads_than_the_group(shape, heads):
+    """A decode program may take only some of its group's KV heads (when the whole group's up-projection would not
+    fit in shared memory): programs of one or two heads give the answer of one program per group."""
+    check(make_case(shape, torch.float32 if DEVICE == "cpu" else torch.bfloat16, seed=3),
+          config=KernelConfig(decode_heads=heads))
+
+
+@pytest.mark.parametrize("group_size, rank_k, heads", [(1, 48, 1), (2, 80, 2), (8, 320, 1), (4, 160, 1),
+                                                       (4, 16, 4), (3, 64, 3), (6, 40, 3)])
+def test_decode_heads_fit_the_up_projection_budget(group_size, rank_k, heads):
+    assert ops.decode_heads(group_size, 128, rank_k, 2) == heads
 
 
 @pytest.mark.parametrize("rank, chunks", [(16, (16, 0)), (24, (32, 0)), (40, (32, 16)), (48, (32, 16)),

@@ -226,11 +226,45 @@ def _tile_pages(kv_tile, valid, table_row, col_page, BLOCK_N: tl.constexpr, BLOC
 
 
 @triton.jit
-def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1,
-                 bias_lo, bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset,
-                 rope_offset, cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb,
-                 scale,
+def _load_up(k_up_ptr, kv_head, dims, rk0, rk1, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, RANK_K: tl.constexpr,
+             K0_LIMIT: tl.constexpr, KEY_DTYPE: tl.constexpr):
+    """One KV head's rows of the key up-projection as [rank chunk, half] operands: (lo 0, lo 1, hi 0, hi 1)."""
+    up_base = k_up_ptr + kv_head.to(tl.int64) * HEAD_DIM * RANK_K
+    up_lo_0 = tl.load(up_base + dims[None, :] * RANK_K + rk0[:, None], mask=rk0[:, None] < K0_LIMIT,
+                      other=0.0).to(KEY_DTYPE)
+    up_hi_0 = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk0[:, None], mask=rk0[:, None] < K0_LIMIT,
+                      other=0.0).to(KEY_DTYPE)
+    up_lo_1 = tl.load(up_base + dims[None, :] * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K,
+                      other=0.0).to(KEY_DTYPE)
+    up_hi_1 = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K,
+                      other=0.0).to(KEY_DTYPE)
+    return up_lo_0, up_lo_1, up_hi_0, up_hi_1
+
+
+@triton.jit
+def _score_head(latent_0, latent_1, up_lo_0, up_lo_1, up_hi_0, up_hi_1, bias_lo, bias_hi, cos, sin, q_lo, q_hi,
+                scores, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, KEY_DTYPE: tl.constexpr,
+                ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One KV head's keys of a tile, rebuilt from the latents, rotated and scored against ``q_lo``/``q_hi``
+    [HALF, rows] (zero outside the head's rows), added to ``scores`` [BLOCK_N, rows]."""
+    key_lo = _rebuild_half(latent_0, latent_1, up_lo_0, up_lo_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE, DOT_PRECISION)
+    key_hi = _rebuild_half(latent_0, latent_1, up_hi_0, up_hi_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE, DOT_PRECISION)
+    if HAS_BIAS:
+        key_lo += bias_lo[None, :]
+        key_hi += bias_hi[None, :]
+    rot_lo = key_lo * cos - key_hi * sin
+    rot_hi = key_hi * cos + key_lo * sin
+    scores = tl.dot(rot_lo, q_lo, scores, input_precision=DOT_PRECISION)
+    return tl.dot(rot_hi, q_hi, scores, input_precision=DOT_PRECISION)
+
+
+@triton.jit
+def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_up_ptr, k_bias_ptr,
+                 first_kv_head, row_kv, cols, dims, rk0, rk1, rv0, rv1,
+                 row_valid, slot_offset, scale_slot_offset, rope_offset, cos_offsets, sin_offsets, cache_group,
+                 scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
                  STRIDE_CN: tl.constexpr, STRIDE_SN: tl.constexpr, STRIDE_CS: tl.constexpr,
+                 HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                  HALF: tl.constexpr, RANK_K: tl.constexpr, RANK_V: tl.constexpr, K0_LIMIT: tl.constexpr,
                  V0_LIMIT: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, LATENT: tl.constexpr,
                  V_OFFSET: tl.constexpr, V_SCALE: tl.constexpr,
@@ -238,9 +272,10 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_
                  HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, ROPE_SHIFT: tl.constexpr,
                  DOT_PRECISION: tl.constexpr):
     """One KV tile of the decode loop (``pages``: its block-table entries, one per position): load its latents,
-    rebuild and rotate its keys, score them, and fold the tile into the online softmax (m_i, l_i) and the V-latent
-    accumulators. ``MASKED`` false: every position of the tile exists (no bounds masks; the compiler drops the
-    predicates). ``ROPE_SHIFT``: keys are rotated by their offset in the tile (``cos_offsets``, ``sin_offsets``:
+    rebuild and rotate the keys of the program's ``HEADS`` KV heads, score each against its own query rows, and
+    fold the tile into the online softmax (m_i, l_i) and the V-latent accumulators, shared by all the rows.
+    ``MASKED`` false: every position of the tile exists (no bounds masks; the compiler drops the predicates).
+    ``ROPE_SHIFT``: keys are rotated by their offset in the tile (``cos_offsets``, ``sin_offsets``:
     loop-invariant) and the query back by the tile's start, since R(start + j) = R(start) R(j) (the plan checks
     that the model's table obeys this); no cos/sin tile is loaded."""
     tile_start = kv_tile * BLOCK_N
@@ -255,11 +290,6 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_
     latent_0, latent_1, v_0, v_1, v_scale, v_min = _load_tile(
         token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V,
         LATENT, V_OFFSET, V_SCALE, KEY_DTYPE)
-    key_lo = _rebuild_half(latent_0, latent_1, up_lo_0, up_lo_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE, DOT_PRECISION)
-    key_hi = _rebuild_half(latent_0, latent_1, up_hi_0, up_hi_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE, DOT_PRECISION)
-    if HAS_BIAS:
-        key_lo += bias_lo[None, :]
-        key_hi += bias_hi[None, :]
     if ROPE_SHIFT:
         start_row = cos_sin_ptr + tile_start.to(tl.int64) * STRIDE_CS + dims[:, None]
         start_cos = tl.load(start_row).to(KEY_DTYPE)
@@ -274,11 +304,27 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_
         sin = tl.load(rope + HALF, mask=in_range[:, None], other=0.0).to(KEY_DTYPE)
         q_tile_lo = q_lo
         q_tile_hi = q_hi
-    rot_lo = key_lo * cos - key_hi * sin
-    rot_hi = key_hi * cos + key_lo * sin
 
-    scores = (tl.dot(rot_lo, q_tile_lo, input_precision=DOT_PRECISION)
-              + tl.dot(rot_hi, q_tile_hi, input_precision=DOT_PRECISION)) * scale  # [BLOCK_N, BLOCK_M]
+    scores = tl.zeros([BLOCK_N, q_lo.shape[1]], tl.float32)
+    for head in tl.static_range(HEADS):  # each head's keys score its own rows (the other rows' q are 0)
+        kv_head = first_kv_head + head
+        # Loop-invariant: the compiler loads each head's up-projection (and bias) once, before the KV loop.
+        up_lo_0, up_lo_1, up_hi_0, up_hi_1 = _load_up(k_up_ptr, kv_head, dims, rk0, rk1, HEAD_DIM, HALF, RANK_K,
+                                                      K0_LIMIT, KEY_DTYPE)
+        bias_lo = dims  # unused without a bias
+        bias_hi = dims
+        if HAS_BIAS:
+            bias_lo = tl.load(k_bias_ptr + kv_head * HEAD_DIM + dims).to(KEY_DTYPE)
+            bias_hi = tl.load(k_bias_ptr + kv_head * HEAD_DIM + HALF + dims).to(KEY_DTYPE)
+        head_q_lo = q_tile_lo
+        head_q_hi = q_tile_hi
+        if HEADS > 1:
+            in_head = (row_kv == head)[None, :]
+            head_q_lo = tl.where(in_head, q_tile_lo, tl.zeros_like(q_tile_lo))
+            head_q_hi = tl.where(in_head, q_tile_hi, tl.zeros_like(q_tile_hi))
+        scores = _score_head(latent_0, latent_1, up_lo_0, up_lo_1, up_hi_0, up_hi_1, bias_lo, bias_hi, cos, sin,
+                             head_q_lo, head_q_hi, scores, SPLIT_K, HAS_BIAS, KEY_DTYPE, ACC_DTYPE, DOT_PRECISION)
+    scores = scores * scale  # [BLOCK_N, BLOCK_M]
     if MASKED:
         scores = tl.where(in_range[:, None] & row_valid[None, :], scores, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(scores, axis=0))
@@ -320,7 +366,8 @@ def decode_attention_kernel(
     stride_sb, stride_sg, STRIDE_SN: tl.constexpr,
     stride_bt, STRIDE_CS: tl.constexpr,
     stride_ot, stride_oh,
-    HEADS_PER_KV: tl.constexpr, GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr,
+    HEADS_PER_KV: tl.constexpr, GROUP_SIZE: tl.constexpr, HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HALF: tl.constexpr,
     RANK_K: tl.constexpr, RANK_V: tl.constexpr, PAD_V: tl.constexpr, RK0: tl.constexpr, RK1: tl.constexpr,
     RV0: tl.constexpr, RV1: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, KEY_DTYPE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -328,11 +375,14 @@ def decode_attention_kernel(
     V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr, V_OFFSET: tl.constexpr, V_SCALE: tl.constexpr,
     ROPE_SHIFT: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (request, KV head, KV split) of a decode batch: each request has one new token (already in
-    the cache) and attends over its whole context. The grid's third dimension is the split count; with more than
-    one split, each program writes its unnormalized V-latent sums and softmax statistics to the scratch rows of
-    its request (``partial [requests, heads, splits, PAD_V]``, ``stats [requests, heads, splits, (m, l)]``) for
-    ``reduce_splits_kernel``.
+    """One program per (request, ``HEADS`` KV heads of a latent group, KV split) of a decode batch: each request
+    has one new token (already in the cache) and attends over its whole context. A program's query rows are the
+    query heads of its KV heads (``HEADS`` x ``HEADS_PER_KV``): it reads their group's latent tiles once and
+    accumulates the V latents once for all of them, and holds its heads' key up-projection in shared memory, so
+    ``HEADS`` is as many of the group's heads as that fits (the plan's choice). The grid's third dimension is the
+    split count; with more than one split, each program writes its unnormalized V-latent sums and softmax
+    statistics to the scratch rows of its request (``partial [requests, heads, splits, PAD_V]``, ``stats
+    [requests, heads, splits, (m, l)]``) for ``reduce_splits_kernel``.
 
     Keys sit on the M side of every tensor-core op: scores are computed transposed,
     ``[BLOCK_N keys, BLOCK_M rows] = rotated_keys @ q^T``, so the rebuilt key tile feeds the score op from the
@@ -342,7 +392,7 @@ def decode_attention_kernel(
     rotated and scored in ``KEY_DTYPE`` (fp16 for 16-bit models: packed math, half the registers); scores,
     softmax and the V accumulators are fp32."""
     request = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    head_block = tl.program_id(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
     q_start = tl.load(query_start_ptr + request)
@@ -352,35 +402,22 @@ def decode_attention_kernel(
     # Splits past a short context run no tile (reduce_splits_kernel skips them); returning early here instead
     # costs the KV loop 5 instructions per tile (sm_90 SASS, benchmarks/compile_sm90.py).
     first, last = _split_range(seq_len, split, num_splits, BLOCK_N)
-    group = kv_head // GROUP_SIZE
+    first_kv_head = head_block * HEADS
+    group = first_kv_head // GROUP_SIZE
 
-    # Query rows (the N side): the KV head's query heads of the request's one token.
+    # Query rows (the N side): the query heads of the program's KV heads, for the request's one token.
+    ROWS: tl.constexpr = HEADS * HEADS_PER_KV
     rows = tl.arange(0, BLOCK_M)
-    row_head = kv_head * HEADS_PER_KV + rows % HEADS_PER_KV
-    row_valid = rows < HEADS_PER_KV
+    row_head = head_block * ROWS + rows % ROWS
+    row_kv = (rows % ROWS) // HEADS_PER_KV  # the row's KV head among the program's
+    row_valid = rows < ROWS
     dims = tl.arange(0, HALF)
     q_cols = q_ptr + q_start.to(tl.int64) * stride_qt + row_head[None, :] * stride_qh
     q_lo = tl.load(q_cols + dims[:, None], mask=row_valid[None, :], other=0.0).to(KEY_DTYPE)  # [HALF, BLOCK_M]
     q_hi = tl.load(q_cols + HALF + dims[:, None], mask=row_valid[None, :], other=0.0).to(KEY_DTYPE)
     cols = tl.arange(0, BLOCK_N)
-
-    # This KV head's rows of the key up-projection, as [rank chunk, half] operands, loaded once per program.
-    up_base = k_up_ptr + kv_head.to(tl.int64) * HEAD_DIM * RANK_K
     rk0 = tl.arange(0, RK0)
     rk1 = K1_OFFSET + tl.arange(0, RK1)
-    up_lo_0 = tl.load(up_base + dims[None, :] * RANK_K + rk0[:, None], mask=rk0[:, None] < K0_LIMIT,
-                      other=0.0).to(KEY_DTYPE)
-    up_hi_0 = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk0[:, None], mask=rk0[:, None] < K0_LIMIT,
-                      other=0.0).to(KEY_DTYPE)
-    up_lo_1 = tl.load(up_base + dims[None, :] * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K,
-                      other=0.0).to(KEY_DTYPE)
-    up_hi_1 = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K,
-                      other=0.0).to(KEY_DTYPE)
-    bias_lo = dims  # unused without a bias
-    bias_hi = dims
-    if HAS_BIAS:
-        bias_lo = tl.load(k_bias_ptr + kv_head * HEAD_DIM + dims).to(KEY_DTYPE)
-        bias_hi = tl.load(k_bias_ptr + kv_head * HEAD_DIM + HALF + dims).to(KEY_DTYPE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -417,23 +454,23 @@ def decode_attention_kernel(
         next_pages = _tile_pages(kv_tile + 1, cols < tl.where(kv_tile + 1 < full_last, BLOCK_N, 0), table_row,
                                  col_page, BLOCK_N, BLOCK_SIZE)
         m_i, l_i, acc_0, acc_1 = _attend_tile(
-            kv_tile, pages, seq_len, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1,
-            bias_lo, bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset,
-            rope_offset, cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
-            STRIDE_CN, STRIDE_SN, STRIDE_CS, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT,
-            V_OFFSET, V_SCALE, KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, False, ROPE_SHIFT, DOT_PRECISION)
+            kv_tile, pages, seq_len, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_up_ptr, k_bias_ptr, first_kv_head,
+            row_kv, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset, rope_offset,
+            cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale, STRIDE_CN, STRIDE_SN, STRIDE_CS, HEADS,
+            HEAD_DIM, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT, V_OFFSET, V_SCALE,
+            KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, False, ROPE_SHIFT, DOT_PRECISION)
         pages = next_pages
     for kv_tile in range(full_last, last):
         pages = _tile_pages(kv_tile, cols < seq_len - kv_tile * BLOCK_N, table_row, col_page, BLOCK_N, BLOCK_SIZE)
         m_i, l_i, acc_0, acc_1 = _attend_tile(
-            kv_tile, pages, seq_len, m_i, l_i, acc_0, acc_1, q_lo, q_hi, up_lo_0, up_lo_1, up_hi_0, up_hi_1,
-            bias_lo, bias_hi, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset,
-            rope_offset, cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
-            STRIDE_CN, STRIDE_SN, STRIDE_CS, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT,
-            V_OFFSET, V_SCALE, KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, True, False, DOT_PRECISION)
+            kv_tile, pages, seq_len, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_up_ptr, k_bias_ptr, first_kv_head,
+            row_kv, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset, rope_offset,
+            cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale, STRIDE_CN, STRIDE_SN, STRIDE_CS, HEADS,
+            HEAD_DIM, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT, V_OFFSET, V_SCALE,
+            KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, True, False, DOT_PRECISION)
 
     if num_splits > 1:
-        num_heads = HEADS_PER_KV * tl.num_programs(1)
+        num_heads = ROWS * tl.num_programs(1)
         slot = (request.to(tl.int64) * num_heads + row_head) * num_splits + split  # [requests, heads, splits]
         partial = partial_ptr + slot[None, :] * PAD_V
         tl.store(partial + rv0[:, None], acc_0, mask=row_valid[None, :] & (rv0[:, None] < V0_LIMIT))

@@ -28,6 +28,7 @@ from vllm_palu.attention.prefill_kernels import prefill_attention_kernel, rebuil
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # reduce_splits_kernel's split tile
 PROGRAMS_PER_SM = 8  # decode programs wanted per multiprocessor (latency hiding), measured on the H200
+DECODE_UP_BYTES = 48 * 1024  # key up-projection a decode program holds in shared memory for its heads
 TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 LATENT_CODES = {"auto": 0, "fp8": 1, "int4": 2}  # the kernels' LATENT constexpr
 
@@ -56,6 +57,7 @@ class KernelConfig:
     decode_block_n: int | None = None  # keys per decode tile
     decode_warps: int | None = None
     decode_stages: int | None = None
+    decode_heads: int | None = None  # KV heads of a latent group per decode program (ops.decode_heads)
     rope_shift: bool | None = None  # rotate keys by their offset in the tile (needs a shiftable table)
     key_dtype: torch.dtype | None = None  # dtype keys are rebuilt, rotated and scored in
     prefill_block_m: int | None = None  # query rows (tokens x query heads of a KV head) per prefill tile
@@ -93,6 +95,11 @@ class LayerPlan:
     @property
     def heads_per_kv(self) -> int:
         return self.num_heads // self.kv_heads
+
+    @property
+    def decode_programs(self) -> int:
+        """Decode programs per request and split: KV heads over the heads each program takes."""
+        return self.kv_heads // self.decode["HEADS"]
 
 
 def _rank_tiles(rank_k: int, rank_v: int, latent_format: str, latent_layout: str) -> dict:
@@ -191,7 +198,14 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     # otherwise. Quantized latents, whose dequantization needs the registers: two-warp programs of 64 keys, one
     # buffer, the per-tile table (the offset rotation spills there).
     heads_per_kv = num_heads // kv_heads
-    if latent_format == "auto":
+    heads = config.decode_heads or decode_heads(group_size, head_dim, rank_k, k_up.element_size())
+    if group_size % heads:
+        raise ValueError(f"{heads} KV heads per decode program do not divide latent groups of {group_size}")
+    if heads > 1:
+        # A program rebuilding several heads' keys from each latent tile: tensor-core work that wants four-warp,
+        # 64-key tiles (docs/KERNEL_NOTES.md "Version 4").
+        block_n, warps, stages = 64 if on_gpu else 32, 4, 2
+    elif latent_format == "auto":
         wide = heads_per_kv > 1 and (rank_k if is_shared(latent_layout) else rank_k + rank_v) >= 128
         block_n = 16 if wide and on_gpu and rotary_is_shiftable(rotary, 16) else 32
         warps, stages = 1, 3
@@ -201,11 +215,12 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     rope_shift = config.rope_shift if config.rope_shift is not None else latent_format == "auto"
     rope_shift = rope_shift and rotary_is_shiftable(rotary, block_n)
     ranks = _rank_tiles(rank_k, rank_v, latent_format, latent_layout)
-    # Decode query rows: the KV head's query heads, padded to a power of two only (not to 16: Triton pads tiny
+    # Decode query rows: the group's query heads, padded to a power of two only (not to 16: Triton pads tiny
     # dots itself, and the softmax and accumulators shrink; Llama-3-8B 476 -> 421 us).
-    decode = dict(HEADS_PER_KV=heads_per_kv, GROUP_SIZE=group_size, HEAD_DIM=head_dim, HALF=head_dim // 2,
+    decode = dict(HEADS_PER_KV=heads_per_kv, GROUP_SIZE=group_size, HEADS=heads, HEAD_DIM=head_dim,
+                  HALF=head_dim // 2,
                   PAD_V=_pow2(rank_v), KEY_DTYPE=TRITON_DTYPES[key_dtype], ACC_DTYPE=TRITON_DTYPES[acc_dtype],
-                  BLOCK_M=_pow2(heads_per_kv, 1), BLOCK_N=block_n, HAS_BIAS=k_bias is not None,
+                  BLOCK_M=_pow2(heads * heads_per_kv, 1), BLOCK_N=block_n, HAS_BIAS=k_bias is not None,
                   ROPE_SHIFT=rope_shift, DOT_PRECISION=_dot_precision(key_dtype),
                   num_warps=config.decode_warps or warps,
                   num_stages=config.decode_stages or stages, **ranks)
@@ -225,10 +240,20 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
                      prefill_workspace_tokens=config.prefill_workspace_tokens, ranks=ranks)
 
 
+def decode_heads(group_size: int, head_dim: int, rank_k: int, element_size: int) -> int:
+    """KV heads per decode program: as many of a latent group's heads as share one program's latent tiles with
+    their key up-projections held in shared memory, DECODE_UP_BYTES at most (1 if even one head's is larger)."""
+    heads = min(group_size, max(1, DECODE_UP_BYTES // (head_dim * rank_k * element_size)))
+    while group_size % heads:
+        heads -= 1
+    return heads
+
+
 def decode_splits(num_requests: int, kv_heads: int, multiprocessors: int) -> int:
-    """KV splits of a decode batch: a power of two giving every multiprocessor PROGRAMS_PER_SM programs, at most
-    MAX_SPLITS. It depends on the batch size alone, so a CUDA graph captured for a batch size holds the grid eager
-    mode would launch; splits a short context does not reach exit at once."""
+    """KV splits of a decode batch: a power of two giving every multiprocessor PROGRAMS_PER_SM KV heads' work (a
+    program takes one KV head or, with four warps, several: ``LayerPlan.decode_programs``), at most MAX_SPLITS.
+    It depends on the batch size alone, so a CUDA graph captured for a batch size holds the grid eager mode would
+    launch; splits a short context does not reach exit at once."""
     wanted = math.ceil(PROGRAMS_PER_SM * multiprocessors / max(num_requests * kv_heads, 1))
     return min(_pow2(wanted, 1), MAX_SPLITS)
 
@@ -308,7 +333,7 @@ def decode_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tenso
     query = kernel_query(plan, query)
     payload, scales = _cache_views(kv_cache, plan.latent_format, plan.latent_layout)
     bias = plan.k_bias if plan.k_bias is not None else plan.k_up  # unused when HAS_BIAS is false
-    kernel = decode_attention_kernel[(num_requests, plan.kv_heads, num_splits)](
+    kernel = decode_attention_kernel[(num_requests, plan.decode_programs, num_splits)](
         query, payload, scales, plan.k_up, bias, plan.rotary, block_table, seq_lens, query_start_loc,
         out, partial, stats, plan.scale, query.stride(0), query.stride(1),
         payload.stride(0), payload.stride(1), payload.stride(2), scales.stride(0), scales.stride(1),
