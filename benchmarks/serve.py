@@ -58,8 +58,8 @@ CONFIGS = {
     "palu-0.25": Config(0.25, baseline="dense-bf16"),
     "dense-fp8": Config(None, "fp8", baseline="dense-bf16"),
     "palu-0.5-fp8": Config(0.5, "fp8", baseline="dense-fp8"),  # PALU stores fp8 latents
-    "palu-0.5-g2": Config(0.5, baseline="dense-bf16", group_size=2),
-    "palu-0.5-g8": Config(0.5, baseline="dense-bf16", group_size=8),  # split over all 8 heads: the converter's default
+    "palu-0.5-g2": Config(0.5, baseline="dense-bf16", group_size=2),  # the converter's Llama-3-8B default
+    "palu-0.5-g8": Config(0.5, baseline="dense-bf16", group_size=8),
 }
 
 

@@ -14,8 +14,8 @@
 #                                         results; `vllm serve` + `vllm bench serve`; the kernel microbenchmark
 #   bash scripts/gpu_serving.sh kernels   decode-kernel variants on the accurate layouts (joint key groups, shared
 #                                         latents) against dense decode (benchmarks/attention_kernels.py tune)
-#   bash scripts/gpu_serving.sh groups    end-to-end benchmark of PALU split over groups of 8 (the converter's
-#                                         Llama-3-8B default) and 2 heads against dense bf16: long decode, capacity
+#   bash scripts/gpu_serving.sh groups    end-to-end benchmark of PALU split over groups of 2 heads (the
+#                                         converter's Llama-3-8B default) against dense bf16: long decode, capacity
 #
 # Each step is time-boxed within the phase's BUDGET (one device call runs at most 600 s); logs land in $OUT (what the
 # device tool brings back) as one tarball, refreshed after every step, plus summary-PHASE.txt, also printed.
@@ -92,7 +92,7 @@ kernels)
     ;;
 groups)
     step serve-groups $((BUDGET - 40)) python3 benchmarks/serve.py run --out "$results/serve" \
-        --deadline $((BUDGET - 50)) --configs dense-bf16,palu-0.5-g8,palu-0.5-g2 --workloads long-decode,capacity \
+        --deadline $((BUDGET - 50)) --configs dense-bf16,palu-0.5-g2 --workloads long-decode,capacity \
         --engine-args "$ENGINE" $SERVE_ARGS
     step report 20 python3 benchmarks/serve.py report "$results/serve"
     ;;

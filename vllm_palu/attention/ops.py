@@ -201,10 +201,14 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     heads = config.decode_heads or decode_heads(group_size, head_dim, rank_k, k_up.element_size())
     if group_size % heads:
         raise ValueError(f"{heads} KV heads per decode program do not divide latent groups of {group_size}")
-    if heads > 1:
-        # A program rebuilding several heads' keys from each latent tile: tensor-core work that wants four-warp,
-        # 64-key tiles (docs/KERNEL_NOTES.md "Version 4").
-        block_n, warps, stages = 64 if on_gpu else 32, 4, 2
+    row = rank_k if is_shared(latent_layout) else rank_k + rank_v
+    if latent_format == "auto" and (group_size > 1 or is_shared(latent_layout)):
+        # Joint groups and shared latents: more key-rebuild work per byte, four-warp 64-key tiles (wgmma); two-warp
+        # 32-key tiles where a 64-key tile's buffers do not fit beside the up-projection (rows over 512). H200,
+        # Llama-3-8B kv 0.5 b16 32K (docs/KERNEL_NOTES.md "Version 4"): groups of 2, 2 heads a program 472 us
+        # (one-warp 16-key tiles, 1 head: 756); shared per head 744 (1035); groups of 8 6821 (19053).
+        block_n, warps, stages = (64, 4, 2) if row <= 512 else (32, 2, 2)
+        block_n = block_n if on_gpu else 32
     elif latent_format == "auto":
         wide = heads_per_kv > 1 and (rank_k if is_shared(latent_layout) else rank_k + rank_v) >= 128
         block_n = 16 if wide and on_gpu and rotary_is_shiftable(rotary, 16) else 32

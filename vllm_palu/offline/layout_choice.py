@@ -1,10 +1,13 @@
 """The converter's default latent layout and group size (``--latent-layout auto``, ``--group-size auto``).
 
-The most accurate layout whose key-rebuild work can still be served faster than dense attention. Rebuilding keys
-costs ``2 r_k g d`` FLOP per cached token and group at every decode step (a shared latent's r_k is its whole
-width); dense decode reads the token's bf16 K and V. At Llama-3-8B shapes (8 KV heads, head dim 128: 4,096 bytes
-per token and layer) the bound is 1 MFLOP, a decode floor 1.5x under dense decode's memory floor on fp8 tensor
-cores. As FLOP per dense KV byte (``KEY_REBUILD_FLOPS_PER_BYTE``) the bound holds for any model shape.
+The most accurate layout whose key-rebuild work the decode kernel serves at dense attention's speed. Rebuilding
+keys costs ``2 r_k g d`` FLOP per cached token and group at every decode step (a shared latent's r_k is its whole
+width); dense decode reads the token's bf16 K and V. The bound is what the H200 measured (docs/KERNEL_NOTES.md
+"Version 4", Llama-3-8B kv 0.5, batch 16 x 32K, against cuDNN's 490 us): split over groups of 2 heads, 164 kFLOP
+per token and layer (40 FLOP per dense byte), 472 us (1.04x dense); shared per head, 262 kFLOP, 744 us (0.66x);
+split over groups of 4, 328 kFLOP, 1752 us; over all 8 heads, 655 kFLOP, 6821 us (0.07x). As FLOP per dense KV
+byte (``KEY_REBUILD_FLOPS_PER_BYTE``) the bound is applied to any model shape. (It was 1 MFLOP at Llama-3-8B, a
+tensor-core floor, until the kernels were timed on those layouts.)
 
 Preference order, most accurate first, from SmolLM2-135M at kv 0.5 (docs/RESULTS.md, "Latent layout and
 refinement"): wider groups first (per head, split and shared were 27-37% worse in perplexity than over all heads),
@@ -18,8 +21,9 @@ from __future__ import annotations
 
 from vllm_palu.config import LatentLayout
 
-# 1 MFLOP per token and layer at Llama-3-8B shapes, over its 2 * 8 * 128 bf16 K and V values.
-KEY_REBUILD_FLOPS_PER_BYTE = 1e6 / (2 * 8 * 128 * 2)
+# Split over groups of 2 at Llama-3-8B kv 0.5 (r_k 80): 2 * 80 * 256 * 4 FLOP per token and layer, over its
+# 2 * 8 * 128 bf16 K and V values.
+KEY_REBUILD_FLOPS_PER_BYTE = 2 * 80 * 256 * 4 / (2 * 8 * 128 * 2)
 
 
 def key_rebuild_flops(latent_layout: LatentLayout, group_size: int, num_kv_heads: int, head_dim: int,
