@@ -28,9 +28,9 @@ def smollm2(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def smollm2_palu(smollm2, tmp_path_factory):
-    """kv-ratio 0.5 with the converter's default layout (one shared latent over the 3 KV heads), SVD factors
-    (refinement has its own tests; it would cost this fixture minutes); calibrated on WikiText-2 where the shared
-    data exists, else self-generated."""
+    """kv-ratio 0.5 with the converter's default layout (split, the keys of the 3 KV heads in one group), SVD
+    factors (refinement has its own tests; it would cost this fixture minutes); calibrated on WikiText-2 where the
+    shared data exists, else self-generated."""
     calib = SHARED_DATA / "wikitext2" / "calib.txt"
     options = (dict(calib=str(calib), calib_samples=16, calib_seq_len=512) if calib.is_file()
                else dict(calib=None, calib_samples=8, calib_seq_len=128))
