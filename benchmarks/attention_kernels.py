@@ -194,7 +194,7 @@ TUNE_CASES = [Case("llama3-8b", 32, 8, 128, 0.5, 2, 16, 32768), Case("llama3-8b"
               Case("llama3-8b", 32, 8, 128, 0.5, 4, 16, 32768), Case("llama2-7b", 32, 32, 128, 0.5, 4, 16, 32768),
               Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768, latent_layout="shared"),
               Case("llama3-8b", 32, 8, 128, 0.5, 2, 16, 32768, latent_layout="shared")]
-TUNE_TILES = [(16, 1, 3), (64, 4, 2), (32, 2, 2), (128, 4, 2)]  # keys, warps, stages
+TUNE_TILES = [(16, 1, 3), (64, 4, 2), (32, 2, 2), (64, 4, 1), (128, 4, 2)]  # keys, warps, stages
 TUNE_UP_BYTES = 100 * 1024  # heads per program whose up-projections exceed this cannot fit beside the tiles
 
 
