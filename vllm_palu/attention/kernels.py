@@ -2,12 +2,13 @@
 :mod:`vllm_palu.attention.ops`; fp32 oracle: :mod:`vllm_palu.attention.reference`; the prefill path:
 :mod:`vllm_palu.attention.prefill_kernels`).
 
-``decode_attention_kernel`` handles one (request, KV head, KV split) of a decode batch: it walks the request's
-block table, loads latent tiles (dequantizing fp8 / int4 pages in registers), rebuilds that KV head's keys on
-tensor cores (``latent @ k_up``), rotates them with the model's cos/sin table at each key's position, scores the
-query heads of that KV head, and accumulates ``P @ v_latent`` with an online softmax; ``reduce_splits_kernel``
-combines KV splits. Keys are rebuilt in two rotary halves (``lo``, ``hi``) so rotation needs no register shuffles;
-GPT-J-style rotary is handled by the plan permuting k_up rows and query columns the same way. Keys are rotated by
+``decode_attention_kernel`` handles one (request, KV heads of a latent group, KV split) of a decode batch: it walks
+the request's block table, loads latent tiles (dequantizing fp8 / int4 pages in registers), rebuilds each of its
+KV heads' keys on tensor cores (``latent @ k_up``), rotates them with the model's cos/sin table at each key's
+position, scores the query heads of each KV head, and accumulates ``P @ v_latent`` with an online softmax;
+``reduce_splits_kernel`` combines KV splits. Keys are rebuilt in two rotary halves (``lo``, ``hi``) so rotation
+needs no register shuffles; GPT-J-style rotary is handled by the plan permuting k_up rows and query columns the
+same way. Keys are rotated by
 their offset in the tile and the query back by the tile's start (``ROPE_SHIFT``), so the rotary table is read one
 row per tile instead of one row per key. ``write_latents_kernel`` scatters new tokens' 16-bit latents into their
 slots; ``write_quantized_latents_kernel`` quantizes them to fp8 / int4 on the way (the contract of
@@ -456,18 +457,20 @@ def decode_attention_kernel(
         m_i, l_i, acc_0, acc_1 = _attend_tile(
             kv_tile, pages, seq_len, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_up_ptr, k_bias_ptr, first_kv_head,
             row_kv, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset, rope_offset,
-            cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale, STRIDE_CN, STRIDE_SN, STRIDE_CS, HEADS,
-            HEAD_DIM, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT, V_OFFSET, V_SCALE,
-            KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, False, ROPE_SHIFT, DOT_PRECISION)
+            cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
+            STRIDE_CN, STRIDE_SN, STRIDE_CS, HEADS, HEAD_DIM, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K,
+            SPLIT_V, LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, False, ROPE_SHIFT,
+            DOT_PRECISION)
         pages = next_pages
     for kv_tile in range(full_last, last):
         pages = _tile_pages(kv_tile, cols < seq_len - kv_tile * BLOCK_N, table_row, col_page, BLOCK_N, BLOCK_SIZE)
         m_i, l_i, acc_0, acc_1 = _attend_tile(
             kv_tile, pages, seq_len, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_up_ptr, k_bias_ptr, first_kv_head,
             row_kv, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset, rope_offset,
-            cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale, STRIDE_CN, STRIDE_SN, STRIDE_CS, HEADS,
-            HEAD_DIM, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V, LATENT, V_OFFSET, V_SCALE,
-            KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, True, False, DOT_PRECISION)
+            cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
+            STRIDE_CN, STRIDE_SN, STRIDE_CS, HEADS, HEAD_DIM, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K,
+            SPLIT_V, LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, True, False,
+            DOT_PRECISION)
 
     if num_splits > 1:
         num_heads = ROWS * tl.num_programs(1)

@@ -219,8 +219,8 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     rope_shift = config.rope_shift if config.rope_shift is not None else latent_format == "auto"
     rope_shift = rope_shift and rotary_is_shiftable(rotary, block_n)
     ranks = _rank_tiles(rank_k, rank_v, latent_format, latent_layout)
-    # Decode query rows: the group's query heads, padded to a power of two only (not to 16: Triton pads tiny
-    # dots itself, and the softmax and accumulators shrink; Llama-3-8B 476 -> 421 us).
+    # Decode query rows: the query heads of the program's KV heads, padded to a power of two only (not to 16:
+    # Triton pads tiny dots itself, and the softmax and accumulators shrink; Llama-3-8B 476 -> 421 us).
     decode = dict(HEADS_PER_KV=heads_per_kv, GROUP_SIZE=group_size, HEADS=heads, HEAD_DIM=head_dim,
                   HALF=head_dim // 2,
                   PAD_V=_pow2(rank_v), KEY_DTYPE=TRITON_DTYPES[key_dtype], ACC_DTYPE=TRITON_DTYPES[acc_dtype],

@@ -7,7 +7,9 @@ width); dense decode reads the token's bf16 K and V. The bound is what the H200 
 per token and layer (40 FLOP per dense byte), 472 us (1.04x dense); shared per head, 262 kFLOP, 744 us (0.66x);
 split over groups of 4, 328 kFLOP, 1752 us; over all 8 heads, 655 kFLOP, 6821 us (0.07x). As FLOP per dense KV
 byte (``KEY_REBUILD_FLOPS_PER_BYTE``) the bound is applied to any model shape. (It was 1 MFLOP at Llama-3-8B, a
-tensor-core floor, until the kernels were timed on those layouts.)
+tensor-core floor, until the kernels were timed on those layouts.) Those timings ran under triton 3.6; served under
+vLLM's triton 3.8 groups of 2 decoded 1.77x slower than dense (docs/RESULTS.md), so only per-head split serves
+faster than dense today: `--group-size 1` where speed matters more than accuracy.
 
 Preference order, most accurate first, from SmolLM2-135M at kv 0.5 (docs/RESULTS.md, "Latent layout and
 refinement"): wider groups first (per head, split and shared were 27-37% worse in perplexity than over all heads),
