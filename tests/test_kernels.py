@@ -217,6 +217,24 @@ def test_prefill_windows_match_reference(shape, workspace_tokens):
     check(make_case(shape, DTYPES[0], seed=6), config=KernelConfig(prefill_workspace_tokens=workspace_tokens))
 
 
+@pytest.mark.parametrize("workspace_tokens, parts", [(4096, [0]), (256, [0, 1, None]), (64, [0, 1, 2, 3, 4, 5, None])])
+def test_prefill_takes_one_causal_part_where_the_contexts_fit(workspace_tokens, parts):
+    """Chunked prefill whose contexts fit the workspace: one part holding prefix and new tokens (one rebuild, one
+    attention launch); otherwise prefix windows, then the new tokens. A batch without cached prefixes is the new
+    tokens alone."""
+    shape = Shape([200, 70], [20, 70], 4, 2, 1, 32, 16, 24, 16)  # one request with a 180-token prefix
+    case = make_case(shape, torch.float32, seed=2)
+    plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], True, 4, 24, case["scale"],
+                          config=KernelConfig(prefill_workspace_tokens=workspace_tokens))
+    batch = ops.PrefillBatch(0, 2, 0, 70, 180)
+    workspace = ops.prefill_workspace(plan, case["query"], batch, 24, 16)
+    assert workspace.parts == parts
+    assert workspace.whole_context == (parts == [0])
+    new_only = ops.prefill_workspace(plan, case["query"], ops.PrefillBatch(0, 2, 0, 70, 0), 24, 16)
+    assert new_only.parts == [None] and new_only.prefix_keys.numel() == 0
+    check(case, config=KernelConfig(prefill_workspace_tokens=workspace_tokens))
+
+
 @pytest.mark.parametrize("latent_layout", ["split", "shared"])
 def test_padding_decodes_without_tokens_then_prefill(latent_layout):
     """CUDA-graph padding: leading requests with no token count as decodes; the prefill path still finds its

@@ -3,7 +3,11 @@
 Dense vLLM runs prompt chunks on FlashAttention (FA3 on Hopper); a PALU prefill differs only in where the keys come
 from. The context is rebuilt once into a workspace in FlashAttention's layout (:func:`ops.rebuild_context`: rotated
 keys, and V latents zero-padded to the head dim, per KV head; in the shared latent layout the V latent is the one
-latent the keys are rebuilt from, as the plan tells the rebuild kernel), then FlashAttention runs over it in parts:
+latent the keys are rebuilt from, as the plan tells the rebuild kernel), then FlashAttention runs over it. Where
+every request's whole context fits its share of the workspace (chunked prefill of the usual sizes), once: the
+contexts paged through a block table over the workspace, ``seqused_k`` their lengths, ``causal=True``
+(bottom-right aligned: exactly a chunk's causality over its prefix and itself), as vLLM's own FlashAttention
+backend calls it. Otherwise in parts:
 
 - the new tokens, packed like the queries: ``causal=True`` (FlashAttention's causal mask is bottom-right aligned,
   which is the chunk's own causality);
@@ -54,6 +58,12 @@ class FlashPrefill:
         version = get_flash_attn_version(head_size=plan.head_dim)
         return None if version is None else cls(version)
 
+    @staticmethod
+    def _table(workspace: ops.PrefillWorkspace, requests: int, device) -> torch.Tensor:
+        """Block table of the workspace's window slots: request i's window is pages i * pages .. of PAGE rows."""
+        pages = workspace.window // PAGE
+        return torch.arange(requests * pages, dtype=torch.int32, device=device).view(requests, pages)
+
     def __call__(self, plan: ops.LayerPlan, query: torch.Tensor, kv_cache: torch.Tensor,
                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, out: torch.Tensor,
                  batch: ops.PrefillBatch) -> None:
@@ -64,6 +74,17 @@ class FlashPrefill:
         starts = query_start_loc[first:first + count + 1]
         cu_queries = starts - starts[:1]  # relative to the first prefill token (device op: no host read)
         merged = queries.new_empty(queries.shape[0], plan.num_heads, plan.head_dim)
+        if workspace.whole_context:
+            ops.rebuild_context(plan, kv_cache, query_start_loc, seq_lens, block_table, batch, workspace, 0,
+                                query.dtype)
+            self.attend(q=queries, k=workspace.prefix_keys.view(-1, PAGE, plan.kv_heads, plan.head_dim),
+                        v=workspace.prefix_values.view(-1, PAGE, plan.kv_heads, plan.head_dim),
+                        cu_seqlens_q=cu_queries, max_seqlen_q=batch.max_query_len,
+                        seqused_k=seq_lens[first:first + count], max_seqlen_k=workspace.window,
+                        block_table=self._table(workspace, count, query.device), softmax_scale=plan.softmax_scale,
+                        causal=True, out=merged, fa_version=self.fa_version)
+            out[batch.first_token:batch.first_token + merged.shape[0]].copy_(merged[..., :plan.rank_v])
+            return
         ops.rebuild_context(plan, kv_cache, query_start_loc, seq_lens, block_table, batch, workspace, None,
                             query.dtype)
         _, merged_lse = self.attend(
@@ -73,8 +94,7 @@ class FlashPrefill:
             fa_version=self.fa_version)
         if workspace.windows:
             window = workspace.window
-            pages = window // PAGE
-            table = torch.arange(count * pages, dtype=torch.int32, device=query.device).view(count, pages)
+            table = self._table(workspace, count, query.device)
             prefixes = seq_lens[first:first + count] - (starts[1:] - starts[:-1])
             shape = (-1, PAGE, plan.kv_heads, plan.head_dim)
             part, other, other_lse = torch.empty_like(merged), torch.empty_like(merged), torch.empty_like(merged_lse)

@@ -23,7 +23,8 @@ import triton.language as tl
 from vllm_palu.attention.kernels import (decode_attention_kernel, reduce_splits_kernel, write_latents_kernel,
                                         write_quantized_latents_kernel)
 from vllm_palu.attention.latent_quant import LATENT_SCALE_BYTES, check_ranks, is_shared, page_views, rank_v_of_row
-from vllm_palu.attention.prefill_kernels import prefill_attention_kernel, rebuild_context_kernel
+from vllm_palu.attention.prefill_kernels import (NEW_TOKENS, PREFIX_WINDOW, WHOLE_CONTEXT, prefill_attention_kernel,
+                                                rebuild_context_kernel)
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # reduce_splits_kernel's split tile
@@ -367,7 +368,9 @@ class PrefillBatch:
 class PrefillWorkspace:
     """Rebuilt keys and V latents of one prefill batch (FlashAttention's layout, ``[rows, kv_heads, width]``): the
     new tokens packed by token, and one prefix window of ``window`` positions per request (reused window by
-    window). ``windows``: how many prefix windows the longest prefix needs (0: no request has one)."""
+    window). ``windows``: how many prefix windows the longest prefix needs (0: no request has one).
+    ``whole_context``: every request's whole context (prefix and new tokens) fits its window, which holds it: one
+    causal part, no new-token rows."""
 
     new_keys: torch.Tensor
     new_values: torch.Tensor
@@ -375,44 +378,61 @@ class PrefillWorkspace:
     prefix_values: torch.Tensor
     window: int
     windows: int
+    whole_context: bool
+
+    @property
+    def parts(self) -> list[int | None]:
+        """What each launch covers, in order: window indices, None for the new tokens."""
+        return [0] if self.whole_context else [*range(self.windows), None]
+
+    def part(self, window_index: int | None) -> tuple[int, torch.Tensor, torch.Tensor, int]:
+        """(the kernels' part code, keys, values, first context position) of one entry of :attr:`parts`."""
+        if window_index is None:
+            return NEW_TOKENS, self.new_keys, self.new_values, 0
+        return (WHOLE_CONTEXT if self.whole_context else PREFIX_WINDOW, self.prefix_keys, self.prefix_values,
+                window_index * self.window)
 
 
 def prefill_workspace(plan: LayerPlan, query: torch.Tensor, batch: PrefillBatch, v_width: int,
                       window_multiple: int) -> PrefillWorkspace:
-    """Allocate the workspace: ``plan.prefill_workspace_tokens`` prefix positions in all (Llama-3-8B: 4 KiB a
-    position), split evenly over the requests in multiples of ``window_multiple``."""
+    """Allocate the workspace: ``plan.prefill_workspace_tokens`` context positions in all (Llama-3-8B: 4 KiB a
+    position), split evenly over the requests in multiples of ``window_multiple``; a request's whole context where
+    the longest fits its share and a prefix is cached (chunked prefill), else windows of the prefix and the new
+    tokens apart."""
     block_n = plan.prefill_tile[1]
-    window = max(window_multiple, plan.prefill_workspace_tokens // batch.num_requests // window_multiple
-                 * window_multiple)
-    window = min(window, triton.cdiv(max(batch.max_prefix_len, 1), window_multiple) * window_multiple)
+    share = max(window_multiple, plan.prefill_workspace_tokens // batch.num_requests // window_multiple
+                * window_multiple)
+    context = triton.cdiv(batch.max_prefix_len + batch.max_query_len, window_multiple) * window_multiple
+    whole_context = batch.max_prefix_len > 0 and context <= share
+    window = context if whole_context else min(
+        share, triton.cdiv(max(batch.max_prefix_len, 1), window_multiple) * window_multiple)
     assert window % block_n == 0
-    new_rows = query.shape[0] - batch.first_token
+    new_rows = 0 if whole_context else query.shape[0] - batch.first_token
     prefix_rows = batch.num_requests * window if batch.max_prefix_len else 0
     return PrefillWorkspace(
         new_keys=query.new_empty(new_rows, plan.kv_heads, plan.head_dim),
         new_values=query.new_empty(new_rows, plan.kv_heads, v_width),
         prefix_keys=query.new_empty(prefix_rows, plan.kv_heads, plan.head_dim),
         prefix_values=query.new_empty(prefix_rows, plan.kv_heads, v_width),
-        window=window, windows=triton.cdiv(batch.max_prefix_len, window))
+        window=window, windows=1 if whole_context else triton.cdiv(batch.max_prefix_len, window),
+        whole_context=whole_context)
 
 
 def rebuild_context(plan: LayerPlan, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                     seq_lens: torch.Tensor, block_table: torch.Tensor, batch: PrefillBatch,
                     workspace: PrefillWorkspace, window_index: int | None, operand_dtype: torch.dtype) -> None:
-    """Rebuild one part of every prefill request's context into the workspace: its new tokens
-    (``window_index`` None) or prefix window ``window_index``."""
-    new_tokens = window_index is None
-    keys, values = ((workspace.new_keys, workspace.new_values) if new_tokens
-                    else (workspace.prefix_keys, workspace.prefix_values))
+    """Rebuild one part of every prefill request's context into the workspace (an entry of
+    ``workspace.parts``): its new tokens (``window_index`` None) or window ``window_index``."""
+    part, keys, values, window_start = workspace.part(window_index)
     block_n = plan.prefill_tile[1]
-    tiles = triton.cdiv(batch.max_query_len, block_n) if new_tokens else workspace.window // block_n
+    tiles = triton.cdiv(batch.max_query_len, block_n) if part == NEW_TOKENS else workspace.window // block_n
     payload, scales = _cache_views(kv_cache, plan.latent_format, plan.latent_layout)
     bias = plan.k_bias if plan.k_bias is not None else plan.k_up  # unused when HAS_BIAS is false
     width = values.shape[-1]
     rebuild_context_kernel[(tiles, batch.num_requests, plan.kv_heads)](
         payload, scales, plan.k_up, bias, plan.rotary, block_table, seq_lens, query_start_loc, keys, values,
-        batch.first_request, batch.first_token, 0 if new_tokens else window_index * workspace.window,
-        workspace.window, new_tokens, payload.stride(0), payload.stride(1), payload.stride(2),
+        batch.first_request, batch.first_token, window_start, workspace.window, part,
+        payload.stride(0), payload.stride(1), payload.stride(2),
         scales.stride(0), scales.stride(1), scales.stride(2), block_table.stride(0), plan.rotary.stride(0),
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         GROUP_SIZE=plan.group_size, HEAD_DIM=plan.head_dim, HALF=plan.head_dim // 2, **plan.ranks,
@@ -425,27 +445,26 @@ def prefill_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tens
                       seq_lens: torch.Tensor, block_table: torch.Tensor, out: torch.Tensor,
                       batch: PrefillBatch) -> None:
     """The prefill requests of ``batch`` attend causally over their contexts: each context is rebuilt once
-    (:func:`rebuild_context`: the cached prefix window by window, then the new tokens), with FlashAttention in
-    Triton over each part; the softmax state is carried between parts in fp32 scratch. (Where vLLM's own
-    FlashAttention runs, :mod:`vllm_palu.attention.flash_prefill` replaces the Triton attention.)"""
+    (:func:`rebuild_context`: the whole context where it fits the workspace, else the cached prefix window by
+    window, then the new tokens), with FlashAttention in Triton over each part; the softmax state is carried
+    between parts in fp32 scratch. (Where vLLM's own FlashAttention runs, :mod:`vllm_palu.attention.flash_prefill`
+    replaces the Triton attention.)"""
     query = kernel_query(plan, query)
     block_m, block_n, warps, stages = plan.prefill_tile
     block_q = block_m // plan.heads_per_kv
     workspace = prefill_workspace(plan, query, batch, plan.rank_v, block_n)
     pad_v = _pow2(plan.rank_v)
-    parts = [*range(workspace.windows), None]  # prefix windows, then the new tokens
+    parts = workspace.parts
     state = (query.new_empty(query.shape[0] - batch.first_token, plan.num_heads, pad_v + 2, dtype=torch.float32)
              if len(parts) > 1 else plan.fp32_placeholder)  # unused with one part
     for index, window_index in enumerate(parts):
         rebuild_context(plan, kv_cache, query_start_loc, seq_lens, block_table, batch, workspace, window_index,
                         query.dtype)
-        new_tokens = window_index is None
-        keys, values = ((workspace.new_keys, workspace.new_values) if new_tokens
-                        else (workspace.prefix_keys, workspace.prefix_values))
+        part, keys, values, window_start = workspace.part(window_index)
         prefill_attention_kernel[(triton.cdiv(batch.max_query_len, block_q), batch.num_requests, plan.kv_heads)](
             query, keys, values, seq_lens, query_start_loc, out, state, plan.scale,
-            batch.first_request, batch.first_token, 0 if new_tokens else window_index * workspace.window,
-            workspace.window, new_tokens, index == 0, index == len(parts) - 1,
+            batch.first_request, batch.first_token, window_start, workspace.window, part, index == 0,
+            index == len(parts) - 1,
             query.stride(0), query.stride(1), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
             out.stride(0), out.stride(1),
             HEADS_PER_KV=plan.heads_per_kv, HEAD_DIM=plan.head_dim, RANK_V=plan.rank_v, PAD_V=pad_v,

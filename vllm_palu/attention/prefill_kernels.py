@@ -8,7 +8,10 @@ instead, in two parts per request:
 - the **new tokens** (positions ``seq_len - q_len ..``), their keys packed by token like the queries: attended
   causally;
 - the **cached prefix** before them, in windows of ``window_tokens`` positions per request (the workspace stays
-  bounded for any context length): visible to every new token, attended without a mask.
+  bounded for any context length): visible to every new token, attended without a mask;
+
+or, where every request's whole context fits its window slot, in **one part**: prefix and new tokens in the slot,
+attended causally (one rebuild and one attention launch, no state carried between parts).
 
 1. ``rebuild_context_kernel``: one program per (tile, request, KV head) reads a latent tile from the paged cache,
    rebuilds and rotates that KV head's keys and writes them, with its group's dequantized V latents (zero-padded to
@@ -30,28 +33,35 @@ import triton.language as tl
 from vllm_palu.attention.kernels import _load_tile, _rebuild_half
 
 
+# What a launch's part of the context is (the ``part`` argument of both kernels).
+PREFIX_WINDOW = 0  # a window of the cached prefix, in the request's window slot: no mask
+NEW_TOKENS = 1  # the new tokens, packed like the queries: causal
+WHOLE_CONTEXT = 2  # prefix and new tokens together in the request's window slot (it fits): causal, the only part
+
+
 @triton.jit
-def _part_range(seq_len, q_start, q_len, local_request, first_token, window_start, window_tokens, new_tokens):
+def _part_range(seq_len, q_start, q_len, local_request, first_token, window_start, window_tokens, part):
     """Context positions [start, end) of one request in the part being processed, and the workspace row of
-    position ``start``: the new tokens (``new_tokens``) packed by token index, or a prefix window of
-    ``window_tokens`` positions at ``window_start`` in the request's slot."""
+    position ``start``: the new tokens (``NEW_TOKENS``) packed by token index, or a window of ``window_tokens``
+    positions at ``window_start`` in the request's slot, of the prefix (``PREFIX_WINDOW``) or of the whole
+    context (``WHOLE_CONTEXT``)."""
     prefix = seq_len - q_len
-    if new_tokens:
+    if part == 1:  # NEW_TOKENS
         start = prefix
         end = seq_len
         row = (q_start - first_token).to(tl.int64)
     else:
         start = window_start
-        end = tl.minimum(window_start + window_tokens, prefix)
+        end = tl.minimum(window_start + window_tokens, tl.where(part == 2, seq_len, prefix))
         row = local_request.to(tl.int64) * window_tokens
     return start, end, row
 
 
-@triton.jit(do_not_specialize=["first_request", "first_token", "window_start", "window_tokens", "new_tokens"])
+@triton.jit(do_not_specialize=["first_request", "first_token", "window_start", "window_tokens", "part"])
 def rebuild_context_kernel(
     cache_ptr, scale_ptr, k_up_ptr, k_bias_ptr, cos_sin_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr,
     keys_ptr, values_ptr,
-    first_request, first_token, window_start, window_tokens, new_tokens,
+    first_request, first_token, window_start, window_tokens, part,
     stride_cb, stride_cg, stride_cn,
     stride_sb, stride_sg, stride_sn,
     stride_bt, stride_cs,
@@ -75,7 +85,7 @@ def rebuild_context_kernel(
     q_start = tl.load(query_start_ptr + request)
     q_len = tl.load(query_start_ptr + request + 1) - q_start
     start, end, row = _part_range(seq_len, q_start, q_len, local_request, first_token, window_start, window_tokens,
-                                  new_tokens)
+                                  part)
     cols = tl.arange(0, BLOCK_N)
     positions = start + tile * BLOCK_N + cols
     if start + tile * BLOCK_N >= end:
@@ -141,11 +151,11 @@ def rebuild_context_kernel(
                  mask=in_range[None, :] & (fill[:, None] < V_WIDTH))
 
 
-@triton.jit(do_not_specialize=["first_request", "first_token", "window_start", "window_tokens", "new_tokens",
+@triton.jit(do_not_specialize=["first_request", "first_token", "window_start", "window_tokens", "part",
                                "first_part", "last_part"])
 def prefill_attention_kernel(
     q_ptr, keys_ptr, values_ptr, seq_lens_ptr, query_start_ptr, out_ptr, state_ptr, scale,
-    first_request, first_token, window_start, window_tokens, new_tokens, first_part, last_part,
+    first_request, first_token, window_start, window_tokens, part, first_part, last_part,
     stride_qt, stride_qh,
     stride_kr, stride_kh, stride_vr, stride_vh,
     stride_ot, stride_oh,
@@ -166,7 +176,7 @@ def prefill_attention_kernel(
         return
     seq_len = tl.load(seq_lens_ptr + request)
     start, end, row = _part_range(seq_len, q_start, q_len, local_request, first_token, window_start, window_tokens,
-                                  new_tokens)
+                                  part)
 
     # Query rows (the M side): BLOCK_Q tokens x HEADS_PER_KV heads of this KV head.
     rows = tl.arange(0, BLOCK_M)
