@@ -27,9 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="split: a K latent and a V latent per token and group (Palu); shared: one latent both "
                              "are rebuilt from, factorized from [W_k; W_v] (SkipCat's shared projection), caching "
                              "each layer's K + V budget as one latent. auto (default): the most accurate layout "
-                             "measured whose key-rebuild work stays servable faster than dense decode (at most "
-                             "1 MFLOP per token and layer at Llama-3-8B shapes): shared over all KV heads where "
-                             "that fits (SmolLM2), else split with joint keys (Llama-3-8B at kv <= 0.7)")
+                             "measured whose key-rebuild work the decode kernel ran at dense speed on an H200 "
+                             "(at most 40 FLOP per dense KV byte): split with the keys of all KV heads in one "
+                             "group for SmolLM2, over groups of 2 for Llama-3-8B; --group-size 1 decodes fastest")
     parser.add_argument("--group-size", default="auto",
                         help="KV heads per latent group: an integer dividing the KV heads, 'all' = joint, or "
                              "auto (default, with --latent-layout: the widest group that stays servable)")
