@@ -48,7 +48,7 @@ class Config:
     kv_ratio: float | None  # None: the dense model
     kv_cache_dtype: str = "auto"
     baseline: str | None = None  # what its speed targets compare against
-    group_size: int = 1  # KV heads per latent group (Llama-3-8B's accurate default, --group-size auto: all 8)
+    group_size: int = 1  # KV heads per latent group (the converter's Llama-3-8B default, --group-size auto: 2)
 
 
 # In the order a run takes them: the main comparison first, so a deadline cuts the least important ones.

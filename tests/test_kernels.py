@@ -107,7 +107,7 @@ SMALL = [
     Shape([33, 70], [1, 1], 4, 4, 1, 32, 16, 24, 16),               # MHA decode: one query row per KV head
     Shape([50, 17, 96], [1, 1, 5], 16, 4, 4, 32, 40, 88, 16),       # GQA joint group of 4: 16 rows a program
 ]
-SHARED_SMALL = [shared(shape) for shape in SMALL]  # ranks 16, 24 (padded), 8, 40 (two chunks), 16, 16
+SHARED_SMALL = [shared(shape) for shape in SMALL]  # ranks 16, 24 (padded), 8, 40 (two chunks), 16, 16, 40
 
 
 FULL = [  # GPU only (gpu_shapes): real head sizes and context lengths
@@ -217,7 +217,8 @@ def test_prefill_windows_match_reference(shape, workspace_tokens):
     check(make_case(shape, DTYPES[0], seed=6), config=KernelConfig(prefill_workspace_tokens=workspace_tokens))
 
 
-@pytest.mark.parametrize("workspace_tokens, parts", [(4096, [0]), (256, [0, 1, None]), (64, [0, 1, 2, 3, 4, 5, None])])
+@pytest.mark.parametrize("workspace_tokens, parts", [(4096, [0]), (256, [0, 1, None]),
+                                                     (64, [0, 1, 2, 3, 4, 5, None])])
 def test_prefill_takes_one_causal_part_where_the_contexts_fit(workspace_tokens, parts):
     """Chunked prefill whose contexts fit the workspace: one part holding prefix and new tokens (one rebuild, one
     attention launch); otherwise prefix windows, then the new tokens. A batch without cached prefixes is the new
