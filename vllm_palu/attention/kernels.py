@@ -6,18 +6,17 @@
 the request's block table, loads latent tiles (dequantizing fp8 / int4 pages in registers), rebuilds each of its
 KV heads' keys on tensor cores (``latent @ k_up``), rotates them with the model's cos/sin table at each key's
 position, scores the query heads of each KV head, and accumulates ``P @ v_latent`` with an online softmax;
-``reduce_splits_kernel`` combines KV splits. Keys are rebuilt in two rotary halves (``lo``, ``hi``) so rotation
-needs no register shuffles; GPT-J-style rotary is handled by the plan permuting k_up rows and query columns the
-same way. Keys are rotated by
-their offset in the tile and the query back by the tile's start (``ROPE_SHIFT``), so the rotary table is read one
-row per tile instead of one row per key. ``write_latents_kernel`` scatters new tokens' 16-bit latents into their
-slots; ``write_quantized_latents_kernel`` quantizes them to fp8 / int4 on the way (the contract of
-:mod:`vllm_palu.attention.latent_quant`, bit for bit). In the shared latent layout a row holds one latent that is
-both the K and the V latent: the writes store it once, and the attention kernels take its V tiles from the K tiles
-they loaded (``V_OFFSET`` / ``V_SCALE`` 0, constexprs of the plan). Every step-dependent size (batch, context,
-split count) is a run-time value, so one compiled kernel per layer shape serves every batch (and vLLM's warm-up
-compiles it).
-Variants tried and their measurements: docs/KERNEL_NOTES.md.
+``reduce_splits_kernel`` combines KV splits. Keys are rebuilt by one dot and split into their rotary halves
+(``lo``, ``hi``, NeoX order) in registers, so rotation needs no shuffles; GPT-J-style rotary is handled by the plan
+permuting k_up rows and query columns the same way. Keys are rotated by their offset in the tile and the query back
+by the tile's start (``ROPE_SHIFT``), so the rotary table is read one row per tile instead of one row per key.
+``write_latents_kernel`` scatters new tokens' 16-bit latents into their slots; ``write_quantized_latents_kernel``
+quantizes them to fp8 / int4 on the way (the contract of :mod:`vllm_palu.attention.latent_quant`, bit for bit). In
+the shared latent layout a row holds one latent that is both the K and the V latent: the writes store it once, and
+the attention kernels take its V tiles from the K tiles they loaded (``V_OFFSET`` / ``V_SCALE`` 0, constexprs of the
+plan). Every step-dependent size (batch, context, split count) is a run-time value, so one compiled kernel per layer
+shape serves every batch (and vLLM's warm-up compiles it). Variants tried and their measurements:
+docs/KERNEL_NOTES.md.
 """
 
 from __future__ import annotations
@@ -137,10 +136,10 @@ def write_quantized_latents_kernel(
 
 
 @triton.jit
-def _rebuild_half(latent_0, latent_1, up_0, up_1, SPLIT_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                  KEY_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One rotary half of a key tile: ``latent @ up`` over the rank chunks (the second chunk may be absent).
-    ``DOT_PRECISION``: "ieee" for fp32 operands (fp32 models; Triton's default would be tf32)."""
+def _rebuild(latent_0, latent_1, up_0, up_1, SPLIT_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
+             KEY_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Keys (or one rotary half of them) of a tile: ``latent @ up`` over the rank chunks (the second chunk may be
+    absent). ``DOT_PRECISION``: "ieee" for fp32 operands (fp32 models; Triton's default would be tf32)."""
     key = tl.dot(latent_0, up_0, out_dtype=ACC_DTYPE, input_precision=DOT_PRECISION)
     if SPLIT_K:
         key = tl.dot(latent_1, up_1, key, out_dtype=ACC_DTYPE, input_precision=DOT_PRECISION)
@@ -227,29 +226,29 @@ def _tile_pages(kv_tile, valid, table_row, col_page, BLOCK_N: tl.constexpr, BLOC
 
 
 @triton.jit
-def _load_up(k_up_ptr, kv_head, dims, rk0, rk1, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, RANK_K: tl.constexpr,
-             K0_LIMIT: tl.constexpr, KEY_DTYPE: tl.constexpr):
-    """One KV head's rows of the key up-projection as [rank chunk, half] operands: (lo 0, lo 1, hi 0, hi 1)."""
+def _load_up(k_up_ptr, kv_head, rk0, rk1, HEAD_DIM: tl.constexpr, RANK_K: tl.constexpr, K0_LIMIT: tl.constexpr,
+             KEY_DTYPE: tl.constexpr):
+    """One KV head's rows of the key up-projection as [rank chunk, HEAD_DIM] operands (both rotary halves)."""
     up_base = k_up_ptr + kv_head.to(tl.int64) * HEAD_DIM * RANK_K
-    up_lo_0 = tl.load(up_base + dims[None, :] * RANK_K + rk0[:, None], mask=rk0[:, None] < K0_LIMIT,
-                      other=0.0).to(KEY_DTYPE)
-    up_hi_0 = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk0[:, None], mask=rk0[:, None] < K0_LIMIT,
-                      other=0.0).to(KEY_DTYPE)
-    up_lo_1 = tl.load(up_base + dims[None, :] * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K,
-                      other=0.0).to(KEY_DTYPE)
-    up_hi_1 = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K,
-                      other=0.0).to(KEY_DTYPE)
-    return up_lo_0, up_lo_1, up_hi_0, up_hi_1
+    dims = tl.arange(0, HEAD_DIM)
+    up_0 = tl.load(up_base + dims[None, :] * RANK_K + rk0[:, None], mask=rk0[:, None] < K0_LIMIT,
+                   other=0.0).to(KEY_DTYPE)
+    up_1 = tl.load(up_base + dims[None, :] * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K,
+                   other=0.0).to(KEY_DTYPE)
+    return up_0, up_1
 
 
 @triton.jit
-def _score_head(latent_0, latent_1, up_lo_0, up_lo_1, up_hi_0, up_hi_1, bias_lo, bias_hi, cos, sin, q_lo, q_hi,
-                scores, SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, KEY_DTYPE: tl.constexpr,
+def _score_head(latent_0, latent_1, up_0, up_1, bias_lo, bias_hi, cos, sin, q_lo, q_hi, scores,
+                SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HALF: tl.constexpr, KEY_DTYPE: tl.constexpr,
                 ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One KV head's keys of a tile, rebuilt from the latents, rotated and scored against ``q_lo``/``q_hi``
-    [HALF, rows] (zero outside the head's rows), added to ``scores`` [BLOCK_N, rows]."""
-    key_lo = _rebuild_half(latent_0, latent_1, up_lo_0, up_lo_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE, DOT_PRECISION)
-    key_hi = _rebuild_half(latent_0, latent_1, up_hi_0, up_hi_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE, DOT_PRECISION)
+    [HALF, rows] (zero outside the head's rows), added to ``scores`` [BLOCK_N, rows]. Both rotary halves come
+    from one dot and are split in registers: under triton 3.8 two dots (one per half) converted the latent tile
+    twice and staged one copy through shared memory (488 against 430 SASS instructions per 16-key tile; 3.6 gave
+    422 for two dots but shuffles the split, 689)."""
+    key = _rebuild(latent_0, latent_1, up_0, up_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE, DOT_PRECISION)
+    key_lo, key_hi = tl.split(tl.permute(tl.reshape(key, [key.shape[0], 2, HALF]), (0, 2, 1)))
     if HAS_BIAS:
         key_lo += bias_lo[None, :]
         key_hi += bias_hi[None, :]
@@ -310,8 +309,7 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_u
     for head in tl.static_range(HEADS):  # each head's keys score its own rows (the other rows' q are 0)
         kv_head = first_kv_head + head
         # Loop-invariant: the compiler loads each head's up-projection (and bias) once, before the KV loop.
-        up_lo_0, up_lo_1, up_hi_0, up_hi_1 = _load_up(k_up_ptr, kv_head, dims, rk0, rk1, HEAD_DIM, HALF, RANK_K,
-                                                      K0_LIMIT, KEY_DTYPE)
+        up_0, up_1 = _load_up(k_up_ptr, kv_head, rk0, rk1, HEAD_DIM, RANK_K, K0_LIMIT, KEY_DTYPE)
         bias_lo = dims  # unused without a bias
         bias_hi = dims
         if HAS_BIAS:
@@ -323,8 +321,8 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_u
             in_head = (row_kv == head)[None, :]
             head_q_lo = tl.where(in_head, q_tile_lo, tl.zeros_like(q_tile_lo))
             head_q_hi = tl.where(in_head, q_tile_hi, tl.zeros_like(q_tile_hi))
-        scores = _score_head(latent_0, latent_1, up_lo_0, up_lo_1, up_hi_0, up_hi_1, bias_lo, bias_hi, cos, sin,
-                             head_q_lo, head_q_hi, scores, SPLIT_K, HAS_BIAS, KEY_DTYPE, ACC_DTYPE, DOT_PRECISION)
+        scores = _score_head(latent_0, latent_1, up_0, up_1, bias_lo, bias_hi, cos, sin, head_q_lo, head_q_hi,
+                             scores, SPLIT_K, HAS_BIAS, HALF, KEY_DTYPE, ACC_DTYPE, DOT_PRECISION)
     scores = scores * scale  # [BLOCK_N, BLOCK_M]
     if MASKED:
         scores = tl.where(in_range[:, None] & row_valid[None, :], scores, float("-inf"))

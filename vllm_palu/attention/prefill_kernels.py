@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from vllm_palu.attention.kernels import _load_tile, _rebuild_half
+from vllm_palu.attention.kernels import _load_tile, _rebuild
 
 
 # What a launch's part of the context is (the ``part`` argument of both kernels).
@@ -115,10 +115,10 @@ def rebuild_context_kernel(
     up_lo_1 = tl.load(up_base + dims[None, :] * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K, other=0.0)
     up_hi_1 = tl.load(up_base + (HALF + dims[None, :]) * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K,
                       other=0.0)
-    key_lo = _rebuild_half(latent_0, latent_1, up_lo_0.to(OPERAND_DTYPE), up_lo_1.to(OPERAND_DTYPE), SPLIT_K,
-                           tl.float32, tl.float32, DOT_PRECISION)
-    key_hi = _rebuild_half(latent_0, latent_1, up_hi_0.to(OPERAND_DTYPE), up_hi_1.to(OPERAND_DTYPE), SPLIT_K,
-                           tl.float32, tl.float32, DOT_PRECISION)
+    key_lo = _rebuild(latent_0, latent_1, up_lo_0.to(OPERAND_DTYPE), up_lo_1.to(OPERAND_DTYPE), SPLIT_K,
+                      tl.float32, tl.float32, DOT_PRECISION)
+    key_hi = _rebuild(latent_0, latent_1, up_hi_0.to(OPERAND_DTYPE), up_hi_1.to(OPERAND_DTYPE), SPLIT_K,
+                      tl.float32, tl.float32, DOT_PRECISION)
     if HAS_BIAS:
         key_lo += tl.load(k_bias_ptr + kv_head * HEAD_DIM + dims).to(tl.float32)[None, :]
         key_hi += tl.load(k_bias_ptr + kv_head * HEAD_DIM + HALF + dims).to(tl.float32)[None, :]
