@@ -50,6 +50,12 @@ step() {  # step NAME SECONDS COMMAND...: run within what is left of the budget,
 }
 
 if [ ! -d /tmp/site/vllm ]; then
+    # A refused staging transfer leaves a piece missing, and the install then breaks torch (2026-12-02: NCCL).
+    staged=$(ls /root/stage 2> /dev/null | wc -l)
+    if [ "$staged" -lt 23 ]; then
+        echo "error: $staged of the 23 stack pieces are in /root/stage; stage the rest first" | tee -a "$summary"
+        exit 3
+    fi
     # The image has no unzip, which the stack's install.sh calls as `unzip -p WHEEL MEMBER`.
     if ! command -v unzip > /dev/null; then
         mkdir -p /tmp/palu-gpu/bin
