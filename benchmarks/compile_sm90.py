@@ -28,7 +28,8 @@ from triton.compiler import ASTSource
 
 from vllm_palu.attention import kernels, ops
 
-POINTERS = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "scale_ptr": "*fp16", "k_up_ptr": "*bf16", "k_bias_ptr": "*bf16",
+POINTERS = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "scale_ptr": "*fp16", "k_up_ptr": "*bf16",
+            "k_up_scale_ptr": "*fp32", "k_bias_ptr": "*bf16",
             "cos_sin_ptr": "*fp16", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_ptr": "*i32",
             "out_ptr": "*bf16", "partial_ptr": "*fp32", "stats_ptr": "*fp32"}
 # Row strides the kernel takes as constexprs (16-bit rows of 48 + 80 latents; quantized pages differ, which moves
@@ -131,15 +132,18 @@ def main() -> None:
     parser.add_argument("--ranks", default="48,80", help="rank_k,rank_v of a group (default: kv 0.5 per head)")
     parser.add_argument("--layout", default="split", choices=["split", "shared"])
     parser.add_argument("--heads", type=int, help="KV heads per program (default: the plan's, ops.decode_heads)")
+    parser.add_argument("--fp8-mma", action="store_true", help="fp8 latents: keys rebuilt on fp8 tensor cores")
     args = parser.parse_args()
     rank_k, rank_v = map(int, args.ranks.split(","))
     row = rank_k if args.layout == "shared" else rank_k + rank_v
     STRIDE_CONSTEXPRS.update(STRIDE_CN=row, STRIDE_SN=row)
     POINTERS["cache_ptr"] = "*u8" if args.latent != "auto" else f"*{args.cache_dtype}"
+    if args.fp8_mma:
+        POINTERS["k_up_ptr"] = "*fp8e4nv"
     for tile in args.tiles.split(","):
         block_n, warps, stages = map(int, tile.split(":"))
         config = ops.KernelConfig(decode_block_n=block_n, decode_warps=warps, decode_stages=stages,
-                                  decode_heads=args.heads,
+                                  decode_heads=args.heads, fp8_mma=args.fp8_mma,
                                   rope_shift=False if args.no_rope_shift else None)
         constexprs, warps, stages = decode_constexprs(config, args.latent, rank_k, rank_v, args.group_size,
                                                       args.layout)

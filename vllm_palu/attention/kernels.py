@@ -149,9 +149,11 @@ def _rebuild(latent_0, latent_1, up_0, up_1, SPLIT_K: tl.constexpr, ACC_DTYPE: t
 @triton.jit
 def _load_tile(token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K: tl.constexpr, RANK_V: tl.constexpr,
                K0_LIMIT: tl.constexpr, V0_LIMIT: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr,
-               LATENT: tl.constexpr, V_OFFSET: tl.constexpr, V_SCALE: tl.constexpr, KEY_DTYPE: tl.constexpr):
+               LATENT: tl.constexpr, V_OFFSET: tl.constexpr, V_SCALE: tl.constexpr, KEY_DTYPE: tl.constexpr,
+               K_CODES: tl.constexpr):
     """A KV tile's latents, K as [BLOCK_N, rank chunk] (dequantized, key dtype) and V transposed as
-    [rank chunk, BLOCK_N], plus V's per-token scale and minimum (quantized V is dequantized inside P.V).
+    [rank chunk, BLOCK_N], plus V's per-token scale and minimum (quantized V is dequantized inside P.V) and K's
+    per-token scale. ``K_CODES`` (fp8): K stays e4m3 codes, for fp8 tensor-core products scaled afterwards.
 
     LATENT 0: rows of 16-bit values. 1 (fp8): e4m3 bytes; scale rows hold fp16 scales. 2 (int4): rank/2 bytes per
     latent, byte j holding codes j (low nibble) and j + rank/2 (high); scale rows hold fp16 scale, min pairs
@@ -165,6 +167,7 @@ def _load_tile(token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K: tl.
     v_mask_0 = in_range[None, :] & (rv0[:, None] < V0_LIMIT)
     v_scale = in_range.to(tl.float32)  # unused unless quantized
     v_min = v_scale
+    k_scale = v_scale
     if LATENT == 2:
         k_scale = tl.load(scale_rows, mask=in_range, other=0.0).to(tl.float32)
         k_min = tl.load(scale_rows + 1, mask=in_range, other=0.0).to(tl.float32)
@@ -205,14 +208,20 @@ def _load_tile(token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K: tl.
                 v_scale = k_scale
             else:
                 v_scale = tl.load(scale_rows + V_SCALE, mask=in_range, other=0.0).to(tl.float32)
-            latent_0 = (latent_0.to(tl.float8e4nv, bitcast=True).to(tl.float32) * k_scale[:, None]).to(KEY_DTYPE)
-            latent_1 = (latent_1.to(tl.float8e4nv, bitcast=True).to(tl.float32) * k_scale[:, None]).to(KEY_DTYPE)
+            if K_CODES:
+                latent_0 = latent_0.to(tl.float8e4nv, bitcast=True)
+                latent_1 = latent_1.to(tl.float8e4nv, bitcast=True)
+            else:
+                latent_0 = (latent_0.to(tl.float8e4nv, bitcast=True).to(tl.float32) * k_scale[:, None]
+                            ).to(KEY_DTYPE)
+                latent_1 = (latent_1.to(tl.float8e4nv, bitcast=True).to(tl.float32) * k_scale[:, None]
+                            ).to(KEY_DTYPE)
             v_0 = v_0.to(tl.float8e4nv, bitcast=True).to(KEY_DTYPE)  # exact in fp16; the scale enters in P.V
             v_1 = v_1.to(tl.float8e4nv, bitcast=True).to(KEY_DTYPE)
         else:
             latent_0 = latent_0.to(KEY_DTYPE)
             latent_1 = latent_1.to(KEY_DTYPE)
-    return latent_0, latent_1, v_0, v_1, v_scale, v_min
+    return latent_0, latent_1, v_0, v_1, v_scale, v_min, k_scale
 
 
 @triton.jit
@@ -226,28 +235,37 @@ def _tile_pages(kv_tile, valid, table_row, col_page, BLOCK_N: tl.constexpr, BLOC
 
 
 @triton.jit
-def _load_up(k_up_ptr, kv_head, rk0, rk1, HEAD_DIM: tl.constexpr, RANK_K: tl.constexpr, K0_LIMIT: tl.constexpr,
-             KEY_DTYPE: tl.constexpr):
-    """One KV head's rows of the key up-projection as [rank chunk, HEAD_DIM] operands (both rotary halves)."""
+def _load_up(k_up_ptr, k_up_scale_ptr, kv_head, rk0, rk1, HEAD_DIM: tl.constexpr, RANK_K: tl.constexpr,
+             K0_LIMIT: tl.constexpr, KEY_DTYPE: tl.constexpr, FP8_MMA: tl.constexpr):
+    """One KV head's rows of the key up-projection as [rank chunk, HEAD_DIM] operands (both rotary halves), and
+    (``FP8_MMA``: the plan's e4m3 copy) its per-channel scales [HEAD_DIM]."""
     up_base = k_up_ptr + kv_head.to(tl.int64) * HEAD_DIM * RANK_K
     dims = tl.arange(0, HEAD_DIM)
-    up_0 = tl.load(up_base + dims[None, :] * RANK_K + rk0[:, None], mask=rk0[:, None] < K0_LIMIT,
-                   other=0.0).to(KEY_DTYPE)
-    up_1 = tl.load(up_base + dims[None, :] * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K,
-                   other=0.0).to(KEY_DTYPE)
-    return up_0, up_1
+    up_0 = tl.load(up_base + dims[None, :] * RANK_K + rk0[:, None], mask=rk0[:, None] < K0_LIMIT, other=0.0)
+    up_1 = tl.load(up_base + dims[None, :] * RANK_K + rk1[:, None], mask=rk1[:, None] < RANK_K, other=0.0)
+    up_scale = dims.to(tl.float32)  # unused unless FP8_MMA
+    if FP8_MMA:
+        up_scale = tl.load(k_up_scale_ptr + kv_head.to(tl.int64) * HEAD_DIM + dims)
+    else:
+        up_0 = up_0.to(KEY_DTYPE)
+        up_1 = up_1.to(KEY_DTYPE)
+    return up_0, up_1, up_scale
 
 
 @triton.jit
-def _score_head(latent_0, latent_1, up_0, up_1, bias_lo, bias_hi, cos, sin, q_lo, q_hi, scores,
+def _score_head(latent_0, latent_1, up_0, up_1, k_scale, up_scale, bias_lo, bias_hi, cos, sin, q_lo, q_hi, scores,
                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HALF: tl.constexpr, KEY_DTYPE: tl.constexpr,
-                ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_MMA: tl.constexpr):
     """One KV head's keys of a tile, rebuilt from the latents, rotated and scored against ``q_lo``/``q_hi``
     [HALF, rows] (zero outside the head's rows), added to ``scores`` [BLOCK_N, rows]. Both rotary halves come
     from one dot and are split in registers: under triton 3.8 two dots (one per half) converted the latent tile
     twice and staged one copy through shared memory (488 against 430 SASS instructions per 16-key tile; 3.6 gave
     422 for two dots but shuffles the split, 689)."""
-    key = _rebuild(latent_0, latent_1, up_0, up_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE, DOT_PRECISION)
+    if FP8_MMA:  # e4m3 codes x e4m3 up-projection, fp32 sums, then the token's and the channel's scales
+        key = _rebuild(latent_0, latent_1, up_0, up_1, SPLIT_K, tl.float32, tl.float32, DOT_PRECISION)
+        key = (key * k_scale[:, None] * up_scale[None, :]).to(KEY_DTYPE)
+    else:
+        key = _rebuild(latent_0, latent_1, up_0, up_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE, DOT_PRECISION)
     key_lo, key_hi = tl.split(tl.permute(tl.reshape(key, [key.shape[0], 2, HALF]), (0, 2, 1)))
     if HAS_BIAS:
         key_lo += bias_lo[None, :]
@@ -259,7 +277,7 @@ def _score_head(latent_0, latent_1, up_0, up_1, bias_lo, bias_hi, cos, sin, q_lo
 
 
 @triton.jit
-def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_up_ptr, k_bias_ptr,
+def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_up_ptr, k_up_scale_ptr, k_bias_ptr,
                  first_kv_head, row_kv, cols, dims, rk0, rk1, rv0, rv1,
                  row_valid, slot_offset, scale_slot_offset, rope_offset, cos_offsets, sin_offsets, cache_group,
                  scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
@@ -270,7 +288,7 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_u
                  V_OFFSET: tl.constexpr, V_SCALE: tl.constexpr,
                  KEY_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, ROPE_SHIFT: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, FP8_MMA: tl.constexpr):
     """One KV tile of the decode loop (``pages``: its block-table entries, one per position): load its latents,
     rebuild and rotate the keys of the program's ``HEADS`` KV heads, score each against its own query rows, and
     fold the tile into the online softmax (m_i, l_i) and the V-latent accumulators, shared by all the rows.
@@ -287,9 +305,9 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_u
     pages = pages.to(tl.int64)
     token_ptrs = cache_group + pages * stride_cb + (slot_offset + slot_base * STRIDE_CN)
     scale_rows = scale_group + pages * stride_sb + (scale_slot_offset + slot_base * STRIDE_SN)
-    latent_0, latent_1, v_0, v_1, v_scale, v_min = _load_tile(
+    latent_0, latent_1, v_0, v_1, v_scale, v_min, k_scale = _load_tile(
         token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V,
-        LATENT, V_OFFSET, V_SCALE, KEY_DTYPE)
+        LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, FP8_MMA)
     if ROPE_SHIFT:
         start_row = cos_sin_ptr + tile_start.to(tl.int64) * STRIDE_CS + dims[:, None]
         start_cos = tl.load(start_row).to(KEY_DTYPE)
@@ -309,7 +327,8 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_u
     for head in tl.static_range(HEADS):  # each head's keys score its own rows (the other rows' q are 0)
         kv_head = first_kv_head + head
         # Loop-invariant: the compiler loads each head's up-projection (and bias) once, before the KV loop.
-        up_0, up_1 = _load_up(k_up_ptr, kv_head, rk0, rk1, HEAD_DIM, RANK_K, K0_LIMIT, KEY_DTYPE)
+        up_0, up_1, up_scale = _load_up(k_up_ptr, k_up_scale_ptr, kv_head, rk0, rk1, HEAD_DIM, RANK_K, K0_LIMIT,
+                                        KEY_DTYPE, FP8_MMA)
         bias_lo = dims  # unused without a bias
         bias_hi = dims
         if HAS_BIAS:
@@ -321,8 +340,9 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_u
             in_head = (row_kv == head)[None, :]
             head_q_lo = tl.where(in_head, q_tile_lo, tl.zeros_like(q_tile_lo))
             head_q_hi = tl.where(in_head, q_tile_hi, tl.zeros_like(q_tile_hi))
-        scores = _score_head(latent_0, latent_1, up_0, up_1, bias_lo, bias_hi, cos, sin, head_q_lo, head_q_hi,
-                             scores, SPLIT_K, HAS_BIAS, HALF, KEY_DTYPE, ACC_DTYPE, DOT_PRECISION)
+        scores = _score_head(latent_0, latent_1, up_0, up_1, k_scale, up_scale, bias_lo, bias_hi, cos, sin,
+                             head_q_lo, head_q_hi, scores, SPLIT_K, HAS_BIAS, HALF, KEY_DTYPE, ACC_DTYPE,
+                             DOT_PRECISION, FP8_MMA)
     scores = scores * scale  # [BLOCK_N, BLOCK_M]
     if MASKED:
         scores = tl.where(in_range[:, None] & row_valid[None, :], scores, float("-inf"))
@@ -358,7 +378,8 @@ def _split_range(seq_len, split, num_splits, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def decode_attention_kernel(
-    q_ptr, cache_ptr, scale_ptr, k_up_ptr, k_bias_ptr, cos_sin_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr,
+    q_ptr, cache_ptr, scale_ptr, k_up_ptr, k_up_scale_ptr, k_bias_ptr, cos_sin_ptr, block_table_ptr, seq_lens_ptr,
+    query_start_ptr,
     out_ptr, partial_ptr, stats_ptr, scale,
     stride_qt, stride_qh,
     stride_cb, stride_cg, STRIDE_CN: tl.constexpr,
@@ -372,7 +393,7 @@ def decode_attention_kernel(
     ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, LATENT: tl.constexpr, K0_LIMIT: tl.constexpr, K1_OFFSET: tl.constexpr,
     V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr, V_OFFSET: tl.constexpr, V_SCALE: tl.constexpr,
-    ROPE_SHIFT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROPE_SHIFT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_MMA: tl.constexpr,
 ):
     """One program per (request, ``HEADS`` KV heads of a latent group, KV split) of a decode batch: each request
     has one new token (already in the cache) and attends over its whole context. A program's query rows are the
@@ -453,22 +474,24 @@ def decode_attention_kernel(
         next_pages = _tile_pages(kv_tile + 1, cols < tl.where(kv_tile + 1 < full_last, BLOCK_N, 0), table_row,
                                  col_page, BLOCK_N, BLOCK_SIZE)
         m_i, l_i, acc_0, acc_1 = _attend_tile(
-            kv_tile, pages, seq_len, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_up_ptr, k_bias_ptr, first_kv_head,
+            kv_tile, pages, seq_len, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_up_ptr, k_up_scale_ptr, k_bias_ptr,
+            first_kv_head,
             row_kv, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset, rope_offset,
             cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
             STRIDE_CN, STRIDE_SN, STRIDE_CS, HEADS, HEAD_DIM, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K,
             SPLIT_V, LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, False, ROPE_SHIFT,
-            DOT_PRECISION)
+            DOT_PRECISION, FP8_MMA)
         pages = next_pages
     for kv_tile in range(full_last, last):
         pages = _tile_pages(kv_tile, cols < seq_len - kv_tile * BLOCK_N, table_row, col_page, BLOCK_N, BLOCK_SIZE)
         m_i, l_i, acc_0, acc_1 = _attend_tile(
-            kv_tile, pages, seq_len, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_up_ptr, k_bias_ptr, first_kv_head,
+            kv_tile, pages, seq_len, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_up_ptr, k_up_scale_ptr, k_bias_ptr,
+            first_kv_head,
             row_kv, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset, rope_offset,
             cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
             STRIDE_CN, STRIDE_SN, STRIDE_CS, HEADS, HEAD_DIM, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K,
             SPLIT_V, LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, True, False,
-            DOT_PRECISION)
+            DOT_PRECISION, FP8_MMA)
 
     if num_splits > 1:
         num_heads = ROWS * tl.num_programs(1)

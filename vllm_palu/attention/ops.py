@@ -39,14 +39,15 @@ def _pow2(value: int, minimum: int = 16) -> int:
     return max(minimum, 1 << max(value - 1, 0).bit_length())
 
 
-def rank_chunks(rank: int) -> tuple[int, int]:
-    """Cover ``rank`` with power-of-two tiles (Triton's shapes): one, or two when that pads less (48 -> 32 + 16,
-    80 -> 64 + 16, 176 -> 128 + 64). Returns (first, second); second is 0 for a single chunk."""
-    single = _pow2(rank)
-    first = max(16, single // 2)
+def rank_chunks(rank: int, minimum: int = 16) -> tuple[int, int]:
+    """Cover ``rank`` with power-of-two tiles of at least ``minimum`` (Triton's shapes; fp8 dots need 32): one, or
+    two when that pads less (48 -> 32 + 16, 80 -> 64 + 16, 176 -> 128 + 64). Returns (first, second); second is 0
+    for a single chunk."""
+    single = _pow2(rank, minimum)
+    first = max(minimum, single // 2)
     if first >= rank:
         return single, 0
-    second = _pow2(rank - first)
+    second = _pow2(rank - first, minimum)
     return (first, second) if first + second < single else (single, 0)
 
 
@@ -61,6 +62,7 @@ class KernelConfig:
     decode_heads: int | None = None  # KV heads of a latent group per decode program (ops.decode_heads)
     rope_shift: bool | None = None  # rotate keys by their offset in the tile (needs a shiftable table)
     key_dtype: torch.dtype | None = None  # dtype keys are rebuilt, rotated and scored in
+    fp8_mma: bool = False  # fp8 latents: rebuild keys on fp8 tensor cores from an e4m3 copy of k_up (not yet timed)
     prefill_block_m: int | None = None  # query rows (tokens x query heads of a KV head) per prefill tile
     prefill_block_n: int | None = None
     prefill_warps: int | None = None
@@ -84,6 +86,8 @@ class LayerPlan:
     scale: float  # softmax scale times log2(e): the kernels use exp2
     k_up: torch.Tensor  # [kv_heads, head_dim, rank_k], rotary halves in NeoX order
     k_bias: torch.Tensor | None  # [kv_heads, head_dim], same order
+    k_up_fp8: torch.Tensor | None  # fp8 tensor-core rebuild: k_up in e4m3, per (head, dim) channel ...
+    k_up_scale: torch.Tensor | None  # ... scaled by these [kv_heads, head_dim], fp32
     query_permutation: torch.Tensor | None  # GPT-J rotary: head dims reordered into NeoX halves
     rotary: torch.Tensor  # [positions, head_dim] cos | sin, in key dtype
     multiprocessors: int  # of the device (1 on CPU): sets the decode split count
@@ -103,7 +107,7 @@ class LayerPlan:
         return self.kv_heads // self.decode["HEADS"]
 
 
-def _rank_tiles(rank_k: int, rank_v: int, latent_format: str, latent_layout: str) -> dict:
+def _rank_tiles(rank_k: int, rank_v: int, latent_format: str, latent_layout: str, fp8_mma: bool = False) -> dict:
     """The kernels' rank constexprs: tiles covering the K and V latents (one chunk, or two with less padding; int4
     pages hold both halves of a rank in one byte tile: two chunks of rank / 2), and where V sits in a row:
     ``V_OFFSET`` (elements, or payload bytes for fp8 / int4) and ``V_SCALE`` (slot of V's fp16 scale, its int4
@@ -113,7 +117,7 @@ def _rank_tiles(rank_k: int, rank_v: int, latent_format: str, latent_layout: str
         rv0 = rv1 = _pow2(rank_v // 2)
         k_limit, v_limit = rank_k // 2, rank_v // 2
     else:
-        rk0, rk1 = rank_chunks(rank_k)
+        rk0, rk1 = rank_chunks(rank_k, 32 if fp8_mma else 16)  # K tiles are the rebuild's reduction dimension
         rv0, rv1 = rank_chunks(rank_v)
         k_limit, v_limit = rank_k, rank_v
     shared = is_shared(latent_layout)
@@ -219,14 +223,20 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     block_n = config.decode_block_n or block_n
     rope_shift = config.rope_shift if config.rope_shift is not None else latent_format == "auto"
     rope_shift = rope_shift and rotary_is_shiftable(rotary, block_n)
-    ranks = _rank_tiles(rank_k, rank_v, latent_format, latent_layout)
+    fp8_mma = config.fp8_mma and latent_format == "fp8"
+    ranks = _rank_tiles(rank_k, rank_v, latent_format, latent_layout, fp8_mma)
+    k_up_heads = k_up_heads.contiguous()
+    k_up_fp8 = k_up_scale = None
+    if fp8_mma:  # channel scales from each (head, dim) row's largest magnitude
+        k_up_scale = (k_up_heads.float().abs().amax(dim=-1) / 448.0).clamp(min=2.0 ** -24)
+        k_up_fp8 = (k_up_heads.float() / k_up_scale[..., None]).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
     # Decode query rows: the query heads of the program's KV heads, padded to a power of two only (not to 16:
     # Triton pads tiny dots itself, and the softmax and accumulators shrink; Llama-3-8B 476 -> 421 us).
     decode = dict(HEADS_PER_KV=heads_per_kv, GROUP_SIZE=group_size, HEADS=heads, HEAD_DIM=head_dim,
                   HALF=head_dim // 2,
                   PAD_V=_pow2(rank_v), KEY_DTYPE=TRITON_DTYPES[key_dtype], ACC_DTYPE=TRITON_DTYPES[acc_dtype],
                   BLOCK_M=_pow2(heads * heads_per_kv, 1), BLOCK_N=block_n, HAS_BIAS=k_bias is not None,
-                  ROPE_SHIFT=rope_shift, DOT_PRECISION=_dot_precision(key_dtype),
+                  ROPE_SHIFT=rope_shift, DOT_PRECISION=_dot_precision(key_dtype), FP8_MMA=fp8_mma,
                   num_warps=config.decode_warps or warps,
                   num_stages=config.decode_stages or stages, **ranks)
     # Prefill tiles: scripts measured on the H200 (docs/KERNEL_NOTES.md, prefill).
@@ -237,7 +247,8 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     return LayerPlan(num_heads=num_heads, kv_heads=kv_heads, group_size=group_size, head_dim=head_dim,
                      rank_k=rank_k, rank_v=rank_v, latent_format=latent_format, latent_layout=latent_layout,
                      softmax_scale=scale, scale=scale * LOG2E,
-                     k_up=k_up_heads.contiguous(), k_bias=None if k_bias is None else k_bias.contiguous(),
+                     k_up=k_up_heads, k_bias=None if k_bias is None else k_bias.contiguous(),
+                     k_up_fp8=k_up_fp8, k_up_scale=k_up_scale,
                      query_permutation=permutation, rotary=rotary,
                      multiprocessors=torch.cuda.get_device_properties(device).multi_processor_count if on_gpu else 1,
                      fp32_placeholder=torch.empty(1, dtype=torch.float32, device=device),
@@ -338,8 +349,11 @@ def decode_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tenso
     query = kernel_query(plan, query)
     payload, scales = _cache_views(kv_cache, plan.latent_format, plan.latent_layout)
     bias = plan.k_bias if plan.k_bias is not None else plan.k_up  # unused when HAS_BIAS is false
+    fp8_mma = plan.decode["FP8_MMA"]
+    k_up = plan.k_up_fp8 if fp8_mma else plan.k_up
+    k_up_scale = plan.k_up_scale if fp8_mma else plan.fp32_placeholder  # unused without FP8_MMA
     kernel = decode_attention_kernel[(num_requests, plan.decode_programs, num_splits)](
-        query, payload, scales, plan.k_up, bias, plan.rotary, block_table, seq_lens, query_start_loc,
+        query, payload, scales, k_up, k_up_scale, bias, plan.rotary, block_table, seq_lens, query_start_loc,
         out, partial, stats, plan.scale, query.stride(0), query.stride(1),
         payload.stride(0), payload.stride(1), payload.stride(2), scales.stride(0), scales.stride(1),
         scales.stride(2), block_table.stride(0), plan.rotary.stride(0), out.stride(0), out.stride(1),

@@ -101,9 +101,9 @@ def rebuild_context_kernel(
     rk1 = K1_OFFSET + tl.arange(0, RK1)
     rv0 = tl.arange(0, RV0)
     rv1 = V1_OFFSET + tl.arange(0, RV1)
-    latent_0, latent_1, v_0, v_1, v_scale, v_min = _load_tile(
+    latent_0, latent_1, v_0, v_1, v_scale, v_min, _ = _load_tile(
         token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V,
-        LATENT, V_OFFSET, V_SCALE, OPERAND_DTYPE)
+        LATENT, V_OFFSET, V_SCALE, OPERAND_DTYPE, False)
     rows = row + tile * BLOCK_N + cols
 
     # Keys: rebuilt with fp32 accumulation (this pass is cheap), rotated in fp32, stored in the workspace dtype.
