@@ -188,19 +188,21 @@ def unfused_palu_us(case: Case, device) -> float:
     return us
 
 
-# The accurate layouts (split with joint keys over groups of 2, 4 and all 8 heads; shared latents), Llama-3-8B and
-# Llama-2-7B shapes, batch 16: the decode kernel's variants, each with the KV heads per program it can take.
-TUNE_CASES = [Case("llama3-8b", 32, 8, 128, 0.5, 2, 16, 32768), Case("llama3-8b", 32, 8, 128, 0.5, 8, 16, 32768),
-              Case("llama3-8b", 32, 8, 128, 0.5, 4, 16, 32768), Case("llama2-7b", 32, 32, 128, 0.5, 4, 16, 32768),
-              Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768, latent_layout="shared"),
-              Case("llama3-8b", 32, 8, 128, 0.5, 2, 16, 32768, latent_layout="shared")]
-TUNE_TILES = [(16, 1, 3), (64, 4, 2), (32, 2, 2), (64, 4, 1), (128, 4, 2)]  # keys, warps, stages
-TUNE_UP_BYTES = 100 * 1024  # heads per program whose up-projections exceed this cannot fit beside the tiles
+# The accurate layouts (split with joint keys over groups of 2, Llama-2-7B's groups of 4; shared latents per head),
+# batch 16 x 32K: the decode kernel's variants, each with the KV heads per program it can take. Groups of 4 and 8 at
+# Llama-3-8B and shared latents over 2 heads were timed under triton 3.6 (docs/RESULTS.md): 0.07-0.40x dense, a
+# structure away from the targets, so they are left out of the rounds.
+TUNE_CASES = [Case("llama3-8b", 32, 8, 128, 0.5, 2, 16, 32768), Case("llama2-7b", 32, 32, 128, 0.5, 4, 16, 32768),
+              Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768, latent_layout="shared")]
+TUNE_TILES = [(64, 4, 2), (64, 4, 1), (32, 2, 2), (32, 4, 2), (16, 1, 3)]  # keys, warps, stages
+TUNE_UP_BYTES = 64 * 1024  # heads per program whose up-projections exceed this cannot fit beside the tiles
+# Per head split, bf16 latents: the plan's default only (the decode loop changed since its last timing).
+TUNE_BASELINE_CASE = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768)
 
 
 # fp8 latents per head: today's dequantizing tiles against keys rebuilt on fp8 tensor cores (four-warp tiles
 # reach fp8 wgmma, QGMMA.64x128x32 in benchmarks/compile_sm90.py --latent fp8 --fp8-mma --tiles 64:4:2).
-TUNE_FP8_CASE = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768)
+TUNE_FP8_CASE = TUNE_BASELINE_CASE
 TUNE_FP8_VARIANTS = [{}, dict(decode_block_n=64, decode_warps=4, decode_stages=2),
                      dict(fp8_mma=True, decode_block_n=64, decode_warps=4, decode_stages=2),
                      dict(fp8_mma=True, decode_block_n=128, decode_warps=4, decode_stages=2),
@@ -233,6 +235,7 @@ def tune(device, deadline: float) -> list[dict]:
         rows.append({"case": f"{model} dense b{case.batch} {case.context // 1024}K", **dense_us(case, device)})
         print(json.dumps(rows[-1]), flush=True)
     runs = [[(case, "auto", v) for v in tune_variants(case)] for case in TUNE_CASES]
+    runs.append([(TUNE_BASELINE_CASE, "auto", {})])
     runs.append([(TUNE_FP8_CASE, "fp8", v) for v in TUNE_FP8_VARIANTS])
     inputs = {(case.name, latent): build_inputs(case, torch.bfloat16, device, latent)
               for case, latent, _ in (run[0] for run in runs)}

@@ -10,6 +10,7 @@
 #                                         (chunked prefill, preemption, prefix caching)
 #   bash scripts/gpu_serving.sh serve     end-to-end benchmark (benchmarks/serve.py): dense bf16 and PALU kv 0.5 /
 #                                         0.25 engines; host time per attention call (benchmarks/host_time.py)
+#   bash scripts/gpu_serving.sh host      host time per attention call alone
 #   bash scripts/gpu_serving.sh extra     the fp8 configurations (dense fp8 KV, PALU fp8 latents) into the same
 #                                         results; `vllm serve` + `vllm bench serve`; the kernel microbenchmark
 #   bash scripts/gpu_serving.sh kernels   decode-kernel variants on the accurate layouts (joint key groups, shared
@@ -24,7 +25,7 @@
 # install 24 s; under triton 3.8 the kernel tests take more than 150 s (first compiles) and each bf16 test engine
 # about 60 s to start (torch.compile, CUDA graphs).
 set -uo pipefail
-phase=${1:?usage: gpu_serving.sh tests|serving|serve|extra|kernels|groups}
+phase=${1:?usage: gpu_serving.sh tests|serving|serve|host|extra|kernels|groups}
 OUT=${OUT:-results/gpu}
 BUDGET=${BUDGET:-570}  # seconds for the whole phase: one device call runs at most 600
 logs=/tmp/palu-gpu/$phase
@@ -91,6 +92,9 @@ serve)
     step serve 330 python3 benchmarks/serve.py run --out "$results/serve" --deadline 320 \
         --configs dense-bf16,palu-0.5,palu-0.25 --engine-args "$ENGINE" $SERVE_ARGS
     step host-time 200 python3 benchmarks/host_time.py --out "$results/host" ${HOST_ARGS:-}
+    ;;
+host)
+    step host-time $((BUDGET - 20)) python3 benchmarks/host_time.py --out "$results/host" ${HOST_ARGS:-}
     ;;
 kernels)
     step tune $((BUDGET - 60)) python3 -m benchmarks.attention_kernels tune --deadline $((BUDGET - 130)) \

@@ -236,6 +236,41 @@ def test_prefill_takes_one_causal_part_where_the_contexts_fit(workspace_tokens, 
     check(case, config=KernelConfig(prefill_workspace_tokens=workspace_tokens))
 
 
+@pytest.mark.parametrize("head_dim, rank_v, width", [(128, 88, 128), (128, 176, 192), (64, 40, 64), (80, 60, 96),
+                                                     (128, 320, None)])
+def test_flash_attention_width_holds_keys_and_v_latents(head_dim, rank_v, width):
+    flash_prefill = pytest.importorskip("vllm_palu.attention.flash_prefill")
+    assert flash_prefill.flash_head_dim(head_dim, rank_v) == width
+
+
+@pytest.mark.parametrize("whole_context", [True, False])
+def test_rebuild_pads_keys_and_values_to_the_workspace_width(whole_context):
+    """A workspace wider than the head dim and the V rank (FlashAttention's width for V latents over the head
+    dim): the rebuild writes the same keys and V latents, and zeros after them."""
+    shape = Shape([200, 70], [20, 70], 4, 2, 1, 32, 16, 40, 16)  # V rank 40 over head dim 32: width 64
+    case = make_case(shape, torch.float32, seed=4)
+    plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], True, 4, 40, case["scale"],
+                          config=KernelConfig(prefill_workspace_tokens=4096 if whole_context else 64))
+    batch = ops.PrefillBatch(0, 2, 0, 70, 180)
+    narrow = ops.prefill_workspace(plan, case["query"], batch, 40, 16)
+    wide = ops.prefill_workspace(plan, case["query"], batch, 64, 16, key_width=64)
+    assert narrow.parts == wide.parts and narrow.whole_context == whole_context
+    for workspace in (narrow, wide):
+        for tensor in (workspace.new_keys, workspace.new_values, workspace.prefix_keys, workspace.prefix_values):
+            tensor.fill_(float("nan"))
+    for window_index in narrow.parts[:2]:
+        for workspace in (narrow, wide):
+            ops.rebuild_context(plan, case["kv_cache"], case["query_start_loc"], case["seq_lens"],
+                                case["block_table"], batch, workspace, window_index, torch.float32)
+        _, keys, values, _ = narrow.part(window_index)
+        _, wide_keys, wide_values, _ = wide.part(window_index)
+        written = ~keys[:, 0, 0].isnan()  # rows past a request's part are not written
+        assert written.any()
+        torch.testing.assert_close(wide_keys[written, :, :32], keys[written])
+        torch.testing.assert_close(wide_values[written, :, :40], values[written])
+        assert (wide_keys[written, :, 32:] == 0).all() and (wide_values[written, :, 40:] == 0).all()
+
+
 @pytest.mark.parametrize("latent_layout", ["split", "shared"])
 def test_padding_decodes_without_tokens_then_prefill(latent_layout):
     """CUDA-graph padding: leading requests with no token count as decodes; the prefill path still finds its
@@ -560,8 +595,9 @@ def test_decode_replays_in_a_cuda_graph_with_new_lengths(latent_format, latent_l
     assert float((out.float() - expected).norm() / expected.norm()) < TOLERANCE[torch.bfloat16]
 
 
-FLASH_PREFILL = [  # GPU only: shapes whose V rank fits the head dim (vLLM's FlashAttention runs them)
+FLASH_PREFILL = [  # GPU only: shapes vLLM's FlashAttention runs
     Shape([4096, 3000, 700], [512, 7, 700], 32, 8, 1, 128, 40, 88, 16),   # Llama-3-8B kv 0.5 per head, chunked
+    Shape([4096, 3000, 700], [512, 7, 700], 32, 8, 2, 128, 80, 176, 16),  # groups of 2: V rank 176, width 192
     Shape([2048, 9, 300], [1, 9, 300], 16, 4, 1, 64, 24, 40, 32),         # head dim 64, a decode first
     Shape([4096, 3000, 700], [512, 7, 700], 32, 8, 1, 128, 96, 96, 16, "shared"),  # one shared latent per head
 ]

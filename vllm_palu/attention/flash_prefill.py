@@ -2,8 +2,10 @@
 
 Dense vLLM runs prompt chunks on FlashAttention (FA3 on Hopper); a PALU prefill differs only in where the keys come
 from. The context is rebuilt once into a workspace in FlashAttention's layout (:func:`ops.rebuild_context`: rotated
-keys, and V latents zero-padded to the head dim, per KV head; in the shared latent layout the V latent is the one
-latent the keys are rebuilt from, as the plan tells the rebuild kernel), then FlashAttention runs over it. Where
+keys and V latents per KV head, both zero-padded to one FlashAttention head dim, the head dim or, for V latents
+wider than it, the next one FlashAttention compiles, with the queries padded alike; in the shared latent layout the
+V latent is the one latent the keys are rebuilt from, as the plan tells the rebuild kernel), then FlashAttention
+runs over it. Where
 every request's whole context fits its share of the workspace (chunked prefill of the usual sizes), once: the
 contexts paged through a block table over the workspace, ``seqused_k`` their lengths, ``causal=True``
 (bottom-right aligned: exactly a chunk's causality over its prefix and itself), as vLLM's own FlashAttention
@@ -32,31 +34,39 @@ PAGE = 256
 HEAD_DIMS = (64, 96, 128, 192, 256)  # head dims every FlashAttention version vLLM ships compiles
 
 
+def flash_head_dim(head_dim: int, rank_v: int) -> int | None:
+    """FlashAttention's head dim for a layer: the smallest it compiles that holds both the keys and the V latents
+    (it wants one for K and V; both are zero-padded to it), None if none does."""
+    return next((width for width in HEAD_DIMS if width >= max(head_dim, rank_v)), None)
+
+
 class FlashPrefill:
     """``FlashPrefill.for_plan(plan)(plan, query, kv_cache, ..., batch)``: the signature of
     :func:`ops.prefill_attention`, which it replaces where vLLM's FlashAttention can run the layer."""
 
-    def __init__(self, fa_version: int):
+    def __init__(self, fa_version: int, width: int):
         from vllm.v1.attention.ops.merge_attn_states import merge_attn_states
         from vllm.vllm_flash_attn import flash_attn_varlen_func
 
         self.fa_version = fa_version
+        self.width = width  # FlashAttention's head dim: queries, keys and V latents zero-padded to it
         self.attend = flash_attn_varlen_func
         self.merge = merge_attn_states
 
     @classmethod
     def for_plan(cls, plan: ops.LayerPlan) -> FlashPrefill | None:
-        """None where FlashAttention cannot take the layer: no CUDA FlashAttention in this vLLM, an fp32 model, a
-        head dim it does not compile, or V latents wider than the head dim (it wants one head dim for K and V)."""
-        if (plan.k_up.device.type != "cuda" or plan.k_up.dtype == torch.float32 or plan.rank_v > plan.head_dim
-                or plan.head_dim not in HEAD_DIMS):
+        """None where FlashAttention cannot take the layer: no CUDA FlashAttention in this vLLM, an fp32 model, or
+        a head dim and V rank wider than any head dim it compiles. One width serves K and V (it wants one): a V rank
+        over the head dim (split over groups of 2 at Llama-3-8B: 176 over 128) pads both to the next (192)."""
+        width = flash_head_dim(plan.head_dim, plan.rank_v)
+        if plan.k_up.device.type != "cuda" or plan.k_up.dtype == torch.float32 or width is None:
             return None
         try:
             from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
         except ImportError:
             return None
-        version = get_flash_attn_version(head_size=plan.head_dim)
-        return None if version is None else cls(version)
+        version = get_flash_attn_version(head_size=width)
+        return None if version is None else cls(version, width)
 
     @staticmethod
     def _table(workspace: ops.PrefillWorkspace, requests: int, device) -> torch.Tensor:
@@ -68,17 +78,20 @@ class FlashPrefill:
                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, out: torch.Tensor,
                  batch: ops.PrefillBatch) -> None:
         query = ops.kernel_query(plan, query)
-        workspace = ops.prefill_workspace(plan, query, batch, plan.head_dim, PAGE)
+        width = self.width
+        workspace = ops.prefill_workspace(plan, query, batch, width, PAGE, key_width=width)
         first, count = batch.first_request, batch.num_requests
         queries = query[batch.first_token:]
+        if width > plan.head_dim:  # zero columns: scores unchanged (the softmax scale is passed, not derived)
+            queries = torch.nn.functional.pad(queries, (0, width - plan.head_dim))
         starts = query_start_loc[first:first + count + 1]
         cu_queries = starts - starts[:1]  # relative to the first prefill token (device op: no host read)
-        merged = queries.new_empty(queries.shape[0], plan.num_heads, plan.head_dim)
+        merged = queries.new_empty(queries.shape[0], plan.num_heads, width)
         if workspace.whole_context:
             ops.rebuild_context(plan, kv_cache, query_start_loc, seq_lens, block_table, batch, workspace, 0,
                                 query.dtype)
-            self.attend(q=queries, k=workspace.prefix_keys.view(-1, PAGE, plan.kv_heads, plan.head_dim),
-                        v=workspace.prefix_values.view(-1, PAGE, plan.kv_heads, plan.head_dim),
+            self.attend(q=queries, k=workspace.prefix_keys.view(-1, PAGE, plan.kv_heads, width),
+                        v=workspace.prefix_values.view(-1, PAGE, plan.kv_heads, width),
                         cu_seqlens_q=cu_queries, max_seqlen_q=batch.max_query_len,
                         seqused_k=seq_lens[first:first + count], max_seqlen_k=workspace.window,
                         block_table=self._table(workspace, count, query.device), softmax_scale=plan.softmax_scale,
@@ -96,7 +109,7 @@ class FlashPrefill:
             window = workspace.window
             table = self._table(workspace, count, query.device)
             prefixes = seq_lens[first:first + count] - (starts[1:] - starts[:-1])
-            shape = (-1, PAGE, plan.kv_heads, plan.head_dim)
+            shape = (-1, PAGE, plan.kv_heads, width)
             part, other, other_lse = torch.empty_like(merged), torch.empty_like(merged), torch.empty_like(merged_lse)
             for index in range(workspace.windows):
                 ops.rebuild_context(plan, kv_cache, query_start_loc, seq_lens, block_table, batch, workspace, index,

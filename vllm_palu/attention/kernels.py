@@ -393,7 +393,7 @@ def decode_attention_kernel(
     ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, LATENT: tl.constexpr, K0_LIMIT: tl.constexpr, K1_OFFSET: tl.constexpr,
     V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr, V_OFFSET: tl.constexpr, V_SCALE: tl.constexpr,
-    ROPE_SHIFT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_MMA: tl.constexpr,
+    ROPE_SHIFT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_MMA: tl.constexpr, TAIL_STAGES: tl.constexpr,
 ):
     """One program per (request, ``HEADS`` KV heads of a latent group, KV split) of a decode batch: each request
     has one new token (already in the cache) and attends over its whole context. A program's query rows are the
@@ -482,7 +482,9 @@ def decode_attention_kernel(
             SPLIT_V, LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, False, ROPE_SHIFT,
             DOT_PRECISION, FP8_MMA)
         pages = next_pages
-    for kv_tile in range(full_last, last):
+    # ``TAIL_STAGES`` 1 (wgmma tiles): the one masked tile gets no pipeline buffers of its own, which under triton
+    # 3.8 set the program's shared memory (groups of 2: 131 -> 110 KB, two programs per multiprocessor).
+    for kv_tile in tl.range(full_last, last, num_stages=TAIL_STAGES):
         pages = _tile_pages(kv_tile, cols < seq_len - kv_tile * BLOCK_N, table_row, col_page, BLOCK_N, BLOCK_SIZE)
         m_i, l_i, acc_0, acc_1 = _attend_tile(
             kv_tile, pages, seq_len, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_up_ptr, k_up_scale_ptr, k_bias_ptr,

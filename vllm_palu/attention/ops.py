@@ -237,6 +237,7 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
                   PAD_V=_pow2(rank_v), KEY_DTYPE=TRITON_DTYPES[key_dtype], ACC_DTYPE=TRITON_DTYPES[acc_dtype],
                   BLOCK_M=_pow2(heads * heads_per_kv, 1), BLOCK_N=block_n, HAS_BIAS=k_bias is not None,
                   ROPE_SHIFT=rope_shift, DOT_PRECISION=_dot_precision(key_dtype), FP8_MMA=fp8_mma,
+                  TAIL_STAGES=1 if (config.decode_warps or warps) >= 4 else None,
                   num_warps=config.decode_warps or warps,
                   num_stages=config.decode_stages or stages, **ranks)
     # Prefill tiles: scripts measured on the H200 (docs/KERNEL_NOTES.md, prefill).
@@ -408,11 +409,11 @@ class PrefillWorkspace:
 
 
 def prefill_workspace(plan: LayerPlan, query: torch.Tensor, batch: PrefillBatch, v_width: int,
-                      window_multiple: int) -> PrefillWorkspace:
+                      window_multiple: int, key_width: int | None = None) -> PrefillWorkspace:
     """Allocate the workspace: ``plan.prefill_workspace_tokens`` context positions in all (Llama-3-8B: 4 KiB a
     position), split evenly over the requests in multiples of ``window_multiple``; a request's whole context where
     the longest fits its share and a prefix is cached (chunked prefill), else windows of the prefix and the new
-    tokens apart."""
+    tokens apart. Keys are ``key_width`` wide (default: the head dim; wider: zero-padded), values ``v_width``."""
     block_n = plan.prefill_tile[1]
     share = max(window_multiple, plan.prefill_workspace_tokens // batch.num_requests // window_multiple
                 * window_multiple)
@@ -423,10 +424,11 @@ def prefill_workspace(plan: LayerPlan, query: torch.Tensor, batch: PrefillBatch,
     assert window % block_n == 0
     new_rows = 0 if whole_context else query.shape[0] - batch.first_token
     prefix_rows = batch.num_requests * window if batch.max_prefix_len else 0
+    key_width = key_width or plan.head_dim
     return PrefillWorkspace(
-        new_keys=query.new_empty(new_rows, plan.kv_heads, plan.head_dim),
+        new_keys=query.new_empty(new_rows, plan.kv_heads, key_width),
         new_values=query.new_empty(new_rows, plan.kv_heads, v_width),
-        prefix_keys=query.new_empty(prefix_rows, plan.kv_heads, plan.head_dim),
+        prefix_keys=query.new_empty(prefix_rows, plan.kv_heads, key_width),
         prefix_values=query.new_empty(prefix_rows, plan.kv_heads, v_width),
         window=window, windows=1 if whole_context else triton.cdiv(batch.max_prefix_len, window),
         whole_context=whole_context)
@@ -442,14 +444,15 @@ def rebuild_context(plan: LayerPlan, kv_cache: torch.Tensor, query_start_loc: to
     tiles = triton.cdiv(batch.max_query_len, block_n) if part == NEW_TOKENS else workspace.window // block_n
     payload, scales = _cache_views(kv_cache, plan.latent_format, plan.latent_layout)
     bias = plan.k_bias if plan.k_bias is not None else plan.k_up  # unused when HAS_BIAS is false
-    width = values.shape[-1]
+    width, key_width = values.shape[-1], keys.shape[-1]
     rebuild_context_kernel[(tiles, batch.num_requests, plan.kv_heads)](
         payload, scales, plan.k_up, bias, plan.rotary, block_table, seq_lens, query_start_loc, keys, values,
         batch.first_request, batch.first_token, window_start, workspace.window, part,
         payload.stride(0), payload.stride(1), payload.stride(2),
         scales.stride(0), scales.stride(1), scales.stride(2), block_table.stride(0), plan.rotary.stride(0),
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
-        GROUP_SIZE=plan.group_size, HEAD_DIM=plan.head_dim, HALF=plan.head_dim // 2, **plan.ranks,
+        GROUP_SIZE=plan.group_size, HEAD_DIM=plan.head_dim, HALF=plan.head_dim // 2, KEY_WIDTH=key_width,
+        K_FILL=_pow2(key_width - plan.head_dim) if key_width > plan.head_dim else 0, **plan.ranks,
         V_WIDTH=width, V_FILL=_pow2(width - plan.rank_v) if width > plan.rank_v else 0,
         OPERAND_DTYPE=TRITON_DTYPES[operand_dtype], HAS_BIAS=plan.k_bias is not None, BLOCK_N=block_n,
         BLOCK_SIZE=payload.shape[2], DOT_PRECISION=_dot_precision(operand_dtype), num_warps=4)

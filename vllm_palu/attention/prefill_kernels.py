@@ -14,9 +14,9 @@ or, where every request's whole context fits its window slot, in **one part**: p
 attended causally (one rebuild and one attention launch, no state carried between parts).
 
 1. ``rebuild_context_kernel``: one program per (tile, request, KV head) reads a latent tile from the paged cache,
-   rebuilds and rotates that KV head's keys and writes them, with its group's dequantized V latents (zero-padded to
-   the workspace's V width; in the shared layout, the one latent the keys were rebuilt from), into the workspace:
-   ``keys [rows, kv_heads, HEAD_DIM]``, ``values [rows, kv_heads, V_WIDTH]``, FlashAttention's layout.
+   rebuilds and rotates that KV head's keys and writes them, with its group's dequantized V latents (in the shared
+   layout, the one latent the keys were rebuilt from), into the workspace, each zero-padded to the workspace's
+   width: ``keys [rows, kv_heads, KEY_WIDTH]``, ``values [rows, kv_heads, V_WIDTH]``, FlashAttention's layout.
 2. ``prefill_attention_kernel`` (where vLLM's FlashAttention is not used): FlashAttention over one part, one program
    per (query tile, request, KV head), the query tile packing BLOCK_Q tokens x the KV head's query heads (GQA),
    values in V-latent space. Prefix windows first, the new tokens last; the softmax state is carried between the
@@ -66,7 +66,8 @@ def rebuild_context_kernel(
     stride_sb, stride_sg, stride_sn,
     stride_bt, stride_cs,
     stride_kr, stride_kh, stride_vr, stride_vh,
-    GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, RANK_K: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr, HALF: tl.constexpr, KEY_WIDTH: tl.constexpr,
+    K_FILL: tl.constexpr, RANK_K: tl.constexpr,
     RANK_V: tl.constexpr, V_WIDTH: tl.constexpr, V_FILL: tl.constexpr, RK0: tl.constexpr, RK1: tl.constexpr,
     RV0: tl.constexpr, RV1: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, K0_LIMIT: tl.constexpr,
     K1_OFFSET: tl.constexpr, V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr, LATENT: tl.constexpr,
@@ -74,8 +75,9 @@ def rebuild_context_kernel(
     BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Rotated keys of one KV head and its group's V latents, for one tile of a request's part (``_part_range``),
-    into the workspace rows of that part. ``V_FILL``: the power-of-two tile of zero columns after RANK_V (0: the
-    V width is the rank). Shared layout (``V_OFFSET`` 0): the V latents written are the shared latent, taken
+    into the workspace rows of that part. ``V_FILL`` / ``K_FILL``: the power-of-two tiles of zero columns after
+    RANK_V / HEAD_DIM (0: the width is the rank / the head dim; FlashAttention wants one width for K and V, which a
+    V rank over the head dim sets for both). Shared layout (``V_OFFSET`` 0): the V latents written are the shared latent, taken
     from the K tile loaded for the keys (``_load_tile``)."""
     tile = tl.program_id(0)
     local_request = tl.program_id(1)
@@ -129,6 +131,10 @@ def rebuild_context_kernel(
     key_dtype = keys_ptr.dtype.element_ty
     tl.store(key_rows, (key_lo * cos - key_hi * sin).to(key_dtype), mask=in_range[:, None])
     tl.store(key_rows + HALF, (key_hi * cos + key_lo * sin).to(key_dtype), mask=in_range[:, None])
+    if K_FILL > 0:
+        key_fill = HEAD_DIM + tl.arange(0, K_FILL)
+        tl.store(keys_ptr + rows[:, None] * stride_kr + kv_head * stride_kh + key_fill[None, :],
+                 tl.zeros([BLOCK_N, K_FILL], key_dtype), mask=in_range[:, None] & (key_fill[None, :] < KEY_WIDTH))
 
     # The group's V latents in this KV head's slot (transposed tiles [rank chunk, BLOCK_N]), zeros after RANK_V.
     value_rows = values_ptr + rows[None, :] * stride_vr + kv_head * stride_vh
