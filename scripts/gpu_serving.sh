@@ -4,7 +4,8 @@
 # per phase, in this order, on one machine:
 #
 #   bash scripts/gpu_serving.sh tests     install the stack into /tmp/site (once per machine); kernel tests at full
-#                                         size (the FlashAttention prefill path included); bf16 serving against
+#                                         size (the FlashAttention prefill path included; KERNEL_TESTS: a pytest
+#                                         -k expression to run fewer); bf16 serving against
 #                                         FLASH_ATTN and the fp32 reference, CUDA graphs, no late JIT compiles
 #   bash scripts/gpu_serving.sh serving   `vllm serve` over HTTP (8 concurrent requests); offline LLM on CUDA
 #                                         (chunked prefill, preemption, prefix caching)
@@ -79,7 +80,7 @@ ENGINE='{"compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 
 SERVE_ARGS=${SERVE_ARGS:---capacity 0,1024,512}  # capacity: half the default output, to fit the call
 case $phase in
 tests)  # in order of what the rest depends on; each later step gets what is left of the budget
-    step kernel-tests 400 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py
+    step kernel-tests 400 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k "${KERNEL_TESTS:-}"
     step serving-gpu 300 python3 -m pytest -q -p no:cacheprovider tests/test_serving_gpu.py
     cat "$logs/report/bf16_serving.json" 2>/dev/null | tee -a "$summary"
     ;;

@@ -225,15 +225,15 @@ def test_prefill_takes_one_causal_part_where_the_contexts_fit(workspace_tokens, 
     tokens alone."""
     shape = Shape([200, 70], [20, 70], 4, 2, 1, 32, 16, 24, 16)  # one request with a 180-token prefix
     case = make_case(shape, torch.float32, seed=2)
-    plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], True, 4, 24, case["scale"],
-                          config=KernelConfig(prefill_workspace_tokens=workspace_tokens))
+    config = KernelConfig(prefill_workspace_tokens=workspace_tokens, prefill_block_n=16)  # CPU's tiles on GPUs too
+    plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], True, 4, 24, case["scale"], config=config)
     batch = ops.PrefillBatch(0, 2, 0, 70, 180)
     workspace = ops.prefill_workspace(plan, case["query"], batch, 24, 16)
     assert workspace.parts == parts
     assert workspace.whole_context == (parts == [0])
     new_only = ops.prefill_workspace(plan, case["query"], ops.PrefillBatch(0, 2, 0, 70, 0), 24, 16)
     assert new_only.parts == [None] and new_only.prefix_keys.numel() == 0
-    check(case, config=KernelConfig(prefill_workspace_tokens=workspace_tokens))
+    check(case, config=config)
 
 
 @pytest.mark.parametrize("head_dim, rank_v, width", [(128, 88, 128), (128, 176, 192), (64, 40, 64), (80, 60, 96),
@@ -244,13 +244,14 @@ def test_flash_attention_width_holds_keys_and_v_latents(head_dim, rank_v, width)
 
 
 @pytest.mark.parametrize("whole_context", [True, False])
-def test_rebuild_pads_keys_and_values_to_the_workspace_width(whole_context):
-    """A workspace wider than the head dim and the V rank (FlashAttention's width for V latents over the head
-    dim): the rebuild writes the same keys and V latents, and zeros after them."""
+def test_rebuild_fills_the_workspace_slots(whole_context):
+    """The rebuild writes every row of a window slot, zeros past the context (FlashAttention reads past a context's
+    end: uninitialized rows would poison its output), and a workspace wider than the head dim and the V rank
+    (FlashAttention's width for V latents over the head dim) gets the same keys and V latents, then zero columns."""
     shape = Shape([200, 70], [20, 70], 4, 2, 1, 32, 16, 40, 16)  # V rank 40 over head dim 32: width 64
     case = make_case(shape, torch.float32, seed=4)
-    plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], True, 4, 40, case["scale"],
-                          config=KernelConfig(prefill_workspace_tokens=4096 if whole_context else 64))
+    config = KernelConfig(prefill_workspace_tokens=4096 if whole_context else 64, prefill_block_n=16)
+    plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], True, 4, 40, case["scale"], config=config)
     batch = ops.PrefillBatch(0, 2, 0, 70, 180)
     narrow = ops.prefill_workspace(plan, case["query"], batch, 40, 16)
     wide = ops.prefill_workspace(plan, case["query"], batch, 64, 16, key_width=64)
@@ -262,13 +263,16 @@ def test_rebuild_pads_keys_and_values_to_the_workspace_width(whole_context):
         for workspace in (narrow, wide):
             ops.rebuild_context(plan, case["kv_cache"], case["query_start_loc"], case["seq_lens"],
                                 case["block_table"], batch, workspace, window_index, torch.float32)
-        _, keys, values, _ = narrow.part(window_index)
+        part, keys, values, window_start = narrow.part(window_index)
         _, wide_keys, wide_values, _ = wide.part(window_index)
-        written = ~keys[:, 0, 0].isnan()  # rows past a request's part are not written
-        assert written.any()
-        torch.testing.assert_close(wide_keys[written, :, :32], keys[written])
-        torch.testing.assert_close(wide_values[written, :, :40], values[written])
-        assert (wide_keys[written, :, 32:] == 0).all() and (wide_values[written, :, 40:] == 0).all()
+        assert torch.isfinite(wide_keys).all() and torch.isfinite(wide_values).all()
+        torch.testing.assert_close(wide_keys[..., :32], keys)
+        torch.testing.assert_close(wide_values[..., :40], values)
+        assert (wide_keys[..., 32:] == 0).all() and (wide_values[..., 40:] == 0).all()
+        if part != ops.NEW_TOKENS:  # request 1's slot past its context (70 positions, no prefix)
+            context = 70 if part == ops.WHOLE_CONTEXT else 0
+            past = slice(narrow.window + max(context - window_start, 0), 2 * narrow.window)
+            assert (keys[past] == 0).all() and (values[past] == 0).all()
 
 
 @pytest.mark.parametrize("latent_layout", ["split", "shared"])

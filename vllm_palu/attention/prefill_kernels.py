@@ -90,9 +90,13 @@ def rebuild_context_kernel(
                                   part)
     cols = tl.arange(0, BLOCK_N)
     positions = start + tile * BLOCK_N + cols
-    if start + tile * BLOCK_N >= end:
+    # A window part writes its whole slot, zeros past the part's end: FlashAttention's tiles read past a context's
+    # end, and a 0 weight times uninitialized workspace (NaN) would poison the output.
+    slot_end = tl.where(part == 1, end, window_start + window_tokens)
+    if start + tile * BLOCK_N >= slot_end:
         return
-    in_range = positions < end
+    in_range = positions < end  # what is read from the cache (zeros past it: zero keys and V latents)
+    stored = positions < slot_end
     group = kv_head // GROUP_SIZE
     pages = tl.load(block_table_ptr + request.to(tl.int64) * stride_bt + positions // BLOCK_SIZE, mask=in_range,
                     other=0).to(tl.int64)
@@ -129,12 +133,12 @@ def rebuild_context_kernel(
     sin = tl.load(rope + HALF, mask=in_range[:, None], other=0.0).to(tl.float32)
     key_rows = keys_ptr + rows[:, None] * stride_kr + kv_head * stride_kh + dims[None, :]
     key_dtype = keys_ptr.dtype.element_ty
-    tl.store(key_rows, (key_lo * cos - key_hi * sin).to(key_dtype), mask=in_range[:, None])
-    tl.store(key_rows + HALF, (key_hi * cos + key_lo * sin).to(key_dtype), mask=in_range[:, None])
+    tl.store(key_rows, (key_lo * cos - key_hi * sin).to(key_dtype), mask=stored[:, None])
+    tl.store(key_rows + HALF, (key_hi * cos + key_lo * sin).to(key_dtype), mask=stored[:, None])
     if K_FILL > 0:
         key_fill = HEAD_DIM + tl.arange(0, K_FILL)
         tl.store(keys_ptr + rows[:, None] * stride_kr + kv_head * stride_kh + key_fill[None, :],
-                 tl.zeros([BLOCK_N, K_FILL], key_dtype), mask=in_range[:, None] & (key_fill[None, :] < KEY_WIDTH))
+                 tl.zeros([BLOCK_N, K_FILL], key_dtype), mask=stored[:, None] & (key_fill[None, :] < KEY_WIDTH))
 
     # The group's V latents in this KV head's slot (transposed tiles [rank chunk, BLOCK_N]), zeros after RANK_V.
     value_rows = values_ptr + rows[None, :] * stride_vr + kv_head * stride_vh
@@ -147,14 +151,14 @@ def rebuild_context_kernel(
         if LATENT == 2:
             value_0 += v_min[None, :]
             value_1 += v_min[None, :]
-    tl.store(value_rows + rv0[:, None], value_0.to(value_dtype), mask=in_range[None, :] & (rv0[:, None] < V0_LIMIT))
+    tl.store(value_rows + rv0[:, None], value_0.to(value_dtype), mask=stored[None, :] & (rv0[:, None] < V0_LIMIT))
     if SPLIT_V:
         tl.store(value_rows + rv1[:, None], value_1.to(value_dtype),
-                 mask=in_range[None, :] & (rv1[:, None] < RANK_V))
+                 mask=stored[None, :] & (rv1[:, None] < RANK_V))
     if V_FILL > 0:
         fill = RANK_V + tl.arange(0, V_FILL)
         tl.store(value_rows + fill[:, None], tl.zeros([V_FILL, BLOCK_N], value_dtype),
-                 mask=in_range[None, :] & (fill[:, None] < V_WIDTH))
+                 mask=stored[None, :] & (fill[:, None] < V_WIDTH))
 
 
 @triton.jit(do_not_specialize=["first_request", "first_token", "window_start", "window_tokens", "part",
