@@ -214,8 +214,10 @@ def tune_variants(case: Case) -> list[dict]:
     rank_k = case.ranks[0]
     heads = [h for h in range(case.group_size, 0, -1)
              if case.group_size % h == 0 and h * case.head_dim * rank_k * 2 <= TUNE_UP_BYTES] or [1]
-    return [{}] + [dict(decode_block_n=n, decode_warps=w, decode_stages=st, decode_heads=h)
-                   for h in heads for n, w, st in TUNE_TILES]
+    variants = [{}] + [dict(decode_block_n=n, decode_warps=w, decode_stages=st, decode_heads=h)
+                       for h in heads for n, w, st in TUNE_TILES]
+    # The default tiles with the key rebuild's operands in fp16 (converted, before version 4.2: every wgmma waited).
+    return variants[:1] + [dict(rebuild_dtype=torch.float16)] + variants[1:]
 
 
 def tune(device, deadline: float) -> list[dict]:
@@ -254,20 +256,54 @@ def tune(device, deadline: float) -> list[dict]:
             us = do_bench(palu_call(case, inputs[case.name, latent], config)[0], return_mode="median") * 1e3
         except Exception as failure:  # noqa: BLE001 - out of resources etc.: record and go on
             rows.append({"case": name, **variant, "error": str(failure).splitlines()[0][:100]})
-            print(json.dumps(rows[-1]), flush=True)
+            print(json.dumps(rows[-1], default=str), flush=True)
             continue
         rows.append({"case": name, **(variant or {"default": True}), "us": us, "of_floor": floor / us,
                      "floor_us": floor, "refcheck_error": error})
-        print(json.dumps(rows[-1]), flush=True)
+        print(json.dumps(rows[-1], default=str), flush=True)
     for name in dict.fromkeys(r["case"] for r in rows if "us" in r):
         timed = sorted((r for r in rows if r["case"] == name and "us" in r), key=lambda r: r["us"])
         for row in timed[:8]:
             variant = ("plan default" if row.get("default") else
+                       "default tiles" if "decode_block_n" not in row else
                        f"N{row['decode_block_n']} w{row['decode_warps']} s{row['decode_stages']} "
-                       f"heads {row.get('decode_heads', 1)}" + (" fp8 MMA" if row.get("fp8_mma") else ""))
+                       f"heads {row.get('decode_heads', 1)}")
+            variant += (" fp8 MMA" if row.get("fp8_mma") else "") + (
+                f" rebuild {row['rebuild_dtype']}" if row.get("rebuild_dtype") else "")
             print(f"{name}: {variant}: {row['us']:.0f} us ({row['of_floor']:.0%} of the {row['floor_us']:.0f} "
                   f"us floor)")
     return rows
+
+
+def plot_tune(rows: list[dict], path: Path) -> None:
+    """Each tuned case's plan default and best variant against its dense decode and its floor (µs, log scale)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    dense = {row["case"].split(" dense")[0]: min(row[k] for k in ("flash_us", "cudnn_us") if row.get(k))
+             for row in rows if " dense " in row["case"]}
+    cases = list(dict.fromkeys(row["case"] for row in rows if "us" in row))
+    timed = {case: [row for row in rows if row["case"] == case and "us" in row] for case in cases}
+    fig, ax = plt.subplots(figsize=(1.6 * len(cases) + 2, 4.5))
+    x = range(len(cases))
+    defaults = [next((r["us"] for r in timed[c] if r.get("default")), float("nan")) for c in cases]
+    best = [min(r["us"] for r in timed[c]) for c in cases]
+    ax.bar([i - 0.3 for i in x], [dense.get(c.split(" ")[0], float("nan")) for c in cases], 0.3,
+           label="best dense (SDPA flash / cuDNN)")
+    ax.bar(x, defaults, 0.3, label="Palu, plan default")
+    ax.bar([i + 0.3 for i in x], best, 0.3, label="Palu, best variant")
+    ax.scatter(list(x), [timed[c][0]["floor_us"] for c in cases], color="k", marker="_", s=300, label="Palu floor")
+    ax.set_yscale("log")
+    ax.set_xticks(list(x), [c.replace(" b16 32K", "").replace(" latents", "") for c in cases], fontsize=7,
+                  rotation=15)
+    ax.set_ylabel("µs per layer, batch 16 x 32K")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
 
 
 def default_cases() -> list[Case]:
@@ -356,7 +392,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if headline(device, args.repeats, args.out) is not None else 1
     if args.what == "tune":
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "tune.json").write_text(json.dumps(tune(device, args.deadline), indent=1))
+        rows = tune(device, args.deadline)
+        (args.out / "tune.json").write_text(json.dumps(rows, indent=1, default=str))
+        plot_tune(rows, args.out / "tune.png")
         return 0
     cases = default_cases()
     if args.quick:

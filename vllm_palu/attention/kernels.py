@@ -286,7 +286,8 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_u
                  HALF: tl.constexpr, RANK_K: tl.constexpr, RANK_V: tl.constexpr, K0_LIMIT: tl.constexpr,
                  V0_LIMIT: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, LATENT: tl.constexpr,
                  V_OFFSET: tl.constexpr, V_SCALE: tl.constexpr,
-                 KEY_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                 KEY_DTYPE: tl.constexpr, REBUILD_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, ROPE_SHIFT: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, FP8_MMA: tl.constexpr):
     """One KV tile of the decode loop (``pages``: its block-table entries, one per position): load its latents,
@@ -307,7 +308,7 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_u
     scale_rows = scale_group + pages * stride_sb + (scale_slot_offset + slot_base * STRIDE_SN)
     latent_0, latent_1, v_0, v_1, v_scale, v_min, k_scale = _load_tile(
         token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V,
-        LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, FP8_MMA)
+        LATENT, V_OFFSET, V_SCALE, REBUILD_DTYPE, FP8_MMA)
     if ROPE_SHIFT:
         start_row = cos_sin_ptr + tile_start.to(tl.int64) * STRIDE_CS + dims[:, None]
         start_cos = tl.load(start_row).to(KEY_DTYPE)
@@ -328,7 +329,7 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_u
         kv_head = first_kv_head + head
         # Loop-invariant: the compiler loads each head's up-projection (and bias) once, before the KV loop.
         up_0, up_1, up_scale = _load_up(k_up_ptr, k_up_scale_ptr, kv_head, rk0, rk1, HEAD_DIM, RANK_K, K0_LIMIT,
-                                        KEY_DTYPE, FP8_MMA)
+                                        REBUILD_DTYPE, FP8_MMA)
         bias_lo = dims  # unused without a bias
         bias_hi = dims
         if HAS_BIAS:
@@ -390,7 +391,7 @@ def decode_attention_kernel(
     HALF: tl.constexpr,
     RANK_K: tl.constexpr, RANK_V: tl.constexpr, PAD_V: tl.constexpr, RK0: tl.constexpr, RK1: tl.constexpr,
     RV0: tl.constexpr, RV1: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, KEY_DTYPE: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    REBUILD_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, LATENT: tl.constexpr, K0_LIMIT: tl.constexpr, K1_OFFSET: tl.constexpr,
     V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr, V_OFFSET: tl.constexpr, V_SCALE: tl.constexpr,
     ROPE_SHIFT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_MMA: tl.constexpr, TAIL_STAGES: tl.constexpr,
@@ -479,7 +480,7 @@ def decode_attention_kernel(
             row_kv, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset, rope_offset,
             cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
             STRIDE_CN, STRIDE_SN, STRIDE_CS, HEADS, HEAD_DIM, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K,
-            SPLIT_V, LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, False, ROPE_SHIFT,
+            SPLIT_V, LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, REBUILD_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, False, ROPE_SHIFT,
             DOT_PRECISION, FP8_MMA)
         pages = next_pages
     # ``TAIL_STAGES`` 1 (wgmma tiles): the one masked tile gets no pipeline buffers of its own, which under triton
@@ -492,7 +493,7 @@ def decode_attention_kernel(
             row_kv, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset, rope_offset,
             cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
             STRIDE_CN, STRIDE_SN, STRIDE_CS, HEADS, HEAD_DIM, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K,
-            SPLIT_V, LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, True, False,
+            SPLIT_V, LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, REBUILD_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, True, False,
             DOT_PRECISION, FP8_MMA)
 
     if num_splits > 1:

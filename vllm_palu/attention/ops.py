@@ -61,7 +61,8 @@ class KernelConfig:
     decode_stages: int | None = None
     decode_heads: int | None = None  # KV heads of a latent group per decode program (ops.decode_heads)
     rope_shift: bool | None = None  # rotate keys by their offset in the tile (needs a shiftable table)
-    key_dtype: torch.dtype | None = None  # dtype keys are rebuilt, rotated and scored in
+    key_dtype: torch.dtype | None = None  # dtype keys are rotated and scored in
+    rebuild_dtype: torch.dtype | None = None  # dtype of the key rebuild's operands (latents, k_up)
     fp8_mma: bool = False  # fp8 latents: rebuild keys on fp8 tensor cores from an e4m3 copy of k_up (not yet timed)
     prefill_block_m: int | None = None  # query rows (tokens x query heads of a KV head) per prefill tile
     prefill_block_n: int | None = None
@@ -186,7 +187,6 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     on_gpu = device.type == "cuda"
     # 16-bit models rebuild, rotate and score keys in fp16: packed math and half the registers of fp32 tiles.
     key_dtype = config.key_dtype or (torch.float32 if k_up.dtype == torch.float32 else torch.float16)
-    acc_dtype = torch.float32 if key_dtype == torch.bfloat16 else key_dtype
 
     k_up_heads = k_up.reshape(kv_heads, head_dim, rank_k)
     permutation = rotary_permutation(head_dim, is_neox_style, device)
@@ -224,6 +224,15 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     rope_shift = config.rope_shift if config.rope_shift is not None else latent_format == "auto"
     rope_shift = rope_shift and rotary_is_shiftable(rotary, block_n)
     fp8_mma = config.fp8_mma and latent_format == "fp8"
+    # The key rebuild's operands: on wgmma tiles, 16-bit latents and k_up as the model holds them (bf16), which
+    # triton 3.8 then reads from shared memory with the k-steps chained (converted to fp16 they went through
+    # registers and every wgmma waited for the one before: groups of 2, 47 -> 17 waits per 64-key tile), fp32
+    # sums; elsewhere the key dtype (one-warp tiles: fp16 sums, half the registers; dequantized latents keep
+    # fp16's mantissa).
+    wgmma_tiles = (config.decode_warps or warps) >= 4
+    rebuild_dtype = config.rebuild_dtype or (
+        k_up.dtype if wgmma_tiles and latent_format == "auto" and k_up.dtype == torch.bfloat16 else key_dtype)
+    acc_dtype = torch.float32 if torch.bfloat16 in (key_dtype, rebuild_dtype) else key_dtype
     ranks = _rank_tiles(rank_k, rank_v, latent_format, latent_layout, fp8_mma)
     k_up_heads = k_up_heads.contiguous()
     k_up_fp8 = k_up_scale = None
@@ -234,7 +243,8 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     # Triton pads tiny dots itself, and the softmax and accumulators shrink; Llama-3-8B 476 -> 421 us).
     decode = dict(HEADS_PER_KV=heads_per_kv, GROUP_SIZE=group_size, HEADS=heads, HEAD_DIM=head_dim,
                   HALF=head_dim // 2,
-                  PAD_V=_pow2(rank_v), KEY_DTYPE=TRITON_DTYPES[key_dtype], ACC_DTYPE=TRITON_DTYPES[acc_dtype],
+                  PAD_V=_pow2(rank_v), KEY_DTYPE=TRITON_DTYPES[key_dtype],
+                  REBUILD_DTYPE=TRITON_DTYPES[rebuild_dtype], ACC_DTYPE=TRITON_DTYPES[acc_dtype],
                   BLOCK_M=_pow2(heads * heads_per_kv, 1), BLOCK_N=block_n, HAS_BIAS=k_bias is not None,
                   ROPE_SHIFT=rope_shift, DOT_PRECISION=_dot_precision(key_dtype), FP8_MMA=fp8_mma,
                   TAIL_STAGES=1 if (config.decode_warps or warps) >= 4 else None,
