@@ -2,6 +2,7 @@
 
     python -m benchmarks.host_time --out DIR [--shape llama3-8b] [--dense-backend FLASH_ATTN] [--kv-ratio 0.5]
     python -m benchmarks.host_time --out DIR --shape tiny --dense-backend auto        # CPU
+    python -m benchmarks.host_time --out DIR --profile   # also: where the host time goes (cProfile, into the logs)
 
 Every attention layer's ``impl.forward`` (and ``impl.do_kv_cache_update``, where the dense backend writes its cache
 in a separate call) is wrapped with ``time.perf_counter_ns()`` in the worker. There is no device sync: a call only
@@ -17,7 +18,9 @@ Each backend runs in its own process; the engine runs in-process (VLLM_ENABLE_V1
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import os
 import statistics
 import subprocess
@@ -57,25 +60,58 @@ def call_class(metadata) -> str:
     return "decode" if query_len <= 1 else "mixed"
 
 
+def timed(function, name: str, parts: dict):
+    """``function`` adding its host time (ns) under ``name`` to ``parts``."""
+    from time import perf_counter_ns
+
+    def wrapper(*args, **kwargs):
+        start = perf_counter_ns()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            parts[name] = parts.get(name, 0) + perf_counter_ns() - start
+
+    return wrapper
+
+
+def install_part_timers(impl, parts: dict) -> None:
+    """PALU only: time the launchers inside a forward (cache write, decode, the prefill path and, within it, the
+    context rebuild and the FlashAttention call), so that a call's host time comes apart by launch."""
+    ops = getattr(impl, "kernels", None)
+    if ops is None or getattr(ops, "_host_time_parts", None) is parts:
+        return
+    for name in ("write_latents", "decode_attention", "rebuild_context"):
+        setattr(ops, name, timed(getattr(ops, name), name, parts))
+    ops._host_time_parts = parts  # the module is shared by every layer: wrap it once
+
+
 def install_timers(worker) -> dict:
-    """Wrap each layer's impl.forward (+ do_kv_cache_update): records (class, forward ns, cache-write ns)."""
+    """Wrap each layer's impl.forward (+ do_kv_cache_update): records (class, forward ns, cache-write ns, the
+    forward's parts in ns by launcher: PALU only)."""
     from time import perf_counter_ns
 
     records: list = []
     setattr(worker, RECORDS, records)
     pending: dict[str, int] = {}  # cache-write time of a layer, added to its next forward
+    parts: dict[str, int] = {}  # the current forward's launchers (PALU)
     layers = attention_layers(worker)
     for name, layer in layers.items():
         impl = layer.impl
+        install_part_timers(impl, parts)
+        if getattr(impl, "prefill", None) is not None:
+            if hasattr(impl.prefill, "attend"):  # FlashPrefill: vLLM's FlashAttention call
+                impl.prefill.attend = timed(impl.prefill.attend, "flash_attention", parts)
+            impl.prefill = timed(impl.prefill, "prefill", parts)
 
         def timed_forward(*args, _forward=impl.forward, _name=name, **kwargs):
+            parts.clear()
             start = perf_counter_ns()
             result = _forward(*args, **kwargs)
             spent = perf_counter_ns() - start
             metadata = args[5] if len(args) > 5 else kwargs.get("attn_metadata")
             write = pending.pop(_name, 0)
             if metadata is not None:  # None: vLLM's memory-profiling run
-                records.append((call_class(metadata), spent, write))
+                records.append((call_class(metadata), spent, write, dict(parts)))
             return result
 
         impl.forward = timed_forward
@@ -115,9 +151,12 @@ def summarize(backend: str, workload: str, records: list) -> list[dict]:
     for kind in sorted({r[0] for r in records}):
         totals = [(r[1] + r[2]) / 1e3 for r in records if r[0] == kind]
         writes = [r[2] / 1e3 for r in records if r[0] == kind]
+        names = sorted({part for r in records if r[0] == kind for part in r[3]})
+        parts = {part: statistics.median(r[3].get(part, 0) / 1e3 for r in records if r[0] == kind) for part in names}
         rows.append({"backend": backend, "workload": workload, "class": kind, "calls": len(totals),
                      "median_us": statistics.median(totals), "p90_us": percentile(totals, 0.9),
-                     "mean_us": statistics.fmean(totals), "separate_write_median_us": statistics.median(writes)})
+                     "mean_us": statistics.fmean(totals), "separate_write_median_us": statistics.median(writes),
+                     "parts_median_us": parts})
     return rows
 
 
@@ -150,6 +189,12 @@ def measure_main(spec_path: str) -> None:
         llm.generate(batch, params, use_tqdm=False)
         wall = time.perf_counter() - began
         records = llm.collective_rpc(take_records)[0]
+        if spec.get("profile"):  # once more under cProfile (it slows Python): where the time goes, into the log
+            profiler = cProfile.Profile()
+            profiler.runcall(llm.generate, batch, params, use_tqdm=False)
+            llm.collective_rpc(take_records)
+            print(f"HOST {spec['backend']} {name}: cProfile of a repeat run, top functions by own time", flush=True)
+            pstats.Stats(profiler, stream=sys.stdout).sort_stats("tottime").print_stats(40)
         for row in summarize(spec["backend"], name, records):
             row.update(info, wall_s=wall)
             rows.append(row)
@@ -207,7 +252,7 @@ def run(args) -> None:
         spec_path = args.out / f".host-{backend}.spec.json"
         write_json(spec_path, {"backend": backend, "model": str(models[backend]), "engine": settings,
                                "seed": args.seed, "vocab_words": checkpoints.tokenizer_words(shape),
-                               "workloads": workloads, "rows_path": str(rows_path)})
+                               "workloads": workloads, "rows_path": str(rows_path), "profile": args.profile})
         log(f"host time {backend}: starting (timeout {timeout:.0f} s, log {log_path})")
         with open(log_path, "w") as log_file:
             process = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "measure", str(spec_path)],
@@ -248,6 +293,13 @@ def report(result: dict) -> str:
         lines.append(f"| {row['workload']} | {row['class']} | {row['backend']} | {'/'.join(row['attention_impls'])} | "
                      f"{row['calls']} | {row['median_us']:.1f} | {row['p90_us']:.1f} | "
                      f"{row['separate_write_median_us']:.1f} |")
+    timed_parts = [row for row in rows if row.get("parts_median_us")]
+    if timed_parts:
+        lines += ["", "PALU's calls by launcher (median us; the prefill path includes its rebuild and FlashAttention "
+                  "call):", ""]
+        for row in timed_parts:
+            lines.append(f"- {row['workload']} workload, {row['class']} calls: " + ", ".join(
+                f"{name} {us:.1f}" for name, us in row["parts_median_us"].items()))
     lines += ["", f"PALU / dense (target <= {TARGET}x on decode and mixed):", ""]
     for workload, kind in (("decode", "decode"), ("mixed", "mixed")):
         palu, dense = by_key.get(("palu", workload, kind)), by_key.get(("dense", workload, kind))
@@ -285,6 +337,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--engine-args", default="{}", help="JSON of extra engine arguments")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per backend")
     parser.add_argument("--deadline", type=float, default=None, help="seconds for the whole call")
+    parser.add_argument("--profile", action="store_true",
+                        help="cProfile the measured runs (top functions by own time, into each backend's log)")
     args = parser.parse_args(argv)
     stop_on_sigterm()
     args.out = args.out.resolve()

@@ -11,13 +11,14 @@
 #                                         (chunked prefill, preemption, prefix caching)
 #   bash scripts/gpu_serving.sh serve     end-to-end benchmark (benchmarks/serve.py): dense bf16 and PALU kv 0.5 /
 #                                         0.25 engines; host time per attention call (benchmarks/host_time.py)
-#   bash scripts/gpu_serving.sh host      host time per attention call alone
+#   bash scripts/gpu_serving.sh host      host time per attention call alone, by launcher, and its cProfile
 #   bash scripts/gpu_serving.sh extra     the fp8 configurations (dense fp8 KV, PALU fp8 latents) into the same
 #                                         results; `vllm serve` + `vllm bench serve`; the kernel microbenchmark
 #   bash scripts/gpu_serving.sh kernels   decode-kernel variants on the accurate layouts (joint key groups, shared
 #                                         latents) against dense decode (benchmarks/attention_kernels.py tune)
 #   bash scripts/gpu_serving.sh groups    end-to-end benchmark of PALU split over groups of 2 heads (the
-#                                         converter's Llama-3-8B default) against dense bf16: long decode, capacity
+#                                         converter's Llama-3-8B default) and per head against dense bf16: long
+#                                         decode, capacity at 4K -> 2K (GROUPS_CONFIGS, GROUPS_ARGS override)
 #
 # Each step is time-boxed within the phase's BUDGET (one device call runs at most 600 s); logs land in $OUT (what the
 # device tool brings back) as one tarball, refreshed after every step, plus summary-PHASE.txt, also printed.
@@ -95,16 +96,16 @@ serve)
     step host-time 200 python3 benchmarks/host_time.py --out "$results/host" ${HOST_ARGS:-}
     ;;
 host)
-    step host-time $((BUDGET - 20)) python3 benchmarks/host_time.py --out "$results/host" ${HOST_ARGS:-}
+    step host-time $((BUDGET - 20)) python3 benchmarks/host_time.py --out "$results/host" ${HOST_ARGS:---profile}
     ;;
 kernels)
     step tune $((BUDGET - 60)) python3 -m benchmarks.attention_kernels tune --deadline $((BUDGET - 130)) \
         --out "$results/kernels"
     ;;
-groups)
+groups)  # capacity-bound at the decode-heavy shape: 4K -> 2K, 1.9x the dense KV cache (86 requests)
     step serve-groups $((BUDGET - 40)) python3 benchmarks/serve.py run --out "$results/serve" \
-        --deadline $((BUDGET - 50)) --configs dense-bf16,palu-0.5-g2 --workloads long-decode,capacity \
-        --engine-args "$ENGINE" $SERVE_ARGS
+        --deadline $((BUDGET - 50)) --configs "${GROUPS_CONFIGS:-dense-bf16,palu-0.5-g2,palu-0.5}" \
+        --workloads long-decode,capacity --engine-args "$ENGINE" ${GROUPS_ARGS:---capacity 0,4096,2048}
     step report 20 python3 benchmarks/serve.py report "$results/serve"
     ;;
 extra)

@@ -127,7 +127,8 @@ def test_host_time_measures_both_backends(tmp_path):
     out = tmp_path / "host"
     stdout = run_script("benchmarks.host_time", "--out", str(out), "--shape", "tiny", "--dense-backend", "auto",
                         "--decode", "4,64,8", "--mixed", "4,64,24,1024", "--chunk", "128", "--kv-memory", "8MiB",
-                        "--checkpoints", str(tmp_path / "ckpt"), "--engine-args", json.dumps({"block_size": 32}))
+                        "--checkpoints", str(tmp_path / "ckpt"), "--engine-args", json.dumps({"block_size": 32}),
+                        "--profile")
     result = json.loads((out / "host_time.json").read_text())
     assert result["errors"] == {}
     rows = {(r["backend"], r["workload"], r["class"]): r for r in result["rows"]}
@@ -140,3 +141,5 @@ def test_host_time_measures_both_backends(tmp_path):
     assert rows[("dense", "decode", "decode")]["separate_write_median_us"] > 0
     assert rows[("palu", "decode", "decode")]["separate_write_median_us"] == 0
     assert "decode workload, decode calls: median" in stdout and (out / "host_time.md").is_file()
+    for backend in ("dense", "palu"):  # --profile: each backend's log holds the cProfile of a repeat run
+        assert "cProfile of a repeat run" in (out / f"host-{backend}.log").read_text()

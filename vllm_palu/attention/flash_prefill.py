@@ -5,11 +5,10 @@ from. The context is rebuilt once into a workspace in FlashAttention's layout (:
 keys and V latents per KV head, both zero-padded to one FlashAttention head dim, the head dim or, for V latents
 wider than it, the next one FlashAttention compiles, with the queries padded alike; in the shared latent layout the
 V latent is the one latent the keys are rebuilt from, as the plan tells the rebuild kernel), then FlashAttention
-runs over it. Where
-every request's whole context fits its share of the workspace (chunked prefill of the usual sizes), once: the
-contexts paged through a block table over the workspace, ``seqused_k`` their lengths, ``causal=True``
-(bottom-right aligned: exactly a chunk's causality over its prefix and itself), as vLLM's own FlashAttention
-backend calls it. Otherwise in parts:
+runs over it. Where every request's whole context fits its share of the workspace (chunked prefill of the usual
+sizes), once: the contexts paged through a block table over the workspace, ``seqused_k`` their lengths,
+``causal=True`` (bottom-right aligned: exactly a chunk's causality over its prefix and itself), as vLLM's own
+FlashAttention backend calls it. Otherwise in parts:
 
 - the new tokens, packed like the queries: ``causal=True`` (FlashAttention's causal mask is bottom-right aligned,
   which is the chunk's own causality);

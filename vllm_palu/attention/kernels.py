@@ -391,7 +391,8 @@ def decode_attention_kernel(
     HALF: tl.constexpr,
     RANK_K: tl.constexpr, RANK_V: tl.constexpr, PAD_V: tl.constexpr, RK0: tl.constexpr, RK1: tl.constexpr,
     RV0: tl.constexpr, RV1: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, KEY_DTYPE: tl.constexpr,
-    REBUILD_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    REBUILD_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
     HAS_BIAS: tl.constexpr, LATENT: tl.constexpr, K0_LIMIT: tl.constexpr, K1_OFFSET: tl.constexpr,
     V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr, V_OFFSET: tl.constexpr, V_SCALE: tl.constexpr,
     ROPE_SHIFT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_MMA: tl.constexpr, TAIL_STAGES: tl.constexpr,
@@ -480,8 +481,8 @@ def decode_attention_kernel(
             row_kv, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset, rope_offset,
             cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
             STRIDE_CN, STRIDE_SN, STRIDE_CS, HEADS, HEAD_DIM, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K,
-            SPLIT_V, LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, REBUILD_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, False, ROPE_SHIFT,
-            DOT_PRECISION, FP8_MMA)
+            SPLIT_V, LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, REBUILD_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS,
+            False, ROPE_SHIFT, DOT_PRECISION, FP8_MMA)
         pages = next_pages
     # ``TAIL_STAGES`` 1 (wgmma tiles): the one masked tile gets no pipeline buffers of its own, which under triton
     # 3.8 set the program's shared memory (groups of 2: 131 -> 110 KB, two programs per multiprocessor).
@@ -493,8 +494,8 @@ def decode_attention_kernel(
             row_kv, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset, rope_offset,
             cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
             STRIDE_CN, STRIDE_SN, STRIDE_CS, HEADS, HEAD_DIM, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K,
-            SPLIT_V, LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, REBUILD_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS, True, False,
-            DOT_PRECISION, FP8_MMA)
+            SPLIT_V, LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, REBUILD_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS,
+            True, False, DOT_PRECISION, FP8_MMA)
 
     if num_splits > 1:
         num_heads = ROWS * tl.num_programs(1)

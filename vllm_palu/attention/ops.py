@@ -63,7 +63,7 @@ class KernelConfig:
     rope_shift: bool | None = None  # rotate keys by their offset in the tile (needs a shiftable table)
     key_dtype: torch.dtype | None = None  # dtype keys are rotated and scored in
     rebuild_dtype: torch.dtype | None = None  # dtype of the key rebuild's operands (latents, k_up)
-    fp8_mma: bool = False  # fp8 latents: rebuild keys on fp8 tensor cores from an e4m3 copy of k_up (not yet timed)
+    fp8_mma: bool = False  # fp8 latents: keys rebuilt on fp8 tensor cores from an e4m3 copy of k_up (slower: off)
     prefill_block_m: int | None = None  # query rows (tokens x query heads of a KV head) per prefill tile
     prefill_block_n: int | None = None
     prefill_warps: int | None = None
@@ -210,8 +210,8 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     if latent_format == "auto" and (group_size > 1 or is_shared(latent_layout)):
         # Joint groups and shared latents: more key-rebuild work per byte, four-warp 64-key tiles (wgmma); two-warp
         # 32-key tiles where a 64-key tile's buffers do not fit beside the up-projection (rows over 512). H200,
-        # Llama-3-8B kv 0.5 b16 32K (docs/KERNEL_NOTES.md "Version 4"): groups of 2, 2 heads a program 472 us
-        # (one-warp 16-key tiles, 1 head: 756); shared per head 744 (1035); groups of 8 6821 (19053).
+        # triton 3.8, Llama-3-8B kv 0.5 b16 32K (docs/KERNEL_NOTES.md "Version 4.2"): groups of 2, 2 heads a
+        # program 573 us (1 head: 602; one-warp 16-key tiles: 747); shared per head 694 (1042).
         block_n, warps, stages = (64, 4, 2) if row <= 512 else (32, 2, 2)
         block_n = block_n if on_gpu else 32
     elif latent_format == "auto":
@@ -221,6 +221,8 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     else:
         block_n, warps, stages = 64 if on_gpu else 32, 2, 2
     block_n = config.decode_block_n or block_n
+    warps, stages = config.decode_warps or warps, config.decode_stages or stages
+    wgmma_tiles = warps >= 4  # four-warp tiles: triton 3.8 makes their dots wgmma
     rope_shift = config.rope_shift if config.rope_shift is not None else latent_format == "auto"
     rope_shift = rope_shift and rotary_is_shiftable(rotary, block_n)
     fp8_mma = config.fp8_mma and latent_format == "fp8"
@@ -229,7 +231,6 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     # registers and every wgmma waited for the one before: groups of 2, 47 -> 17 waits per 64-key tile), fp32
     # sums; elsewhere the key dtype (one-warp tiles: fp16 sums, half the registers; dequantized latents keep
     # fp16's mantissa).
-    wgmma_tiles = (config.decode_warps or warps) >= 4
     rebuild_dtype = config.rebuild_dtype or (
         k_up.dtype if wgmma_tiles and latent_format == "auto" and k_up.dtype == torch.bfloat16 else key_dtype)
     acc_dtype = torch.float32 if torch.bfloat16 in (key_dtype, rebuild_dtype) else key_dtype
@@ -247,9 +248,7 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
                   REBUILD_DTYPE=TRITON_DTYPES[rebuild_dtype], ACC_DTYPE=TRITON_DTYPES[acc_dtype],
                   BLOCK_M=_pow2(heads * heads_per_kv, 1), BLOCK_N=block_n, HAS_BIAS=k_bias is not None,
                   ROPE_SHIFT=rope_shift, DOT_PRECISION=_dot_precision(key_dtype), FP8_MMA=fp8_mma,
-                  TAIL_STAGES=1 if (config.decode_warps or warps) >= 4 else None,
-                  num_warps=config.decode_warps or warps,
-                  num_stages=config.decode_stages or stages, **ranks)
+                  TAIL_STAGES=1 if wgmma_tiles else None, num_warps=warps, num_stages=stages, **ranks)
     # Prefill tiles: scripts measured on the H200 (docs/KERNEL_NOTES.md, prefill).
     prefill_block_n = config.prefill_block_n or (64 if on_gpu else 16)
     prefill_block_m = max(config.prefill_block_m or (256 if on_gpu else 16), _pow2(heads_per_kv))

@@ -77,7 +77,8 @@ def rebuild_context_kernel(
     """Rotated keys of one KV head and its group's V latents, for one tile of a request's part (``_part_range``),
     into the workspace rows of that part. ``V_FILL`` / ``K_FILL``: the power-of-two tiles of zero columns after
     RANK_V / HEAD_DIM (0: the width is the rank / the head dim; FlashAttention wants one width for K and V, which a
-    V rank over the head dim sets for both). Shared layout (``V_OFFSET`` 0): the V latents written are the shared latent, taken
+    V rank over the head dim sets for both). Shared layout (``V_OFFSET`` 0): the V latents written are the shared
+    latent, taken
     from the K tile loaded for the keys (``_load_tile``)."""
     tile = tl.program_id(0)
     local_request = tl.program_id(1)
