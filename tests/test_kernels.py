@@ -245,9 +245,10 @@ def test_flash_attention_width_holds_keys_and_v_latents(head_dim, rank_v, width)
 
 @pytest.mark.parametrize("whole_context", [True, False])
 def test_rebuild_fills_the_workspace_slots(whole_context):
-    """The rebuild writes every row of a window slot, zeros past the context (FlashAttention reads past a context's
-    end: uninitialized rows would poison its output), and a workspace wider than the head dim and the V rank
-    (FlashAttention's width for V latents over the head dim) gets the same keys and V latents, then zero columns."""
+    """The rebuild writes a window slot's rows past the context with zeros, up to FlashAttention's widest key tile
+    (it reads its last tile there: uninitialized rows would poison its output), and a workspace wider than the
+    head dim and the V rank (FlashAttention's width for V latents over the head dim) gets the same keys and V
+    latents, then zero columns."""
     shape = Shape([200, 70], [20, 70], 4, 2, 1, 32, 16, 40, 16)  # V rank 40 over head dim 32: width 64
     case = make_case(shape, torch.float32, seed=4)
     config = KernelConfig(prefill_workspace_tokens=4096 if whole_context else 64, prefill_block_n=16)
@@ -259,20 +260,28 @@ def test_rebuild_fills_the_workspace_slots(whole_context):
     for workspace in (narrow, wide):
         for tensor in (workspace.new_keys, workspace.new_values, workspace.prefix_keys, workspace.prefix_values):
             tensor.fill_(float("nan"))
-    for window_index in narrow.parts[:2]:
+    window = narrow.window
+    for window_index in dict.fromkeys(narrow.parts[:1] + narrow.parts[-2:]):  # first, last window, new tokens
         for workspace in (narrow, wide):
             ops.rebuild_context(plan, case["kv_cache"], case["query_start_loc"], case["seq_lens"],
                                 case["block_table"], batch, workspace, window_index, torch.float32)
         part, keys, values, window_start = narrow.part(window_index)
         _, wide_keys, wide_values, _ = wide.part(window_index)
-        assert torch.isfinite(wide_keys).all() and torch.isfinite(wide_values).all()
-        torch.testing.assert_close(wide_keys[..., :32], keys)
-        torch.testing.assert_close(wide_values[..., :40], values)
-        assert (wide_keys[..., 32:] == 0).all() and (wide_values[..., 40:] == 0).all()
-        if part != ops.NEW_TOKENS:  # request 1's slot past its context (70 positions, no prefix)
-            context = 70 if part == ops.WHOLE_CONTEXT else 0
-            past = slice(narrow.window + max(context - window_start, 0), 2 * narrow.window)
-            assert (keys[past] == 0).all() and (values[past] == 0).all()
+        if part == ops.NEW_TOKENS:  # packed rows, every one a new token's
+            slots = [(slice(0, keys.shape[0]), keys.shape[0], keys.shape[0])]
+        else:  # each request's slot: its positions of the part, then zeros up to the fill
+            ends = [200, 70] if part == ops.WHOLE_CONTEXT else [180, 0]
+            used = [max(0, min(end - window_start, window)) for end in ends]
+            slots = [(slice(r * window, (r + 1) * window), n, min(window, n + ops.FLASH_KEY_TILE) if n else 0)
+                     for r, n in enumerate(used)]
+        assert any(n for _, n, _ in slots)
+        for rows, n, filled in slots:
+            slot_keys, slot_values = keys[rows], values[rows]
+            assert torch.isfinite(slot_keys[:filled]).all() and torch.isfinite(slot_values[:filled]).all()
+            assert (slot_keys[n:filled] == 0).all() and (slot_values[n:filled] == 0).all()
+            torch.testing.assert_close(wide_keys[rows][:filled, :, :32], slot_keys[:filled])
+            torch.testing.assert_close(wide_values[rows][:filled, :, :40], slot_values[:filled])
+            assert (wide_keys[rows][:filled, :, 32:] == 0).all() and (wide_values[rows][:filled, :, 40:] == 0).all()
 
 
 @pytest.mark.parametrize("latent_layout", ["split", "shared"])

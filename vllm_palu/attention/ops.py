@@ -30,6 +30,7 @@ LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # reduce_splits_kernel's split tile
 PROGRAMS_PER_SM = 8  # decode programs wanted per multiprocessor (latency hiding), measured on the H200
 DECODE_UP_BYTES = 48 * 1024  # key up-projection a decode program holds in shared memory for its heads
+FLASH_KEY_TILE = 256  # FlashAttention's widest key tile: the rebuild zero-fills this far past a context's end
 TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 LATENT_CODES = {"auto": 0, "fp8": 1, "int4": 2}  # the kernels' LATENT constexpr
 
@@ -464,7 +465,8 @@ def rebuild_context(plan: LayerPlan, kv_cache: torch.Tensor, query_start_loc: to
         K_FILL=_pow2(key_width - plan.head_dim) if key_width > plan.head_dim else 0, **plan.ranks,
         V_WIDTH=width, V_FILL=_pow2(width - plan.rank_v) if width > plan.rank_v else 0,
         OPERAND_DTYPE=TRITON_DTYPES[operand_dtype], HAS_BIAS=plan.k_bias is not None, BLOCK_N=block_n,
-        BLOCK_SIZE=payload.shape[2], DOT_PRECISION=_dot_precision(operand_dtype), num_warps=4)
+        BLOCK_SIZE=payload.shape[2], DOT_PRECISION=_dot_precision(operand_dtype), FILL_ROWS=FLASH_KEY_TILE,
+        num_warps=4)
 
 
 def prefill_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,

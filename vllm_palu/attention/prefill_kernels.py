@@ -72,7 +72,7 @@ def rebuild_context_kernel(
     RV0: tl.constexpr, RV1: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr, K0_LIMIT: tl.constexpr,
     K1_OFFSET: tl.constexpr, V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr, LATENT: tl.constexpr,
     V_OFFSET: tl.constexpr, V_SCALE: tl.constexpr, OPERAND_DTYPE: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PRECISION: tl.constexpr, FILL_ROWS: tl.constexpr,
 ):
     """Rotated keys of one KV head and its group's V latents, for one tile of a request's part (``_part_range``),
     into the workspace rows of that part. ``V_FILL`` / ``K_FILL``: the power-of-two tiles of zero columns after
@@ -91,13 +91,15 @@ def rebuild_context_kernel(
                                   part)
     cols = tl.arange(0, BLOCK_N)
     positions = start + tile * BLOCK_N + cols
-    # A window part writes its whole slot, zeros past the part's end: FlashAttention's tiles read past a context's
-    # end, and a 0 weight times uninitialized workspace (NaN) would poison the output.
-    slot_end = tl.where(part == 1, end, window_start + window_tokens)
-    if start + tile * BLOCK_N >= slot_end:
+    # A window part's rows go on past its end with zeros, up to FlashAttention's widest key tile (FILL_ROWS): its
+    # last tile of a context reads there, and a 0 weight times uninitialized workspace (NaN) would poison the
+    # output. An empty part is not read (seqused_k 0); new tokens are packed, each request's followed by the next's.
+    fill_end = tl.minimum(window_start + window_tokens, end + FILL_ROWS)
+    fill_end = tl.where((part == 1) | (end <= start), end, fill_end)
+    if start + tile * BLOCK_N >= fill_end:
         return
     in_range = positions < end  # what is read from the cache (zeros past it: zero keys and V latents)
-    stored = positions < slot_end
+    stored = positions < fill_end
     group = kv_head // GROUP_SIZE
     pages = tl.load(block_table_ptr + request.to(tl.int64) * stride_bt + positions // BLOCK_SIZE, mask=in_range,
                     other=0).to(tl.int64)
