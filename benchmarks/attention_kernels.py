@@ -216,7 +216,7 @@ def tune_variants(case: Case) -> list[dict]:
              if case.group_size % h == 0 and h * case.head_dim * rank_k * 2 <= TUNE_UP_BYTES] or [1]
     variants = [{}] + [dict(decode_block_n=n, decode_warps=w, decode_stages=st, decode_heads=h)
                        for h in heads for n, w, st in TUNE_TILES]
-    # The default tiles with the key rebuild's operands in fp16 (converted, before version 4.2: every wgmma waited).
+    # The default tiles with the key rebuild's operands in fp16 (converted: as before version 4.3, every wgmma waited).
     return variants[:1] + [dict(rebuild_dtype=torch.float16)] + variants[1:]
 
 

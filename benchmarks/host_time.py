@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--timeout", type=float, default=300, help="seconds per backend")
     parser.add_argument("--deadline", type=float, default=None, help="seconds for the whole call")
     parser.add_argument("--profile", action="store_true",
-                        help="cProfile the measured runs (top functions by own time, into each backend's log)")
+                        help="cProfile a repeat of each measured run (top functions by own time, into the logs)")
     args = parser.parse_args(argv)
     stop_on_sigterm()
     args.out = args.out.resolve()
