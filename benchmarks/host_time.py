@@ -74,15 +74,19 @@ def timed(function, name: str, parts: dict):
     return wrapper
 
 
-def install_part_timers(impl, parts: dict) -> None:
+def install_part_timers(layers: dict, parts: dict) -> None:
     """PALU only: time the launchers inside a forward (cache write, decode, the prefill path and, within it, the
     context rebuild and the FlashAttention call), so that a call's host time comes apart by launch."""
-    ops = getattr(impl, "kernels", None)
-    if ops is None or getattr(ops, "_host_time_parts", None) is parts:
-        return
-    for name in ("write_latents", "decode_attention", "rebuild_context"):
-        setattr(ops, name, timed(getattr(ops, name), name, parts))
-    ops._host_time_parts = parts  # the module is shared by every layer: wrap it once
+    ops = next((layer.impl.kernels for layer in layers.values() if getattr(layer.impl, "kernels", None)), None)
+    if ops is not None:  # the launcher module every layer shares
+        for name in ("write_latents", "decode_attention", "rebuild_context"):
+            setattr(ops, name, timed(getattr(ops, name), name, parts))
+    for layer in layers.values():
+        impl = layer.impl
+        if getattr(impl, "prefill", None) is not None:
+            if hasattr(impl.prefill, "attend"):  # FlashPrefill: vLLM's FlashAttention call
+                impl.prefill.attend = timed(impl.prefill.attend, "flash_attention", parts)
+            impl.prefill = timed(impl.prefill, "prefill", parts)
 
 
 def install_timers(worker) -> dict:
@@ -95,13 +99,9 @@ def install_timers(worker) -> dict:
     pending: dict[str, int] = {}  # cache-write time of a layer, added to its next forward
     parts: dict[str, int] = {}  # the current forward's launchers (PALU)
     layers = attention_layers(worker)
+    install_part_timers(layers, parts)
     for name, layer in layers.items():
         impl = layer.impl
-        install_part_timers(impl, parts)
-        if getattr(impl, "prefill", None) is not None:
-            if hasattr(impl.prefill, "attend"):  # FlashPrefill: vLLM's FlashAttention call
-                impl.prefill.attend = timed(impl.prefill.attend, "flash_attention", parts)
-            impl.prefill = timed(impl.prefill, "prefill", parts)
 
         def timed_forward(*args, _forward=impl.forward, _name=name, **kwargs):
             parts.clear()
@@ -116,13 +116,7 @@ def install_timers(worker) -> dict:
 
         impl.forward = timed_forward
         if hasattr(impl, "do_kv_cache_update"):
-            def timed_update(*args, _update=impl.do_kv_cache_update, _name=name, **kwargs):
-                start = perf_counter_ns()
-                result = _update(*args, **kwargs)
-                pending[_name] = pending.get(_name, 0) + perf_counter_ns() - start
-                return result
-
-            impl.do_kv_cache_update = timed_update
+            impl.do_kv_cache_update = timed(impl.do_kv_cache_update, name, pending)
     impls = sorted({type(layer.impl).__name__ for layer in layers.values()})
     backends = sorted({layer.attn_backend.get_name() for layer in layers.values() if hasattr(layer, "attn_backend")})
     return {"layers": len(layers), "attention_impls": impls, "attention_backends": backends,
