@@ -25,7 +25,7 @@ import torch
 
 from benchmarks import flashinfer_decode
 from benchmarks.gpu_clock import ClockMonitor, timed_with_clock
-from benchmarks.kernel_cases import LATENTS, Case, build_inputs, floor_us, palu_call, refcheck
+from benchmarks.kernel_cases import LATENTS, Case, build_inputs, floor_us, palu_call, plan_case, refcheck
 from vllm_palu.attention.ops import KernelConfig
 
 
@@ -216,8 +216,12 @@ def tune_variants(case: Case) -> list[dict]:
              if case.group_size % h == 0 and h * case.head_dim * rank_k * 2 <= TUNE_UP_BYTES] or [1]
     variants = [{}] + [dict(decode_block_n=n, decode_warps=w, decode_stages=st, decode_heads=h)
                        for h in heads for n, w, st in TUNE_TILES]
-    # The default tiles with the key rebuild's operands in fp16 (converted: as before version 4.3, every wgmma waited).
-    return variants[:1] + [dict(rebuild_dtype=torch.float16)] + variants[1:]
+    # The default tiles with the other rebuild operands (bf16 as stored: version 4.3; fp16: converted, before it)
+    # and the other score dots (one over both rotary halves, or one per half); the tune drops the one that is the
+    # default already.
+    choices = [dict(rebuild_dtype=torch.float16), dict(rebuild_dtype=torch.bfloat16), dict(join_halves=True),
+               dict(join_halves=False)]
+    return variants[:1] + choices + variants[1:]
 
 
 def tune(device, deadline: float) -> list[dict]:
@@ -241,10 +245,15 @@ def tune(device, deadline: float) -> list[dict]:
     runs.append([(TUNE_FP8_CASE, "fp8", v) for v in TUNE_FP8_VARIANTS])
     inputs = {(case.name, latent): build_inputs(case, torch.bfloat16, device, latent)
               for case, latent, _ in (run[0] for run in runs)}
+    defaults = {}
     for case, latent, variant in (item for round_ in itertools.zip_longest(*runs) for item in round_ if item):
         if time.monotonic() - start > deadline:
             break
         config = KernelConfig(**variant)
+        decode = plan_case(case, inputs[case.name, latent], config).decode
+        if variant and decode == defaults.get((case.name, latent)):
+            continue  # the plan's default under another name
+        defaults.setdefault((case.name, latent), decode)
         name = case.name + ("" if latent == "auto" else f" {latent} latents")
         floor = floor_us(case.palu_bytes(latent), case.palu_flops())
         # fp8 tensor cores also round k_up to e4m3: 2-3% on these random inputs (tests/test_kernels.py).
@@ -269,7 +278,8 @@ def tune(device, deadline: float) -> list[dict]:
                        f"N{row['decode_block_n']} w{row['decode_warps']} s{row['decode_stages']} "
                        f"heads {row.get('decode_heads', 1)}")
             variant += (" fp8 MMA" if row.get("fp8_mma") else "") + (
-                f" rebuild {row['rebuild_dtype']}" if row.get("rebuild_dtype") else "")
+                f" rebuild {row['rebuild_dtype']}" if row.get("rebuild_dtype") else "") + (
+                {True: " one score dot", False: " a score dot per half"}.get(row.get("join_halves"), ""))
             print(f"{name}: {variant}: {row['us']:.0f} us ({row['of_floor']:.0%} of the {row['floor_us']:.0f} "
                   f"us floor)")
     return rows

@@ -5,11 +5,11 @@ tile). Lets kernel variants be judged by instruction counts before spending GPU 
     python -m benchmarks.compile_sm90 [--tiles 16:1:3,64:2:2] [--latent auto|fp8|int4] [--dump DIR]
         [--group-size 8 --ranks 320,704 --layout split|shared]
 
-Needs only Triton (its bundled ptxas and nvdisasm); the Triton on the GPU machine is 3.6, so use the same
-version here for numbers that carry over (``pip install --no-deps --target DIR triton==3.6.0``,
-``PYTHONPATH=DIR``; vLLM 0.33's is 3.8). The shapes are Llama-3-8B's at kv-ratio 0.5 (default: per head, K rank 48, V
-rank 80; ``--group-size``, ``--ranks``, ``--layout`` for the others), and
-the constexprs are the ones the launcher's plan gives the kernel (``ops.plan_layer``).
+Needs only Triton (its bundled ptxas and nvdisasm); use vLLM 0.33's, 3.8, for numbers that carry over to serving
+(``pip install --no-deps --target DIR triton==3.8.0``, ``PYTHONPATH=DIR``). The shapes are Llama-3-8B's at
+kv-ratio 0.5 (default: per head, K rank 48, V rank 80; ``--group-size``, ``--ranks``, ``--layout`` for the others,
+``--kv-heads 32`` for Llama-2-7B's), and the constexprs are the ones the launcher's plan gives the kernel
+(``ops.plan_layer``; ``--rebuild-dtype``, ``--join-halves`` override its choices).
 """
 
 from __future__ import annotations
@@ -39,10 +39,11 @@ SCALARS = {"scale": "fp32"}
 
 
 def decode_constexprs(config: ops.KernelConfig, latent: str, rank_k: int = 48, rank_v: int = 80,
-                      group_size: int = 1, latent_layout: str = "split") -> tuple[dict, int, int]:
+                      group_size: int = 1, latent_layout: str = "split", kv_heads: int = 8) -> tuple[dict, int, int]:
     """The decode kernel's constexprs, warps and stages as the launcher's plan sets them for Llama-3-8B shapes
-    (32 query heads, 8 KV heads of 128 dims in groups of ``group_size``, bf16 weights, a Llama-3 rotary table)."""
-    k_up = torch.zeros(8 // group_size, group_size * 128, rank_k, dtype=torch.bfloat16)
+    (32 query heads, 8 KV heads of 128 dims in groups of ``group_size``, bf16 weights, a Llama-3 rotary table;
+    ``kv_heads`` 32: Llama-2-7B's)."""
+    k_up = torch.zeros(kv_heads // group_size, group_size * 128, rank_k, dtype=torch.bfloat16)
     angles = torch.arange(4096)[:, None] * (1.0 / 500000.0 ** (torch.arange(0, 128, 2) / 128))[None, :]
     table = torch.cat([angles.cos(), angles.sin()], dim=-1).to(torch.bfloat16)
     decode = dict(ops.plan_layer(k_up, None, table, True, 32, rank_v, 128 ** -0.5, latent, config,
@@ -133,6 +134,10 @@ def main() -> None:
     parser.add_argument("--layout", default="split", choices=["split", "shared"])
     parser.add_argument("--heads", type=int, help="KV heads per program (default: the plan's, ops.decode_heads)")
     parser.add_argument("--fp8-mma", action="store_true", help="fp8 latents: keys rebuilt on fp8 tensor cores")
+    parser.add_argument("--kv-heads", type=int, default=8, help="of the 32 query heads (8: Llama-3-8B, 32: Llama-2-7B)")
+    parser.add_argument("--rebuild-dtype", choices=["fp16", "bf16"], help="key rebuild operands (default: the plan's)")
+    parser.add_argument("--join-halves", choices=["yes", "no"], help="one score dot over both rotary halves, or one "
+                        "per half (default: the plan's)")
     args = parser.parse_args()
     rank_k, rank_v = map(int, args.ranks.split(","))
     row = rank_k if args.layout == "shared" else rank_k + rank_v
@@ -144,13 +149,16 @@ def main() -> None:
         block_n, warps, stages = map(int, tile.split(":"))
         config = ops.KernelConfig(decode_block_n=block_n, decode_warps=warps, decode_stages=stages,
                                   decode_heads=args.heads, fp8_mma=args.fp8_mma,
+                                  rebuild_dtype={"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.rebuild_dtype),
+                                  join_halves={"yes": True, "no": False}.get(args.join_halves),
                                   rope_shift=False if args.no_rope_shift else None)
         constexprs, warps, stages = decode_constexprs(config, args.latent, rank_k, rank_v, args.group_size,
-                                                      args.layout)
+                                                      args.layout, args.kv_heads)
         compiled = compile_kernel(kernels.decode_attention_kernel, constexprs, warps, stages, args.maxnreg)
         shift = " shift" if constexprs["ROPE_SHIFT"] else ""
         heads = f" {constexprs['HEADS']}h" if args.group_size > 1 else ""
-        report(f"{args.latent} {block_n}x{warps}w{stages}s{heads}{shift}", compiled, args.dump)
+        rebuild = f" rebuild {constexprs['REBUILD_DTYPE']}" + (" joined" if constexprs["JOIN_HALVES"] else "")
+        report(f"{args.latent} {block_n}x{warps}w{stages}s{heads}{shift}{rebuild}", compiled, args.dump)
 
 
 if __name__ == "__main__":

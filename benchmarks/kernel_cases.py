@@ -107,13 +107,18 @@ def build_inputs(case: Case, dtype, device, latent: str = "auto") -> dict:
                 scale=case.head_dim ** -0.5, latent_format=latent, latent_layout=layout)
 
 
+def plan_case(case: Case, inputs: dict, config: KernelConfig = KernelConfig()) -> ops.LayerPlan:
+    """The layer plan serving would make for ``case``'s ``inputs`` under ``config``."""
+    return ops.plan_layer(inputs["k_up"], None, inputs["cos_sin_cache"], True, case.heads, case.ranks[1],
+                          inputs["scale"], inputs["latent_format"], config, inputs["latent_layout"])
+
+
 def palu_call(case: Case, inputs: dict, config: KernelConfig = KernelConfig(), num_splits: int | None = None):
     """``(call, out)``: a zero-argument call of the Palu kernels on ``inputs`` as serving runs them (the layer
     planned once, the split count of the batch size, scratch allocated once; decode for one-token queries, else the
     prefill path), and the output it writes."""
     rank_v = case.ranks[1]
-    plan = ops.plan_layer(inputs["k_up"], None, inputs["cos_sin_cache"], True, case.heads, rank_v, inputs["scale"],
-                          inputs["latent_format"], config, inputs["latent_layout"])
+    plan = plan_case(case, inputs, config)
     out = inputs["query"].new_empty(inputs["query"].shape[0], case.heads, rank_v)
     args = (plan, inputs["query"], inputs["kv_cache"], inputs["query_start_loc"], inputs["seq_lens"],
             inputs["block_table"], out)

@@ -342,25 +342,33 @@ def test_plan_places_the_v_latent(latent_format, split_offsets):
                        latent_layout="shared")
 
 
-@pytest.mark.parametrize("group_size, latent_format, rebuild, accumulate, tail_stages", [
-    (2, "auto", torch.bfloat16, torch.float32, 1),  # four-warp (wgmma) tiles: bf16 operands as stored, fp32 sums
-    (1, "auto", torch.float16, torch.float16, None),  # one-warp tiles: fp16 operands and sums
-    (2, "fp8", torch.float16, torch.float16, None),  # dequantized latents keep fp16's mantissa
+@pytest.mark.parametrize("group_size, heads, ranks, latent_format, rebuild, accumulate, tail_stages, joined", [
+    # four-warp (wgmma) tiles, rows of 240: bf16 operands as stored, fp32 sums
+    (2, 8, (80, 160), "auto", torch.bfloat16, torch.float32, 1, True),
+    (1, 8, (48, 160), "auto", torch.float16, torch.float16, None, True),  # one-warp tiles: fp16 operands and sums
+    (2, 8, (80, 160), "fp8", torch.float16, torch.float16, None, True),  # dequantized latents keep fp16's mantissa
+    # rows of 512 (groups of 4): fp16 operands; one query row a program (MHA): one score dot per rotary half
+    (4, 4, (160, 352), "auto", torch.float16, torch.float16, 1, False),
 ])
-def test_plan_picks_the_rebuild_operands_and_tail_pipeline(group_size, latent_format, rebuild, accumulate,
-                                                           tail_stages):
-    """A bf16 model's key rebuild: on four-warp tiles from the bf16 latents and k_up as they are stored (triton
-    3.8 chains the k-steps of shared-memory operands), the masked last tile unpipelined (its buffers set the
-    program's shared memory); fp16 elsewhere. Keys are rotated and scored in fp16 either way."""
+def test_plan_picks_the_rebuild_operands_and_tail_pipeline(group_size, heads, ranks, latent_format, rebuild,
+                                                           accumulate, tail_stages, joined):
+    """A bf16 model's key rebuild: on four-warp tiles with latent rows up to 256 from the bf16 latents and k_up as
+    they are stored (triton 3.8 chains the k-steps of shared-memory operands), the masked last tile unpipelined (its
+    buffers set the program's shared memory); fp16 elsewhere. Keys are rotated and scored in fp16 either way, both
+    rotary halves in one dot where a program has several query rows."""
     tl = triton.language
-    k_up = torch.zeros(2 // group_size, group_size * 128, 80 if group_size > 1 else 48, dtype=torch.bfloat16)
-    plan = ops.plan_layer(k_up, None, rope_cache(4096, 128).to(torch.bfloat16), True, 8, 160, 1.0, latent_format)
+    rank_k, rank_v = ranks
+    k_up = torch.zeros(max(1, 2 // group_size), group_size * 128, rank_k, dtype=torch.bfloat16)
+    table = rope_cache(4096, 128).to(torch.bfloat16)
+    plan = ops.plan_layer(k_up, None, table, True, heads, rank_v, 1.0, latent_format)
     dtypes = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
     assert plan.decode["REBUILD_DTYPE"] == dtypes[rebuild] and plan.decode["ACC_DTYPE"] == dtypes[accumulate]
     assert plan.decode["KEY_DTYPE"] == tl.float16 and plan.decode["TAIL_STAGES"] == tail_stages
-    forced = ops.plan_layer(k_up, None, rope_cache(4096, 128).to(torch.bfloat16), True, 8, 160, 1.0, latent_format,
-                            KernelConfig(rebuild_dtype=torch.float16))
+    assert plan.decode["JOIN_HALVES"] == joined
+    forced = ops.plan_layer(k_up, None, table, True, heads, rank_v, 1.0, latent_format,
+                            KernelConfig(rebuild_dtype=torch.float16, join_halves=not joined))
     assert forced.decode["REBUILD_DTYPE"] == tl.float16 and forced.decode["ACC_DTYPE"] == tl.float16
+    assert forced.decode["JOIN_HALVES"] == (not joined)
 
 
 @pytest.mark.parametrize("latent_layout", ["split", "shared"])

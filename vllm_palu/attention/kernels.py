@@ -255,13 +255,15 @@ def _load_up(k_up_ptr, k_up_scale_ptr, kv_head, rk0, rk1, HEAD_DIM: tl.constexpr
 @triton.jit
 def _score_head(latent_0, latent_1, up_0, up_1, k_scale, up_scale, bias_lo, bias_hi, cos, sin, q_lo, q_hi, scores,
                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HALF: tl.constexpr, KEY_DTYPE: tl.constexpr,
-                ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_MMA: tl.constexpr):
+                ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_MMA: tl.constexpr,
+                JOIN_HALVES: tl.constexpr):
     """One KV head's keys of a tile, rebuilt from the latents, rotated and scored against ``q_lo``/``q_hi``
     [HALF, rows] (zero outside the head's rows), added to ``scores`` [BLOCK_N, rows]. Both rotary halves come
     from one dot and are split in registers: under triton 3.8 two dots (one per half) converted the latent tile
     twice and staged one copy through shared memory (488 against 430 SASS instructions per 16-key tile; 3.6 gave
-    422 for two dots but shuffles the split, 689). The rotated halves are joined back for one score dot: on wgmma
-    tiles one chain of k-steps, one wait (groups of 2: 10 -> 8 waits per tile)."""
+    422 for two dots but shuffles the split, 689). ``JOIN_HALVES``: the rotated halves are joined back for one
+    score dot (on wgmma tiles one chain of k-steps, one wait: groups of 2 10 -> 8 waits per tile); otherwise one
+    dot per half, which spills less where a program has one query row (Llama-2-7B groups of 4: 312 -> 128 B)."""
     if FP8_MMA:  # e4m3 codes x e4m3 up-projection, fp32 sums, then the token's and the channel's scales
         key = _rebuild(latent_0, latent_1, up_0, up_1, SPLIT_K, tl.float32, tl.float32, DOT_PRECISION)
         key = (key * k_scale[:, None] * up_scale[None, :]).to(KEY_DTYPE)
@@ -273,9 +275,12 @@ def _score_head(latent_0, latent_1, up_0, up_1, k_scale, up_scale, bias_lo, bias
         key_hi += bias_hi[None, :]
     rot_lo = key_lo * cos - key_hi * sin
     rot_hi = key_hi * cos + key_lo * sin
-    rotated = tl.reshape(tl.permute(tl.join(rot_lo, rot_hi), (0, 2, 1)), [rot_lo.shape[0], 2 * HALF])
-    q = tl.reshape(tl.permute(tl.join(q_lo, q_hi), (2, 0, 1)), [2 * HALF, q_lo.shape[1]])
-    return tl.dot(rotated, q, scores, input_precision=DOT_PRECISION)
+    if JOIN_HALVES:
+        rotated = tl.reshape(tl.permute(tl.join(rot_lo, rot_hi), (0, 2, 1)), [rot_lo.shape[0], 2 * HALF])
+        q = tl.reshape(tl.permute(tl.join(q_lo, q_hi), (2, 0, 1)), [2 * HALF, q_lo.shape[1]])
+        return tl.dot(rotated, q, scores, input_precision=DOT_PRECISION)
+    scores = tl.dot(rot_lo, q_lo, scores, input_precision=DOT_PRECISION)
+    return tl.dot(rot_hi, q_hi, scores, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -291,7 +296,7 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_u
                  KEY_DTYPE: tl.constexpr, REBUILD_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, ROPE_SHIFT: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, FP8_MMA: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, FP8_MMA: tl.constexpr, JOIN_HALVES: tl.constexpr):
     """One KV tile of the decode loop (``pages``: its block-table entries, one per position): load its latents,
     rebuild and rotate the keys of the program's ``HEADS`` KV heads, score each against its own query rows, and
     fold the tile into the online softmax (m_i, l_i) and the V-latent accumulators, shared by all the rows.
@@ -345,7 +350,7 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_u
             head_q_hi = tl.where(in_head, q_tile_hi, tl.zeros_like(q_tile_hi))
         scores = _score_head(latent_0, latent_1, up_0, up_1, k_scale, up_scale, bias_lo, bias_hi, cos, sin,
                              head_q_lo, head_q_hi, scores, SPLIT_K, HAS_BIAS, HALF, KEY_DTYPE, ACC_DTYPE,
-                             DOT_PRECISION, FP8_MMA)
+                             DOT_PRECISION, FP8_MMA, JOIN_HALVES)
     scores = scores * scale  # [BLOCK_N, BLOCK_M]
     if MASKED:
         scores = tl.where(in_range[:, None] & row_valid[None, :], scores, float("-inf"))
@@ -398,6 +403,7 @@ def decode_attention_kernel(
     HAS_BIAS: tl.constexpr, LATENT: tl.constexpr, K0_LIMIT: tl.constexpr, K1_OFFSET: tl.constexpr,
     V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr, V_OFFSET: tl.constexpr, V_SCALE: tl.constexpr,
     ROPE_SHIFT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_MMA: tl.constexpr, TAIL_STAGES: tl.constexpr,
+    JOIN_HALVES: tl.constexpr,
 ):
     """One program per (request, ``HEADS`` KV heads of a latent group, KV split) of a decode batch: each request
     has one new token (already in the cache) and attends over its whole context. A program's query rows are the
@@ -484,7 +490,7 @@ def decode_attention_kernel(
             cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
             STRIDE_CN, STRIDE_SN, STRIDE_CS, HEADS, HEAD_DIM, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K,
             SPLIT_V, LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, REBUILD_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS,
-            False, ROPE_SHIFT, DOT_PRECISION, FP8_MMA)
+            False, ROPE_SHIFT, DOT_PRECISION, FP8_MMA, JOIN_HALVES)
         pages = next_pages
     # ``TAIL_STAGES`` 1 (wgmma tiles): the one masked tile gets no pipeline buffers of its own, which under triton
     # 3.8 set the program's shared memory (groups of 2: 131 -> 110 KB, two programs per multiprocessor).
@@ -497,7 +503,7 @@ def decode_attention_kernel(
             cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
             STRIDE_CN, STRIDE_SN, STRIDE_CS, HEADS, HEAD_DIM, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K,
             SPLIT_V, LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, REBUILD_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS,
-            True, False, DOT_PRECISION, FP8_MMA)
+            True, False, DOT_PRECISION, FP8_MMA, JOIN_HALVES)
 
     if num_splits > 1:
         num_heads = ROWS * tl.num_programs(1)

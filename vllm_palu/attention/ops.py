@@ -64,6 +64,7 @@ class KernelConfig:
     rope_shift: bool | None = None  # rotate keys by their offset in the tile (needs a shiftable table)
     key_dtype: torch.dtype | None = None  # dtype keys are rotated and scored in
     rebuild_dtype: torch.dtype | None = None  # dtype of the key rebuild's operands (latents, k_up)
+    join_halves: bool | None = None  # score both rotary halves of the keys in one dot
     fp8_mma: bool = False  # fp8 latents: keys rebuilt on fp8 tensor cores from an e4m3 copy of k_up (slower: off)
     prefill_block_m: int | None = None  # query rows (tokens x query heads of a KV head) per prefill tile
     prefill_block_n: int | None = None
@@ -227,13 +228,17 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     rope_shift = config.rope_shift if config.rope_shift is not None else latent_format == "auto"
     rope_shift = rope_shift and rotary_is_shiftable(rotary, block_n)
     fp8_mma = config.fp8_mma and latent_format == "fp8"
-    # The key rebuild's operands: on wgmma tiles, 16-bit latents and k_up as the model holds them (bf16), which
-    # triton 3.8 then reads from shared memory with the k-steps chained (converted to fp16 they went through
-    # registers and every wgmma waited for the one before: groups of 2, 47 -> 17 waits per 64-key tile), fp32
-    # sums; elsewhere the key dtype (one-warp tiles: fp16 sums, half the registers; dequantized latents keep
-    # fp16's mantissa).
-    rebuild_dtype = config.rebuild_dtype or (
-        k_up.dtype if wgmma_tiles and latent_format == "auto" and k_up.dtype == torch.bfloat16 else key_dtype)
+    # The key rebuild's operands: on wgmma tiles with latent rows up to 256, 16-bit latents and k_up as the model
+    # holds them (bf16), which triton 3.8 then reads from shared memory with the k-steps chained (converted to fp16
+    # they went through registers and every wgmma waited for the one before: groups of 2, 47 -> 17 waits per 64-key
+    # tile; H200 559 -> 433 us, shared per head 677 -> 566); fp32 sums. Elsewhere the key dtype: one-warp tiles
+    # (fp16 sums, half the registers), dequantized latents (fp16's mantissa), and rows of 512 (groups of 4), where
+    # bf16 operands took 20 KB more shared memory and spilled more (Llama-2-7B 4575 -> 8901 us).
+    bf16_operands = wgmma_tiles and row <= 256 and latent_format == "auto" and k_up.dtype == torch.bfloat16
+    rebuild_dtype = config.rebuild_dtype or (k_up.dtype if bf16_operands else key_dtype)
+    # One score dot over both rotary halves where a program has several query rows (GQA: per head 328 -> 316 us);
+    # two with one row (MHA), which spill less (Llama-2-7B groups of 4: 4575 us joined, 4087 before).
+    join_halves = config.join_halves if config.join_halves is not None else heads_per_kv > 1
     acc_dtype = torch.float32 if torch.bfloat16 in (key_dtype, rebuild_dtype) else key_dtype
     ranks = _rank_tiles(rank_k, rank_v, latent_format, latent_layout, fp8_mma)
     k_up_heads = k_up_heads.contiguous()
@@ -249,7 +254,8 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
                   REBUILD_DTYPE=TRITON_DTYPES[rebuild_dtype], ACC_DTYPE=TRITON_DTYPES[acc_dtype],
                   BLOCK_M=_pow2(heads * heads_per_kv, 1), BLOCK_N=block_n, HAS_BIAS=k_bias is not None,
                   ROPE_SHIFT=rope_shift, DOT_PRECISION=_dot_precision(key_dtype), FP8_MMA=fp8_mma,
-                  TAIL_STAGES=1 if wgmma_tiles else None, num_warps=warps, num_stages=stages, **ranks)
+                  TAIL_STAGES=1 if wgmma_tiles else None, JOIN_HALVES=join_halves, num_warps=warps,
+                  num_stages=stages, **ranks)
     # Prefill tiles: scripts measured on the H200 (docs/KERNEL_NOTES.md, prefill).
     prefill_block_n = config.prefill_block_n or (64 if on_gpu else 16)
     prefill_block_m = max(config.prefill_block_m or (256 if on_gpu else 16), _pow2(heads_per_kv))
