@@ -20,6 +20,9 @@
 #                                         converter's Llama-3-8B default) and per head against dense bf16: long
 #                                         decode, capacity at 4K -> 2K (GROUPS_CONFIGS, GROUPS_ARGS override)
 #
+# The device tool hands an idle machine back after ~30 s: issue the staging calls and every phase in one batch of
+# tool calls, with no pause between them, and keep each call's BUDGET within the session's device time left (a call
+# killed by the lease's end brings back nothing of the step it was in). The host phase needs ~250 s (two engines).
 # Each step is time-boxed within the phase's BUDGET (one device call runs at most 600 s); logs land in $OUT (what the
 # device tool brings back) as one tarball, refreshed after every step, plus summary-PHASE.txt, also printed.
 # Device calls: stage the pieces as the gpu-stack README says, then name `.gpu-stack/bin` in `carry` of every phase's
