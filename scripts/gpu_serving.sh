@@ -84,7 +84,8 @@ ENGINE='{"compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 
 SERVE_ARGS=${SERVE_ARGS:---capacity 0,1024,512}  # capacity: half the default output, to fit the call
 case $phase in
 tests)  # in order of what the rest depends on; each later step gets what is left of the budget
-    step kernel-tests 400 python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_kernels.py -k "${KERNEL_TESTS:-}"
+    step kernel-tests 400 python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_kernels.py \
+        -k "${KERNEL_TESTS:-}"
     step serving-gpu 300 python3 -m pytest -q -p no:cacheprovider tests/test_serving_gpu.py
     cat "$logs/report/bf16_serving.json" 2>/dev/null | tee -a "$summary"
     ;;
