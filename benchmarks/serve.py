@@ -36,7 +36,7 @@ if __package__ in (None, ""):
     # benchmarks.*), not benchmarks/ itself, whose module names could shadow installed packages.
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks import checkpoints  # noqa: E402
+from benchmarks import checkpoints, step_profile  # noqa: E402
 
 GiB = 1 << 30
 JIT_MARKER = "JIT compilation during inference"  # vLLM's JIT monitor (vllm/utils/jit_monitor.py) warns with it
@@ -370,9 +370,11 @@ def run(args) -> None:
             rows += [error_row(name, w, "skipped: deadline reached") for w in workloads]
             log(f"{name}: skipped (deadline)")
         else:
-            rows += run_config(args, name, models[name], config_engine_args(name, settings, args.dense_backend),
-                               workloads, remaining, lambda new: write_json(result_path, {"meta": meta,
-                                                                                          "rows": rows + new}))
+            engine = config_engine_args(name, settings, args.dense_backend)
+            if args.profile_steps:
+                engine["profiler_config"] = step_profile.profiler_config(args.out / "profile" / name)
+            rows += run_config(args, name, models[name], engine, workloads, remaining,
+                               lambda new: write_json(result_path, {"meta": meta, "rows": rows + new}))
         write_json(result_path, {"meta": meta, "rows": rows})
     log(f"done in {time.monotonic() - started:.0f} s: {result_path}")
     report(args.out)
@@ -393,7 +395,7 @@ def run_config(args, name: str, model: Path, engine: dict, workloads: list[Workl
     write_json(spec_path, {"config": name, "model": str(model), "engine": engine, "seed": args.seed,
                            "vocab_words": checkpoints.tokenizer_words(checkpoints.get_shape(args.shape, args.dtype)),
                            "workloads": [asdict(w) for w in workloads], "rows_path": str(rows_path),
-                           "log_path": str(log_path)})
+                           "log_path": str(log_path), "profile_steps": args.profile_steps})
     log(f"{name}: starting {model.name} (timeout {timeout:.0f} s, log {log_path})")
     begun = time.monotonic()
     with open(log_path, "w") as log_file:
@@ -556,6 +558,14 @@ def engine_main(spec_path: str) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         row["jit_lines_in_workload"] = count_jit_lines(log_path) - jit_before
+        if spec.get("profile_steps") and row["status"] == "ok":
+            try:
+                row["step_profile"] = step_profile.profile_workload(
+                    llm, prompts, SamplingParams, workload, spec["profile_steps"],
+                    Path(llm.llm_engine.vllm_config.profiler_config.torch_profiler_dir),
+                    llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
+            except Exception as error:  # noqa: BLE001 - the timed row stands without it
+                row["step_profile"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
         print(f"BENCH {json.dumps(row)}", flush=True)
         publish(row)
     os._exit(0)  # skip the slow engine teardown; the parent kills the process group
@@ -800,6 +810,9 @@ def serve_tables(data: dict) -> list[str]:
                 else "FAIL"
             lines.append(f"- [{verdict}] {workload} {config} vs {baseline}: {metric} ratio {fmt(value, 3)} "
                          f"(target {op} {bound:.3f})")
+    profiled = step_profile.table(rows)
+    if profiled:
+        lines += ["", "Device time per steady decode step, by kernel group (µs; `--profile-steps`):", ""] + profiled
     return lines
 
 
@@ -888,6 +901,9 @@ def main(argv: list[str] | None = None) -> None:
     run_parser.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated (default: all)")
     run_parser.add_argument("--workloads", default=",".join(WORKLOADS), help="comma-separated (default: all)")
     run_parser.add_argument("--config-timeout", type=float, default=420, help="seconds per configuration")
+    run_parser.add_argument("--profile-steps", type=int, default=0,
+                            help="after each timed workload, device time by kernel over this many steady decode "
+                                 "steps (torch profiler, benchmarks/step_profile.py; traces under OUT/profile)")
     http_parser = commands.add_parser("http", help="vllm serve + vllm bench serve")
     add_settings(http_parser)
     http_parser.add_argument("--http-configs", default="dense-bf16,palu-0.5")

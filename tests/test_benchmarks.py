@@ -110,6 +110,26 @@ def test_serve_run_records_timeouts_and_deadline_skips(tmp_path):
                                                          ("dense-bf16", "skipped: deadline reached")]
 
 
+def test_serve_run_profiles_steady_decode_steps(tmp_path):
+    """--profile-steps: after the timed workload each engine runs it again under vLLM's torch profiler for that many
+    steps past every prefill, and its row holds the device (here: host-op) time per step by kernel group."""
+    out = tmp_path / "serve"
+    run_script("benchmarks.serve", "run", "--out", str(out), "--configs", "dense-bf16,palu-0.5", "--workloads",
+               "short-decode", "--checkpoints", str(tmp_path / "ckpt"), *TINY, "--short-decode", "4,32,24",
+               "--profile-steps", "4")
+    rows = json.loads((out / "serve.json").read_text())["rows"]
+    assert [r["config"] for r in rows] == ["dense-bf16", "palu-0.5"]
+    for row in rows:
+        profile = row["step_profile"]
+        assert "error" not in profile, profile
+        assert profile["steps"] == 4 and profile["first_step"] >= 9 and profile["source"] in ("kernel", "cpu_op")
+        assert profile["step_us"] > 0 and abs(sum(profile["groups_us"].values()) - profile["step_us"]) < 1e-3 * \
+            profile["step_us"]
+        assert profile["top_kernels_us"] and all(us > 0 for _, us in profile["top_kernels_us"])
+        assert list((out / "profile" / row["config"]).glob("short-decode-*.pt.trace.json*"))
+    assert "Device time per steady decode step" in (out / "serve.md").read_text()
+
+
 def test_serve_http_runs_vllm_bench_serve_against_both_servers(tmp_path):
     out = tmp_path / "http"
     run_script("benchmarks.serve", "http", "--out", str(out), "--http-workload", "8,64,16",
