@@ -560,10 +560,8 @@ def engine_main(spec_path: str) -> None:
         row["jit_lines_in_workload"] = count_jit_lines(log_path) - jit_before
         if spec.get("profile_steps") and row["status"] == "ok":
             try:
-                row["step_profile"] = step_profile.profile_workload(
-                    llm, prompts, SamplingParams, workload, spec["profile_steps"],
-                    Path(llm.llm_engine.vllm_config.profiler_config.torch_profiler_dir),
-                    llm.llm_engine.vllm_config.scheduler_config.max_num_batched_tokens)
+                row["step_profile"] = step_profile.profile_workload(llm, prompts, SamplingParams, workload,
+                                                                    spec["profile_steps"])
             except Exception as error:  # noqa: BLE001 - the timed row stands without it
                 row["step_profile"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
         print(f"BENCH {json.dumps(row)}", flush=True)

@@ -64,11 +64,14 @@ def breakdown(trace_path: Path, steps: int) -> dict:
             "top_kernels_us": [[name[:120], total / steps] for name, total in top]}
 
 
-def profile_workload(llm, prompts: list, params_class, workload: dict, steps: int, directory: Path,
-                     max_num_batched_tokens: int) -> dict:
-    """Run ``prompts`` again with the profiler on for ``steps`` engine steps, from a step after every prompt's
-    prefill (their tokens over the step's token budget, plus 8), and return :func:`breakdown` of its trace."""
-    delay = math.ceil(workload["requests"] * workload["prompt_len"] / max_num_batched_tokens) + 8
+def profile_workload(llm, prompts: list, params_class, workload: dict, steps: int) -> dict:
+    """Run ``prompts`` again with the engine's profiler (its ``profiler_config``) on for ``steps`` engine steps,
+    from a step after every prompt's prefill (their tokens over the step's token budget, plus 8), and return
+    :func:`breakdown` of its trace."""
+    config = llm.llm_engine.vllm_config
+    directory = Path(config.profiler_config.torch_profiler_dir)
+    delay = math.ceil(workload["requests"] * workload["prompt_len"]
+                      / config.scheduler_config.max_num_batched_tokens) + 8
     output_len = workload["output_len"]
     if delay + steps + 2 > output_len:
         return {"error": f"{output_len} output tokens do not reach past step {delay} + {steps} profiled steps"}
