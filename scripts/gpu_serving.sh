@@ -18,10 +18,13 @@
 #                                         latents) against dense decode (benchmarks/attention_kernels.py tune)
 #   bash scripts/gpu_serving.sh groups    end-to-end benchmark of PALU split over groups of 2 heads (the
 #                                         converter's Llama-3-8B default) and per head against dense bf16: long
-#                                         decode, capacity at 4K -> 2K (GROUPS_CONFIGS, GROUPS_ARGS override), each
+#                                         decode, capacity at 4K -> 2K (GROUPS_CONFIGS, GROUPS_WORKLOADS, GROUPS_ARGS
+#                                         override), each
 #                                         with device time by kernel over PROFILE_STEPS (10) steady decode steps
 #
-# The device tool hands an idle machine back after ~30 s: issue the staging calls and every phase in one batch of
+# The device tool can refuse a machine, and each refused call in a batch still costs 15 s of device time (2026-12-03:
+# 25 refusals, 541 s): make the first call (nvidia-smi) alone and issue the rest only once it ran. It hands an idle
+# machine back after ~30 s: issue the staging calls and every phase in one batch of
 # tool calls, with no pause between them, and keep each call's BUDGET within the session's device time left (a call
 # killed by the lease's end brings back nothing of the step it was in). The host phase needs ~250 s (two engines).
 # Each step is time-boxed within the phase's BUDGET (one device call runs at most 600 s); logs land in $OUT (what the
@@ -110,8 +113,8 @@ kernels)
 groups)  # capacity-bound at the issue's decode-heavy shape: 4K -> 2K, 1.9x the dense KV cache (86 requests)
     step serve-groups $((BUDGET - 40)) python3 benchmarks/serve.py run --out "$results/serve" \
         --deadline $((BUDGET - 50)) --configs "${GROUPS_CONFIGS:-dense-bf16,palu-0.5-g2,palu-0.5}" \
-        --workloads long-decode,capacity --engine-args "$ENGINE" --profile-steps "${PROFILE_STEPS:-10}" \
-        ${GROUPS_ARGS:---capacity 0,4096,2048}
+        --workloads "${GROUPS_WORKLOADS:-long-decode,capacity}" --engine-args "$ENGINE" \
+        --profile-steps "${PROFILE_STEPS:-10}" ${GROUPS_ARGS:---capacity 0,4096,2048}
     step report 20 python3 benchmarks/serve.py report "$results/serve"
     ;;
 extra)
