@@ -19,8 +19,8 @@
 #   bash scripts/gpu_serving.sh groups    end-to-end benchmark of PALU split over groups of 2 heads (the
 #                                         converter's Llama-3-8B default) and per head against dense bf16: long
 #                                         decode, capacity at 4K -> 2K (GROUPS_CONFIGS, GROUPS_WORKLOADS, GROUPS_ARGS
-#                                         override), each
-#                                         with device time by kernel over PROFILE_STEPS (10) steady decode steps
+#                                         override), each with device time by kernel over PROFILE_STEPS (10) steady
+#                                         decode steps
 #
 # The device tool can refuse a machine, and each refused call in a batch still costs 15 s of device time (2026-12-03:
 # 25 refusals, 541 s): make the first call (nvidia-smi) alone and issue the rest only once it ran. It hands an idle
