@@ -16,6 +16,7 @@ DEVICE = os.environ["PALU_KERNEL_TESTS_DEVICE"]  # cpu: TRITON_INTERPRET=1, set 
 triton = pytest.importorskip("triton")
 
 from vllm_palu.attention import ops, reference  # noqa: E402
+from vllm_palu.attention.launch import CompiledLaunch  # noqa: E402
 from vllm_palu.attention.ops import KernelConfig  # noqa: E402
 from vllm_palu.attention.latent_quant import (dequantize_rows, pages_to_rows, quantize_rows, row_bytes,  # noqa: E402
                                               rows_to_pages)
@@ -565,8 +566,10 @@ def test_launchers_read_no_device_tensor(monkeypatch, latent_format, latent_layo
     kernels = {name: LaunchRecorder() for name in ("write_latents_kernel", "write_quantized_latents_kernel",
                                                   "decode_attention_kernel", "reduce_splits_kernel",
                                                   "rebuild_context_kernel", "prefill_attention_kernel")}
-    for name, recorder in kernels.items():
-        monkeypatch.setattr(ops, name, recorder)
+    launches = {name: launch for name, launch in vars(ops).items() if isinstance(launch, CompiledLaunch)}
+    assert {launch.kernel.__name__ for launch in launches.values()} == set(kernels)
+    for name, launch in launches.items():  # the launchers' launch objects, recording instead of running
+        monkeypatch.setattr(ops, name, CompiledLaunch(kernels[launch.kernel.__name__]))
     rank_v = 24 if latent_layout == "split" else 16
     case = make_case(Shape([40, 70, 9], [1, 1, 9], 4, 2, 1, 32, 16, 24, 16), torch.float32, seed=13)
     plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], False, 4, rank_v, 0.2, latent_format,
@@ -588,6 +591,33 @@ def test_launchers_read_no_device_tensor(monkeypatch, latent_format, latent_layo
     for name in ("decode_attention_kernel", "rebuild_context_kernel"):  # where V sits: the plan's constexprs
         constexprs = kernels[name].launches[0][2]
         assert (constexprs["V_OFFSET"], constexprs["V_SCALE"]) == (plan.ranks["V_OFFSET"], plan.ranks["V_SCALE"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="compiled kernels: GPU only (the interpreter has none)")
+@pytest.mark.parametrize("latent_format", ["auto", "fp8"])
+def test_launches_after_the_first_skip_the_jit(monkeypatch, latent_format):
+    """What serving launches after warm-up are the compiled kernels themselves (vllm_palu/attention/launch.py):
+    a step with new queries, contexts, block tables and outputs must not reach Triton's JIT (its run raises here)
+    and still equals the reference, on every launcher: cache write, decode with splits, rebuild, prefill."""
+    shape = Shape([300, 700, 90], [1, 1, 20], 8, 4, 2, 64, 48, 80, 16)
+
+    def step(seed):
+        case = oracle = make_case(shape, DTYPES[0], seed=seed)
+        if latent_format != "auto":
+            case, oracle = quantized_case(shape, latent_format, DTYPES[0], seed=seed)
+        new_k, new_v = case["query"].new_ones(20, 2, 48), case["query"].new_ones(20, 2, 80)
+        pages = torch.zeros_like(case["kv_cache"])  # a cache of its own: the case's stays as the oracle has it
+        ops.write_latents(pages, torch.arange(20, device=DEVICE), new_k, new_v, latent_format)
+        assert pages.any()  # (what lands where: test_write_latents_scatters_by_slot, ..._quantizes_rows)
+        check(case, oracle, latent_format=latent_format, num_decodes=2, num_decode_tokens=2, num_splits=4)
+
+    step(seed=1)  # through the JIT: compiles, then caches each compiled kernel by its specialization
+    for launch in (value for value in vars(ops).values() if isinstance(value, CompiledLaunch)):
+        def refuse(*args, _name=launch.kernel.__name__, **kwargs):
+            raise AssertionError(f"{_name} went through Triton's JIT again")
+        monkeypatch.setattr(launch.kernel, "run", refuse)
+    step(seed=2)
 
 
 @pytest.mark.gpu

@@ -22,6 +22,7 @@ import triton.language as tl
 
 from vllm_palu.attention.kernels import (decode_attention_kernel, reduce_splits_kernel, write_latents_kernel,
                                         write_quantized_latents_kernel)
+from vllm_palu.attention.launch import CompiledLaunch
 from vllm_palu.attention.latent_quant import LATENT_SCALE_BYTES, check_ranks, is_shared, page_views, rank_v_of_row
 from vllm_palu.attention.prefill_kernels import (NEW_TOKENS, PREFIX_WINDOW, WHOLE_CONTEXT, prefill_attention_kernel,
                                                 rebuild_context_kernel)
@@ -33,6 +34,12 @@ DECODE_UP_BYTES = 48 * 1024  # key up-projection a decode program holds in share
 FLASH_KEY_TILE = 256  # FlashAttention's widest key tile: the rebuild zero-fills this far past a context's end
 TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 LATENT_CODES = {"auto": 0, "fp8": 1, "int4": 2}  # the kernels' LATENT constexpr
+# Every launch after a kernel's first (per specialization) skips the JIT's per-call work: launch.py. Their caches
+# hold compiled kernels keyed by specialization, like Triton's own.
+(launch_write_latents, launch_write_quantized_latents, launch_decode, launch_reduce_splits, launch_rebuild_context,
+ launch_prefill_attention) = map(CompiledLaunch, (write_latents_kernel, write_quantized_latents_kernel,
+                                                  decode_attention_kernel, reduce_splits_kernel,
+                                                  rebuild_context_kernel, prefill_attention_kernel))
 
 
 def _pow2(value: int, minimum: int = 16) -> int:
@@ -319,7 +326,8 @@ def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: 
         v_latent = k_latent
     rank_v = v_latent.shape[-1]
     if latent_format == "auto":
-        write_latents_kernel[(num_tokens, groups)](
+        launch_write_latents(
+            (num_tokens, groups),
             k_latent, v_latent, kv_cache, slot_mapping,
             k_latent.stride(0), k_latent.stride(1), v_latent.stride(0), v_latent.stride(1),
             kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2),
@@ -327,7 +335,8 @@ def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: 
             PAD_V=_pow2(rank_v, 1), SHARED=shared)
         return
     payload, scales = _cache_views(kv_cache, latent_format, latent_layout)
-    write_quantized_latents_kernel[(num_tokens, groups)](
+    launch_write_quantized_latents(
+        (num_tokens, groups),
         k_latent, v_latent, payload, scales, slot_mapping,
         k_latent.stride(0), k_latent.stride(1), v_latent.stride(0), v_latent.stride(1),
         payload.stride(0), payload.stride(1), payload.stride(2), scales.stride(0), scales.stride(1),
@@ -369,14 +378,16 @@ def decode_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tenso
     fp8_mma = plan.decode["FP8_MMA"]
     k_up = plan.k_up_fp8 if fp8_mma else plan.k_up
     k_up_scale = plan.k_up_scale if fp8_mma else plan.fp32_placeholder  # unused without FP8_MMA
-    kernel = decode_attention_kernel[(num_requests, plan.decode_programs, num_splits)](
+    kernel = launch_decode(
+        (num_requests, plan.decode_programs, num_splits),
         query, payload, scales, k_up, k_up_scale, bias, plan.rotary, block_table, seq_lens, query_start_loc,
         out, partial, stats, plan.scale, query.stride(0), query.stride(1),
         payload.stride(0), payload.stride(1), payload.stride(2), scales.stride(0), scales.stride(1),
         scales.stride(2), block_table.stride(0), plan.rotary.stride(0), out.stride(0), out.stride(1),
         BLOCK_SIZE=payload.shape[2], **plan.decode)
     if num_splits > 1:
-        reduce_splits_kernel[(num_requests, plan.num_heads)](
+        launch_reduce_splits(
+            (num_requests, plan.num_heads),
             partial, stats, out, seq_lens, query_start_loc, num_splits, out.stride(0), out.stride(1),
             RANK_V=plan.rank_v, PAD_V=plan.decode["PAD_V"], BLOCK_N=plan.decode["BLOCK_N"], MAX_SPLITS=MAX_SPLITS)
     return kernel
@@ -461,7 +472,8 @@ def rebuild_context(plan: LayerPlan, kv_cache: torch.Tensor, query_start_loc: to
     payload, scales = _cache_views(kv_cache, plan.latent_format, plan.latent_layout)
     bias = plan.k_bias if plan.k_bias is not None else plan.k_up  # unused when HAS_BIAS is false
     width, key_width = values.shape[-1], keys.shape[-1]
-    rebuild_context_kernel[(tiles, batch.num_requests, plan.kv_heads)](
+    launch_rebuild_context(
+        (tiles, batch.num_requests, plan.kv_heads),
         payload, scales, plan.k_up, bias, plan.rotary, block_table, seq_lens, query_start_loc, keys, values,
         batch.first_request, batch.first_token, window_start, workspace.window, part,
         payload.stride(0), payload.stride(1), payload.stride(2),
@@ -495,7 +507,8 @@ def prefill_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tens
         rebuild_context(plan, kv_cache, query_start_loc, seq_lens, block_table, batch, workspace, window_index,
                         query.dtype)
         part, keys, values, window_start = workspace.part(window_index)
-        prefill_attention_kernel[(triton.cdiv(batch.max_query_len, block_q), batch.num_requests, plan.kv_heads)](
+        launch_prefill_attention(
+            (triton.cdiv(batch.max_query_len, block_q), batch.num_requests, plan.kv_heads),
             query, keys, values, seq_lens, query_start_loc, out, state, plan.scale,
             batch.first_request, batch.first_token, window_start, workspace.window, part, index == 0,
             index == len(parts) - 1,
