@@ -216,11 +216,11 @@ def tune_variants(case: Case) -> list[dict]:
              if case.group_size % h == 0 and h * case.head_dim * rank_k * 2 <= TUNE_UP_BYTES] or [1]
     variants = [{}] + [dict(decode_block_n=n, decode_warps=w, decode_stages=st, decode_heads=h)
                        for h in heads for n, w, st in TUNE_TILES]
-    # The default tiles with the other rebuild operands (bf16 as stored: version 4.3; fp16: converted, before it)
-    # and the other score dots (one over both rotary halves, or one per half); the tune drops the one that is the
-    # default already.
+    # The default tiles with the other rebuild operands (bf16 as stored: version 4.3; fp16: converted, before it),
+    # the other score dots (one over both rotary halves, or one per half) and the keys converted one at a time, as
+    # triton emits it (version 4.5); the tune drops the one that is the default already.
     choices = [dict(rebuild_dtype=torch.float16), dict(rebuild_dtype=torch.bfloat16), dict(join_halves=True),
-               dict(join_halves=False)]
+               dict(join_halves=False), dict(paired_cvt=False)]
     return variants[:1] + choices + variants[1:]
 
 
@@ -279,7 +279,8 @@ def tune(device, deadline: float) -> list[dict]:
                        f"heads {row.get('decode_heads', 1)}")
             variant += (" fp8 MMA" if row.get("fp8_mma") else "") + (
                 f" rebuild {row['rebuild_dtype']}" if row.get("rebuild_dtype") else "") + (
-                {True: " one score dot", False: " a score dot per half"}.get(row.get("join_halves"), ""))
+                {True: " one score dot", False: " a score dot per half"}.get(row.get("join_halves"), "")) + (
+                " unpaired cvt" if row.get("paired_cvt") is False else "")
             print(f"{name}: {variant}: {row['us']:.0f} us ({row['of_floor']:.0%} of the {row['floor_us']:.0f} "
                   f"us floor)")
     return rows

@@ -49,7 +49,7 @@ def decode_constexprs(config: ops.KernelConfig, latent: str, rank_k: int = 48, r
     decode = dict(ops.plan_layer(k_up, None, table, True, 32, rank_v, 128 ** -0.5, latent, config,
                                  latent_layout).decode)
     warps, stages = decode.pop("num_warps"), decode.pop("num_stages")
-    return {**decode, "BLOCK_SIZE": 16}, warps, stages
+    return {**decode, "BLOCK_SIZE": 16, "PAIRED_CVT": True}, warps, stages  # PAIRED_CVT: as planned on a GPU
 
 
 def compile_kernel(fn, constexprs: dict, num_warps: int, num_stages: int, maxnreg: int | None = None):
@@ -138,6 +138,8 @@ def main() -> None:
     parser.add_argument("--rebuild-dtype", choices=["fp16", "bf16"], help="key rebuild operands (default: the plan's)")
     parser.add_argument("--join-halves", choices=["yes", "no"], help="one score dot over both rotary halves, or one "
                         "per half (default: the plan's)")
+    parser.add_argument("--unpaired-cvt", action="store_true", help="fp32 -> fp16 conversions as triton emits them "
+                        "(PAIRED_CVT off: one element an instruction)")
     args = parser.parse_args()
     rank_k, rank_v = map(int, args.ranks.split(","))
     row = rank_k if args.layout == "shared" else rank_k + rank_v
@@ -154,10 +156,12 @@ def main() -> None:
                                   rope_shift=False if args.no_rope_shift else None)
         constexprs, warps, stages = decode_constexprs(config, args.latent, rank_k, rank_v, args.group_size,
                                                       args.layout, args.kv_heads)
+        constexprs["PAIRED_CVT"] = not args.unpaired_cvt
         compiled = compile_kernel(kernels.decode_attention_kernel, constexprs, warps, stages, args.maxnreg)
         shift = " shift" if constexprs["ROPE_SHIFT"] else ""
         heads = f" {constexprs['HEADS']}h" if args.group_size > 1 else ""
-        rebuild = f" rebuild {constexprs['REBUILD_DTYPE']}" + (" joined" if constexprs["JOIN_HALVES"] else "")
+        rebuild = (f" rebuild {constexprs['REBUILD_DTYPE']}" + (" joined" if constexprs["JOIN_HALVES"] else "")
+                   + ("" if constexprs["PAIRED_CVT"] else " unpaired cvt"))
         report(f"{args.latent} {block_n}x{warps}w{stages}s{heads}{shift}{rebuild}", compiled, args.dump)
 
 

@@ -356,7 +356,8 @@ def test_plan_picks_the_rebuild_operands_and_tail_pipeline(group_size, heads, ra
     """A bf16 model's key rebuild: on four-warp tiles with latent rows up to 256 from the bf16 latents and k_up as
     they are stored (triton 3.8 chains the k-steps of shared-memory operands), the masked last tile unpipelined (its
     buffers set the program's shared memory); fp16 elsewhere. Keys are rotated and scored in fp16 either way, both
-    rotary halves in one dot where a program has several query rows."""
+    rotary halves in one dot where a program has several query rows; on CUDA the fp32 sums converted to fp16 two
+    at a time (the full-size GPU tests of every four-warp layout check the pairs' order)."""
     tl = triton.language
     rank_k, rank_v = ranks
     k_up = torch.zeros(max(1, 2 // group_size), group_size * 128, rank_k, dtype=torch.bfloat16)
@@ -366,6 +367,8 @@ def test_plan_picks_the_rebuild_operands_and_tail_pipeline(group_size, heads, ra
     assert plan.decode["REBUILD_DTYPE"] == dtypes[rebuild] and plan.decode["ACC_DTYPE"] == dtypes[accumulate]
     assert plan.decode["KEY_DTYPE"] == tl.float16 and plan.decode["TAIL_STAGES"] == tail_stages
     assert plan.decode["JOIN_HALVES"] == joined
+    on_device = ops.plan_layer(k_up.to(DEVICE), None, table.to(DEVICE), True, heads, rank_v, 1.0, latent_format)
+    assert on_device.decode["PAIRED_CVT"] == (DEVICE == "cuda")  # inline PTX: never under the interpreter
     forced = ops.plan_layer(k_up, None, table, True, heads, rank_v, 1.0, latent_format,
                             KernelConfig(rebuild_dtype=torch.float16, join_halves=not joined))
     assert forced.decode["REBUILD_DTYPE"] == tl.float16 and forced.decode["ACC_DTYPE"] == tl.float16

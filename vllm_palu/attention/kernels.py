@@ -136,14 +136,26 @@ def write_quantized_latents_kernel(
 
 
 @triton.jit
+def _convert(x, DTYPE: tl.constexpr, PAIRED_CVT: tl.constexpr):
+    """``x.to(DTYPE)``. ``PAIRED_CVT`` (CUDA only: inline PTX): fp32 to fp16 two elements an instruction
+    (``cvt.rn.f16x2.f32``, round to nearest even like ``.to``, the first element in the low half). triton 3.8
+    converts one element an instruction and pairs them with a ``PRMT`` each: 2 instructions more per pair, on the
+    fp32 sums of every wgmma key rebuild (groups of 2, a 64-key tile: 958 -> 762 instructions)."""
+    if PAIRED_CVT and x.dtype == tl.float32 and DTYPE == tl.float16:
+        return tl.inline_asm_elementwise("cvt.rn.f16x2.f32 $0, $2, $1;", "=r,f,f", [x], dtype=tl.float16,
+                                         is_pure=True, pack=2)
+    return x.to(DTYPE)
+
+
+@triton.jit
 def _rebuild(latent_0, latent_1, up_0, up_1, SPLIT_K: tl.constexpr, ACC_DTYPE: tl.constexpr,
-             KEY_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+             KEY_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, PAIRED_CVT: tl.constexpr = False):
     """Keys (or one rotary half of them) of a tile: ``latent @ up`` over the rank chunks (the second chunk may be
     absent). ``DOT_PRECISION``: "ieee" for fp32 operands (fp32 models; Triton's default would be tf32)."""
     key = tl.dot(latent_0, up_0, out_dtype=ACC_DTYPE, input_precision=DOT_PRECISION)
     if SPLIT_K:
         key = tl.dot(latent_1, up_1, key, out_dtype=ACC_DTYPE, input_precision=DOT_PRECISION)
-    return key.to(KEY_DTYPE)
+    return _convert(key, KEY_DTYPE, PAIRED_CVT)
 
 
 @triton.jit
@@ -256,7 +268,7 @@ def _load_up(k_up_ptr, k_up_scale_ptr, kv_head, rk0, rk1, HEAD_DIM: tl.constexpr
 def _score_head(latent_0, latent_1, up_0, up_1, k_scale, up_scale, bias_lo, bias_hi, cos, sin, q_lo, q_hi, scores,
                 SPLIT_K: tl.constexpr, HAS_BIAS: tl.constexpr, HALF: tl.constexpr, KEY_DTYPE: tl.constexpr,
                 ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_MMA: tl.constexpr,
-                JOIN_HALVES: tl.constexpr):
+                JOIN_HALVES: tl.constexpr, PAIRED_CVT: tl.constexpr):
     """One KV head's keys of a tile, rebuilt from the latents, rotated and scored against ``q_lo``/``q_hi``
     [HALF, rows] (zero outside the head's rows), added to ``scores`` [BLOCK_N, rows]. Both rotary halves come
     from one dot and are split in registers: under triton 3.8 two dots (one per half) converted the latent tile
@@ -268,7 +280,7 @@ def _score_head(latent_0, latent_1, up_0, up_1, k_scale, up_scale, bias_lo, bias
         key = _rebuild(latent_0, latent_1, up_0, up_1, SPLIT_K, tl.float32, tl.float32, DOT_PRECISION)
         key = (key * k_scale[:, None] * up_scale[None, :]).to(KEY_DTYPE)
     else:
-        key = _rebuild(latent_0, latent_1, up_0, up_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE, DOT_PRECISION)
+        key = _rebuild(latent_0, latent_1, up_0, up_1, SPLIT_K, ACC_DTYPE, KEY_DTYPE, DOT_PRECISION, PAIRED_CVT)
     key_lo, key_hi = tl.split(tl.permute(tl.reshape(key, [key.shape[0], 2, HALF]), (0, 2, 1)))
     if HAS_BIAS:
         key_lo += bias_lo[None, :]
@@ -296,7 +308,8 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_u
                  KEY_DTYPE: tl.constexpr, REBUILD_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, MASKED: tl.constexpr, ROPE_SHIFT: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, FP8_MMA: tl.constexpr, JOIN_HALVES: tl.constexpr):
+                 DOT_PRECISION: tl.constexpr, FP8_MMA: tl.constexpr, JOIN_HALVES: tl.constexpr,
+                 PAIRED_CVT: tl.constexpr):
     """One KV tile of the decode loop (``pages``: its block-table entries, one per position): load its latents,
     rebuild and rotate the keys of the program's ``HEADS`` KV heads, score each against its own query rows, and
     fold the tile into the online softmax (m_i, l_i) and the V-latent accumulators, shared by all the rows.
@@ -350,7 +363,7 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_u
             head_q_hi = tl.where(in_head, q_tile_hi, tl.zeros_like(q_tile_hi))
         scores = _score_head(latent_0, latent_1, up_0, up_1, k_scale, up_scale, bias_lo, bias_hi, cos, sin,
                              head_q_lo, head_q_hi, scores, SPLIT_K, HAS_BIAS, HALF, KEY_DTYPE, ACC_DTYPE,
-                             DOT_PRECISION, FP8_MMA, JOIN_HALVES)
+                             DOT_PRECISION, FP8_MMA, JOIN_HALVES, PAIRED_CVT)
     scores = scores * scale  # [BLOCK_N, BLOCK_M]
     if MASKED:
         scores = tl.where(in_range[:, None] & row_valid[None, :], scores, float("-inf"))
@@ -403,7 +416,7 @@ def decode_attention_kernel(
     HAS_BIAS: tl.constexpr, LATENT: tl.constexpr, K0_LIMIT: tl.constexpr, K1_OFFSET: tl.constexpr,
     V0_LIMIT: tl.constexpr, V1_OFFSET: tl.constexpr, V_OFFSET: tl.constexpr, V_SCALE: tl.constexpr,
     ROPE_SHIFT: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8_MMA: tl.constexpr, TAIL_STAGES: tl.constexpr,
-    JOIN_HALVES: tl.constexpr,
+    JOIN_HALVES: tl.constexpr, PAIRED_CVT: tl.constexpr,
 ):
     """One program per (request, ``HEADS`` KV heads of a latent group, KV split) of a decode batch: each request
     has one new token (already in the cache) and attends over its whole context. A program's query rows are the
@@ -490,7 +503,7 @@ def decode_attention_kernel(
             cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
             STRIDE_CN, STRIDE_SN, STRIDE_CS, HEADS, HEAD_DIM, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K,
             SPLIT_V, LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, REBUILD_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS,
-            False, ROPE_SHIFT, DOT_PRECISION, FP8_MMA, JOIN_HALVES)
+            False, ROPE_SHIFT, DOT_PRECISION, FP8_MMA, JOIN_HALVES, PAIRED_CVT)
         pages = next_pages
     # ``TAIL_STAGES`` 1 (wgmma tiles): the one masked tile gets no pipeline buffers of its own, which under triton
     # 3.8 set the program's shared memory (groups of 2: 131 -> 110 KB, two programs per multiprocessor).
@@ -503,7 +516,7 @@ def decode_attention_kernel(
             cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
             STRIDE_CN, STRIDE_SN, STRIDE_CS, HEADS, HEAD_DIM, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K,
             SPLIT_V, LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, REBUILD_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS,
-            True, False, DOT_PRECISION, FP8_MMA, JOIN_HALVES)
+            True, False, DOT_PRECISION, FP8_MMA, JOIN_HALVES, PAIRED_CVT)
 
     if num_splits > 1:
         num_heads = ROWS * tl.num_programs(1)

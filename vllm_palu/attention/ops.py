@@ -72,6 +72,7 @@ class KernelConfig:
     key_dtype: torch.dtype | None = None  # dtype keys are rotated and scored in
     rebuild_dtype: torch.dtype | None = None  # dtype of the key rebuild's operands (latents, k_up)
     join_halves: bool | None = None  # score both rotary halves of the keys in one dot
+    paired_cvt: bool | None = None  # fp32 sums to fp16 keys two at a time (inline PTX: CUDA only; default on)
     fp8_mma: bool = False  # fp8 latents: keys rebuilt on fp8 tensor cores from an e4m3 copy of k_up (slower: off)
     prefill_block_m: int | None = None  # query rows (tokens x query heads of a KV head) per prefill tile
     prefill_block_n: int | None = None
@@ -261,7 +262,8 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
                   REBUILD_DTYPE=TRITON_DTYPES[rebuild_dtype], ACC_DTYPE=TRITON_DTYPES[acc_dtype],
                   BLOCK_M=_pow2(heads * heads_per_kv, 1), BLOCK_N=block_n, HAS_BIAS=k_bias is not None,
                   ROPE_SHIFT=rope_shift, DOT_PRECISION=_dot_precision(key_dtype), FP8_MMA=fp8_mma,
-                  TAIL_STAGES=1 if wgmma_tiles else None, JOIN_HALVES=join_halves, num_warps=warps,
+                  TAIL_STAGES=1 if wgmma_tiles else None, JOIN_HALVES=join_halves,
+                  PAIRED_CVT=on_gpu and config.paired_cvt is not False, num_warps=warps,
                   num_stages=stages, **ranks)
     # Prefill tiles: scripts measured on the H200 (docs/KERNEL_NOTES.md, prefill).
     prefill_block_n = config.prefill_block_n or (64 if on_gpu else 16)
