@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import sys
 from dataclasses import asdict
@@ -209,6 +210,12 @@ TUNE_FP8_VARIANTS = [{}, dict(decode_block_n=64, decode_warps=4, decode_stages=2
                      dict(fp8_mma=True, decode_block_n=64, decode_warps=4, decode_stages=3)]
 
 
+# The served capacity run's decode steps (docs/RESULTS.md: 86 requests of 4-6K tokens, groups of 2): the default
+# split count (2 at 86 requests) against others, for the programs' waves (688 of them, 2.6 waves at two per SM).
+TUNE_SERVED_CASE = Case("llama3-8b", 32, 8, 128, 0.5, 2, 86, 5120)
+TUNE_SERVED_VARIANTS = [{}, dict(num_splits=1), dict(num_splits=3), dict(num_splits=4), dict(paired_cvt=False)]
+
+
 def tune_variants(case: Case) -> list[dict]:
     """The plan's default first, then each tile with each number of KV heads per program that can fit."""
     rank_k = case.ranks[0]
@@ -225,9 +232,10 @@ def tune_variants(case: Case) -> list[dict]:
 
 
 def tune(device, deadline: float) -> list[dict]:
-    """Time decode-kernel variants (tile, warps, stages, KV heads per program) on TUNE_CASES until ``deadline``
-    seconds have passed, in rounds (every case's plan default, then every case's next variant, ...) so that a
-    deadline cuts each case alike; dense decode of each model shape first. Prints each case's variants best
+    """Time decode-kernel variants (tile, warps, stages, KV heads per program; split counts at the served shape) on
+    TUNE_CASES, the per-head and fp8 baselines and TUNE_SERVED_CASE until ``deadline`` seconds have passed, in
+    rounds (every case's plan default, then every case's next variant, ...) so that a deadline cuts each case
+    alike; dense decode of each model shape and of the served shape first. Prints each case's variants best
     first. Every variant is reference-checked first; one that does not compile or launch (shared memory) is
     recorded and skipped."""
     import itertools
@@ -237,21 +245,24 @@ def tune(device, deadline: float) -> list[dict]:
 
     start = time.monotonic()
     rows = []
-    for model, case in {case.model: case for case in TUNE_CASES}.items():  # dense decode of each model shape
-        rows.append({"case": f"{model} dense b{case.batch} {case.context // 1024}K", **dense_us(case, device)})
+    dense_cases = {case.model: case for case in TUNE_CASES}  # dense decode of each model shape
+    for case in [*dense_cases.values(), TUNE_SERVED_CASE]:
+        rows.append({"case": f"{case.model} dense b{case.batch} {case.context // 1024}K", **dense_us(case, device)})
         print(json.dumps(rows[-1]), flush=True)
     runs = [[(case, "auto", v) for v in tune_variants(case)] for case in TUNE_CASES]
     runs.append([(TUNE_BASELINE_CASE, "auto", {})])
     runs.append([(TUNE_FP8_CASE, "fp8", v) for v in TUNE_FP8_VARIANTS])
+    runs.append([(TUNE_SERVED_CASE, "auto", v) for v in TUNE_SERVED_VARIANTS])
     inputs = {(case.name, latent): build_inputs(case, torch.bfloat16, device, latent)
               for case, latent, _ in (run[0] for run in runs)}
     defaults = {}
     for case, latent, variant in (item for round_ in itertools.zip_longest(*runs) for item in round_ if item):
         if time.monotonic() - start > deadline:
             break
-        config = KernelConfig(**variant)
+        splits = variant.get("num_splits")  # the builder's choice (ops.decode_splits) unless given
+        config = KernelConfig(**{k: v for k, v in variant.items() if k != "num_splits"})
         decode = plan_case(case, inputs[case.name, latent], config).decode
-        if variant and decode == defaults.get((case.name, latent)):
+        if variant and splits is None and decode == defaults.get((case.name, latent)):
             continue  # the plan's default under another name
         defaults.setdefault((case.name, latent), decode)
         name = case.name + ("" if latent == "auto" else f" {latent} latents")
@@ -259,10 +270,10 @@ def tune(device, deadline: float) -> list[dict]:
         # fp8 tensor cores also round k_up to e4m3: 2-3% on these random inputs (tests/test_kernels.py).
         tolerance = 5e-2 if config.fp8_mma else 2e-2
         try:
-            error = refcheck(case, device, latent, config)
+            error = refcheck(case, device, latent, config, splits)
             if not error < tolerance:
                 raise AssertionError(f"reference check failed: relative error {error:.2e}")
-            us = do_bench(palu_call(case, inputs[case.name, latent], config)[0], return_mode="median") * 1e3
+            us = do_bench(palu_call(case, inputs[case.name, latent], config, splits)[0], return_mode="median") * 1e3
         except Exception as failure:  # noqa: BLE001 - out of resources etc.: record and go on
             rows.append({"case": name, **variant, "error": str(failure).splitlines()[0][:100]})
             print(json.dumps(rows[-1], default=str), flush=True)
@@ -280,10 +291,16 @@ def tune(device, deadline: float) -> list[dict]:
             variant += (" fp8 MMA" if row.get("fp8_mma") else "") + (
                 f" rebuild {row['rebuild_dtype']}" if row.get("rebuild_dtype") else "") + (
                 {True: " one score dot", False: " a score dot per half"}.get(row.get("join_halves"), "")) + (
-                " unpaired cvt" if row.get("paired_cvt") is False else "")
+                " unpaired cvt" if row.get("paired_cvt") is False else "") + (
+                f" {row['num_splits']} splits" if row.get("num_splits") else "")
             print(f"{name}: {variant}: {row['us']:.0f} us ({row['of_floor']:.0%} of the {row['floor_us']:.0f} "
                   f"us floor)")
     return rows
+
+
+def shape(name: str) -> str:
+    """A tune row's model and batch x context (``llama3-8b b16 32K``): what a dense row and a Palu case share."""
+    return f"{name.split(' ')[0]} {re.search(r'b[0-9]+ [0-9]+K', name).group()}"
 
 
 def plot_tune(rows: list[dict], path: Path) -> None:
@@ -295,7 +312,7 @@ def plot_tune(rows: list[dict], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    dense = {row["case"].split(" dense")[0]: min(row[k] for k in ("flash_us", "cudnn_us") if row.get(k))
+    dense = {shape(row["case"]): min(row[k] for k in ("flash_us", "cudnn_us") if row.get(k))
              for row in rows if " dense " in row["case"]}
     cases = list(dict.fromkeys(row["case"] for row in rows if "us" in row))
     timed = {case: [row for row in rows if row["case"] == case and "us" in row] for case in cases}
@@ -303,7 +320,7 @@ def plot_tune(rows: list[dict], path: Path) -> None:
     x = range(len(cases))
     defaults = [next((r["us"] for r in timed[c] if r.get("default")), float("nan")) for c in cases]
     best = [min(r["us"] for r in timed[c]) for c in cases]
-    ax.bar([i - 0.3 for i in x], [dense.get(c.split(" ")[0], float("nan")) for c in cases], 0.3,
+    ax.bar([i - 0.3 for i in x], [dense.get(shape(c), float("nan")) for c in cases], 0.3,
            label="best dense (SDPA flash / cuDNN)")
     ax.bar(x, defaults, 0.3, label="Palu, plan default")
     ax.bar([i + 0.3 for i in x], best, 0.3, label="Palu, best variant")
@@ -311,7 +328,7 @@ def plot_tune(rows: list[dict], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xticks(list(x), [c.replace(" b16 32K", "").replace(" latents", "") for c in cases], fontsize=7,
                   rotation=15)
-    ax.set_ylabel("µs per layer, batch 16 x 32K")
+    ax.set_ylabel("µs per layer (batch 16 x 32K unless named)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)

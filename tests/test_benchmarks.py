@@ -163,3 +163,19 @@ def test_host_time_measures_both_backends(tmp_path):
     assert "decode workload, decode calls: median" in stdout and (out / "host_time.md").is_file()
     for backend in ("dense", "palu"):  # --profile: each backend's log holds the cProfile of a repeat run
         assert "cProfile of a repeat run" in (out / f"host-{backend}.log").read_text()
+
+
+def test_tune_pairs_each_case_with_the_dense_decode_of_its_shape(tmp_path):
+    """The tune times cases of two shapes per model (batch 16 x 32K, the served capacity run's 86 x 5K): each is
+    compared, in its plot, with dense decode of its own shape."""
+    from benchmarks import attention_kernels
+
+    served, long = attention_kernels.TUNE_SERVED_CASE, attention_kernels.TUNE_CASES[0]
+    assert attention_kernels.shape(served.name) == "llama3-8b b86 5K"
+    assert attention_kernels.shape(long.name + " fp8 latents") == "llama3-8b b16 32K"
+    rows = [{"case": "llama3-8b dense b16 32K", "cudnn_us": 476.0},
+            {"case": "llama3-8b dense b86 5K", "cudnn_us": 800.0},
+            {"case": long.name, "default": True, "us": 433.0, "floor_us": 250.0},
+            {"case": served.name, "default": True, "us": 330.0, "floor_us": 170.0}]
+    attention_kernels.plot_tune(rows, tmp_path / "tune.png")
+    assert (tmp_path / "tune.png").stat().st_size > 10_000
