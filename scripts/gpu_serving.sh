@@ -7,6 +7,7 @@
 #                                         size (the FlashAttention prefill path included; KERNEL_TESTS: a pytest
 #                                         -k expression to run fewer); bf16 serving against
 #                                         FLASH_ATTN and the fp32 reference, CUDA graphs, no late JIT compiles
+#   bash scripts/gpu_serving.sh serving-gpu  tests/test_serving_gpu.py alone (five bf16 engines: ~400 s)
 #   bash scripts/gpu_serving.sh serving   `vllm serve` over HTTP (8 concurrent requests); offline LLM on CUDA
 #                                         (chunked prefill, preemption, prefix caching)
 #   bash scripts/gpu_serving.sh serve     end-to-end benchmark (benchmarks/serve.py): dense bf16 and PALU kv 0.5 /
@@ -34,7 +35,7 @@
 # install 24 s; under triton 3.8 the kernel tests take more than 150 s (first compiles) and each bf16 test engine
 # about 60 s to start (torch.compile, CUDA graphs).
 set -uo pipefail
-phase=${1:?usage: gpu_serving.sh tests|serving|serve|host|extra|kernels|groups}
+phase=${1:?usage: gpu_serving.sh tests|serving-gpu|serving|serve|host|extra|kernels|groups}
 OUT=${OUT:-results/gpu}
 BUDGET=${BUDGET:-570}  # seconds for the whole phase: one device call runs at most 600
 logs=/tmp/palu-gpu/$phase
@@ -91,6 +92,10 @@ tests)  # in order of what the rest depends on; each later step gets what is lef
     step kernel-tests 400 python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_kernels.py \
         -k "${KERNEL_TESTS:-}"
     step serving-gpu 300 python3 -m pytest -q -p no:cacheprovider tests/test_serving_gpu.py
+    cat "$logs/report/bf16_serving.json" 2>/dev/null | tee -a "$summary"
+    ;;
+serving-gpu)
+    step serving-gpu $((BUDGET - 20)) python3 -m pytest -q -p no:cacheprovider tests/test_serving_gpu.py
     cat "$logs/report/bf16_serving.json" 2>/dev/null | tee -a "$summary"
     ;;
 serving)
