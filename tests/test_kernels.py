@@ -237,6 +237,94 @@ def test_prefill_takes_one_causal_part_where_the_contexts_fit(workspace_tokens, 
     check(case, config=config)
 
 
+@pytest.mark.parametrize("workspace_tokens", [65536, 64])  # the whole context at once; prefix windows
+def test_layers_of_a_step_share_the_prefill_workspace(workspace_tokens):
+    """A step's layers run one after another on one stream: they rebuild into the buffers the step's first layer
+    allocated (``PrefillBatch.step``, one set per shape), and each layer's output still equals its reference."""
+    shape = Shape([200, 70], [20, 70], 4, 2, 1, 32, 16, 24, 16)
+    layers = [make_case(shape, DTYPES[0], seed=seed) for seed in (5, 6)]  # other weights and caches, one batch
+    config = KernelConfig(prefill_workspace_tokens=workspace_tokens, prefill_block_n=16)
+    batch = ops.PrefillBatch(0, 2, 0, 70, 180)
+    made = []
+    for case in layers:
+        plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], True, 4, 24, case["scale"], config=config)
+
+        def step(query, kv_cache, query_start_loc, seq_lens, block_table, out, _plan=plan, **_):
+            ops.prefill_attention(_plan, query, kv_cache, query_start_loc, seq_lens, block_table, out, batch)
+
+        check(case, launch=step)
+        made.append([value[2].data_ptr() for key, value in batch.step.items() if key[0] == "workspace"])
+    assert len(made[0]) == 1 and made[0] == made[1] and made[0][0] != 0  # the prefix buffer: one, made once
+
+
+def torch_flash_attention(q, k, v, cu_seqlens_q, max_seqlen_q, max_seqlen_k, softmax_scale, causal, out,
+                          fa_version, cu_seqlens_k=None, seqused_k=None, block_table=None,
+                          return_softmax_lse=False):
+    """vLLM's ``flash_attn_varlen_func`` as FlashPrefill calls it, in fp32 PyTorch: packed or paged keys (a block
+    table over ``[pages, page, kv_heads, width]``, ``seqused_k`` keys a request), GQA, the causal mask aligned
+    bottom-right; writes ``out`` and returns it with the log-sum-exp ``[heads, tokens]`` (-inf where no key)."""
+    heads, kv_heads = q.shape[1], k.shape[-2]
+    lse = torch.full((heads, q.shape[0]), float("-inf"))
+    for request in range(cu_seqlens_q.numel() - 1):
+        start, end = int(cu_seqlens_q[request]), int(cu_seqlens_q[request + 1])
+        if block_table is None:
+            keys = k[int(cu_seqlens_k[request]):int(cu_seqlens_k[request + 1])]
+            values = v[int(cu_seqlens_k[request]):int(cu_seqlens_k[request + 1])]
+        else:
+            used = int(seqused_k[request])
+            keys = k[block_table[request].long()].flatten(0, 1)[:used]
+            values = v[block_table[request].long()].flatten(0, 1)[:used]
+        keys = keys.float().repeat_interleave(heads // kv_heads, dim=1)
+        values = values.float().repeat_interleave(heads // kv_heads, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), keys) * softmax_scale
+        if causal:  # query i of n sees keys up to len - n + i
+            n, length = end - start, keys.shape[0]
+            seen = torch.arange(length)[None, :] <= (length - n + torch.arange(n))[:, None]
+            scores = scores.masked_fill(~seen, float("-inf"))
+        request_lse = torch.logsumexp(scores, dim=-1)
+        weights = torch.nan_to_num(torch.exp(scores - request_lse[..., None]))
+        out[start:end] = torch.einsum("hqk,khd->qhd", weights, values).to(out.dtype)
+        lse[:, start:end] = request_lse
+    return (out, lse) if return_softmax_lse else out
+
+
+def torch_merge_attn_states(output, prefix_output, prefix_lse, suffix_output, suffix_lse, output_lse):
+    """vLLM's ``merge_attn_states`` in PyTorch: two partial attentions merged by their log-sum-exp."""
+    merged_lse = torch.logaddexp(prefix_lse, suffix_lse)
+    prefix = torch.nan_to_num(torch.exp(prefix_lse - merged_lse)).T[..., None]
+    suffix = torch.nan_to_num(torch.exp(suffix_lse - merged_lse)).T[..., None]
+    output.copy_(prefix * prefix_output.float() + suffix * suffix_output.float())
+    output_lse.copy_(merged_lse)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the GPU runs vLLM's own FlashAttention (test_flash_prefill_...)")
+@pytest.mark.parametrize("workspace_tokens", [65536, 256])  # the whole context in one call; prefix windows
+def test_flash_prefill_glue_matches_reference(workspace_tokens):
+    """The FlashAttention prefill path's own work (workspace, query padding to FlashAttention's width, cu_seqlens,
+    the block table over the workspace, windows merged by log-sum-exp, the output's V-latent columns), with
+    FlashAttention itself in PyTorch: two layers of one step (the second reusing the step's tensors), each
+    against the oracle. A head dim of 32 with V ranks of 48 pads queries, keys and V latents to width 64."""
+    flash_prefill = pytest.importorskip("vllm_palu.attention.flash_prefill")
+    shape = Shape([600, 70], [40, 70], 4, 2, 1, 32, 16, 48, 16)  # chunked prefill over a 560-token prefix
+    config = KernelConfig(prefill_workspace_tokens=workspace_tokens, prefill_block_n=16)
+    batch = ops.PrefillBatch(0, 2, 0, 70, 560)
+    for seed in (7, 8):
+        case = make_case(shape, DTYPES[0], seed=seed)
+        plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], True, 4, 48, case["scale"], config=config)
+        flash = flash_prefill.FlashPrefill.__new__(flash_prefill.FlashPrefill)  # vLLM's FlashAttention: CUDA only
+        flash.fa_version, flash.width = 3, flash_prefill.flash_head_dim(32, 48)
+        flash.attend, flash.merge = torch_flash_attention, torch_merge_attn_states
+
+        def step(query, kv_cache, query_start_loc, seq_lens, block_table, out, _plan=plan, _flash=flash, **_):
+            _flash(_plan, query, kv_cache, query_start_loc, seq_lens, block_table, out, batch)
+
+        check(case, launch=step)
+        workspace = ops.prefill_workspace(plan, case["query"], batch, flash.width, flash_prefill.PAGE,
+                                          key_width=flash.width)
+        assert flash.width == 64 and workspace.whole_context == (workspace_tokens == 65536)
+        assert workspace.windows == (1 if workspace_tokens == 65536 else 3)
+
+
 @pytest.mark.parametrize("head_dim, rank_v, width", [(128, 88, 128), (128, 176, 192), (64, 40, 64), (80, 60, 96),
                                                      (128, 320, None)])
 def test_flash_attention_width_holds_keys_and_v_latents(head_dim, rank_v, width):

@@ -68,10 +68,29 @@ class FlashPrefill:
         return None if version is None else cls(version, width)
 
     @staticmethod
-    def _table(workspace: ops.PrefillWorkspace, requests: int, device) -> torch.Tensor:
-        """Block table of the workspace's window slots: request i's window is pages i * pages .. of PAGE rows."""
-        pages = workspace.window // PAGE
-        return torch.arange(requests * pages, dtype=torch.int32, device=device).view(requests, pages)
+    def _table(workspace: ops.PrefillWorkspace, batch: ops.PrefillBatch, device) -> torch.Tensor:
+        """Block table of the workspace's window slots: request i's window is pages i * pages .. of PAGE rows (the
+        same for every layer of the step: made once)."""
+        pages, requests = workspace.window // PAGE, batch.num_requests
+        table = batch.step.get(("flash table", pages))
+        if table is None:
+            table = batch.step[("flash table", pages)] = torch.arange(
+                requests * pages, dtype=torch.int32, device=device).view(requests, pages)
+        return table
+
+    @staticmethod
+    def _sequences(batch: ops.PrefillBatch, query_start_loc: torch.Tensor,
+                   seq_lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """FlashAttention's view of the prefill requests, the same for every layer of the step (made once): the
+        queries' cu_seqlens from the first prefill token, the contexts' lengths and the cached prefixes'."""
+        sequences = batch.step.get("flash sequences")
+        if sequences is None:
+            first, count = batch.first_request, batch.num_requests
+            starts = query_start_loc[first:first + count + 1]
+            contexts = seq_lens[first:first + count]
+            sequences = batch.step["flash sequences"] = (  # device ops: no host read
+                starts - starts[:1], contexts, contexts - (starts[1:] - starts[:-1]))
+        return sequences
 
     def __call__(self, plan: ops.LayerPlan, query: torch.Tensor, kv_cache: torch.Tensor,
                  query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, out: torch.Tensor,
@@ -79,12 +98,10 @@ class FlashPrefill:
         query = ops.kernel_query(plan, query)
         width = self.width
         workspace = ops.prefill_workspace(plan, query, batch, width, PAGE, key_width=width)
-        first, count = batch.first_request, batch.num_requests
+        cu_queries, contexts, prefixes = self._sequences(batch, query_start_loc, seq_lens)
         queries = query[batch.first_token:]
         if width > plan.head_dim:  # zero columns: scores unchanged (the softmax scale is passed, not derived)
             queries = torch.nn.functional.pad(queries, (0, width - plan.head_dim))
-        starts = query_start_loc[first:first + count + 1]
-        cu_queries = starts - starts[:1]  # relative to the first prefill token (device op: no host read)
         merged = queries.new_empty(queries.shape[0], plan.num_heads, width)
         if workspace.whole_context:
             ops.rebuild_context(plan, kv_cache, query_start_loc, seq_lens, block_table, batch, workspace, 0,
@@ -92,8 +109,8 @@ class FlashPrefill:
             self.attend(q=queries, k=workspace.prefix_keys.view(-1, PAGE, plan.kv_heads, width),
                         v=workspace.prefix_values.view(-1, PAGE, plan.kv_heads, width),
                         cu_seqlens_q=cu_queries, max_seqlen_q=batch.max_query_len,
-                        seqused_k=seq_lens[first:first + count], max_seqlen_k=workspace.window,
-                        block_table=self._table(workspace, count, query.device), softmax_scale=plan.softmax_scale,
+                        seqused_k=contexts, max_seqlen_k=workspace.window,
+                        block_table=self._table(workspace, batch, query.device), softmax_scale=plan.softmax_scale,
                         causal=True, out=merged, fa_version=self.fa_version)
             out[batch.first_token:batch.first_token + merged.shape[0]].copy_(merged[..., :plan.rank_v])
             return
@@ -106,8 +123,7 @@ class FlashPrefill:
             fa_version=self.fa_version)
         if workspace.windows:
             window = workspace.window
-            table = self._table(workspace, count, query.device)
-            prefixes = seq_lens[first:first + count] - (starts[1:] - starts[:-1])
+            table = self._table(workspace, batch, query.device)
             shape = (-1, PAGE, plan.kv_heads, width)
             part, other, other_lse = torch.empty_like(merged), torch.empty_like(merged), torch.empty_like(merged_lse)
             for index in range(workspace.windows):

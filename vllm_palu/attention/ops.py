@@ -399,13 +399,16 @@ def decode_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tenso
 class PrefillBatch:
     """The prefill requests of a batch, as the launchers see them: ``first_request .. + num_requests`` of the
     metadata, their tokens from ``first_token`` on; host-side bounds of their query lengths and of their cached
-    prefixes (context before the new tokens)."""
+    prefixes (context before the new tokens). ``step``: what the step's first layer derives for the prefill path
+    (workspace buffers, FlashAttention's sequence tensors), reused by the other layers of the step (they run one
+    after another on one stream): created by the metadata builder, it lives for one step."""
 
     first_request: int
     num_requests: int
     first_token: int
     max_query_len: int
     max_prefix_len: int
+    step: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass
@@ -454,13 +457,16 @@ def prefill_workspace(plan: LayerPlan, query: torch.Tensor, batch: PrefillBatch,
     new_rows = 0 if whole_context else query.shape[0] - batch.first_token
     prefix_rows = batch.num_requests * window if batch.max_prefix_len else 0
     key_width = key_width or plan.head_dim
-    return PrefillWorkspace(
-        new_keys=query.new_empty(new_rows, plan.kv_heads, key_width),
-        new_values=query.new_empty(new_rows, plan.kv_heads, v_width),
-        prefix_keys=query.new_empty(prefix_rows, plan.kv_heads, key_width),
-        prefix_values=query.new_empty(prefix_rows, plan.kv_heads, v_width),
-        window=window, windows=1 if whole_context else triton.cdiv(batch.max_prefix_len, window),
-        whole_context=whole_context)
+    shape = ("workspace", new_rows, prefix_rows, plan.kv_heads, key_width, v_width, query.dtype, query.device)
+    buffers = batch.step.get(shape)
+    if buffers is None:  # the step's first layer of this shape: later ones rebuild into the same buffers
+        buffers = batch.step[shape] = (
+            query.new_empty(new_rows, plan.kv_heads, key_width), query.new_empty(new_rows, plan.kv_heads, v_width),
+            query.new_empty(prefix_rows, plan.kv_heads, key_width),
+            query.new_empty(prefix_rows, plan.kv_heads, v_width))
+    return PrefillWorkspace(*buffers, window=window,
+                            windows=1 if whole_context else triton.cdiv(batch.max_prefix_len, window),
+                            whole_context=whole_context)
 
 
 def rebuild_context(plan: LayerPlan, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
