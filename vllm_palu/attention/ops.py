@@ -457,10 +457,10 @@ def prefill_workspace(plan: LayerPlan, query: torch.Tensor, batch: PrefillBatch,
     new_rows = 0 if whole_context else query.shape[0] - batch.first_token
     prefix_rows = batch.num_requests * window if batch.max_prefix_len else 0
     key_width = key_width or plan.head_dim
-    shape = ("workspace", new_rows, prefix_rows, plan.kv_heads, key_width, v_width, query.dtype, query.device)
-    buffers = batch.step.get(shape)
-    if buffers is None:  # the step's first layer of this shape: later ones rebuild into the same buffers
-        buffers = batch.step[shape] = (
+    sizes = ("workspace", new_rows, prefix_rows, plan.kv_heads, key_width, v_width, query.dtype, query.device)
+    buffers = batch.step.get(sizes)
+    if buffers is None:  # the step's first layer of these sizes: later ones rebuild into the same buffers
+        buffers = batch.step[sizes] = (
             query.new_empty(new_rows, plan.kv_heads, key_width), query.new_empty(new_rows, plan.kv_heads, v_width),
             query.new_empty(prefix_rows, plan.kv_heads, key_width),
             query.new_empty(prefix_rows, plan.kv_heads, v_width))
