@@ -23,9 +23,9 @@
 #                                         override), each with device time by kernel over PROFILE_STEPS (10) steady
 #                                         decode steps
 #
-# The device tool can refuse a machine, and each refused call in a batch still costs 15 s of device time (2026-12-03:
-# 25 refusals, 541 s): make the first call (nvidia-smi) alone and issue the rest only once it ran. It hands an idle
-# machine back after ~30 s: issue the staging calls and every phase in one batch of
+# The device tool can refuse a machine, and each refused call of a batch still costs device time (2026-12-03: 25
+# refusals, 541 s; one more later, 90 s): make the first call (nvidia-smi) alone, and issue the rest only once it has
+# run. It hands an idle machine back after ~30 s: issue the staging calls and every phase in one batch of
 # tool calls, with no pause between them, and keep each call's BUDGET within the session's device time left (a call
 # killed by the lease's end brings back nothing of the step it was in). The host phase needs ~250 s (two engines).
 # Each step is time-boxed within the phase's BUDGET (one device call runs at most 600 s); logs land in $OUT (what the
