@@ -92,3 +92,67 @@ def test_interpreted_kernels_launch_through_their_own_path():
     launch((2,), 1, 2, BLOCK=4)
     launch((2,), 1, 2, BLOCK=4)
     assert calls == [(2,), (2,)] and not launch.compiled
+
+
+LAUNCHES = ("launch_write_latents", "launch_write_quantized_latents", "launch_decode", "launch_reduce_splits",
+            "launch_rebuild_context", "launch_prefill_attention")
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.data_ptr() == b.data_ptr()
+                and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride())
+    return type(a) is type(b) and a == b
+
+
+def test_every_launcher_passes_what_the_binder_binds(monkeypatch):
+    """The launchers of vllm_palu.attention.ops on their real kernels (as JITFunctions, their JIT run recorded):
+    of a step run twice, every launch of the second goes straight to the compiled kernel and passes each parameter
+    of the kernel, in order, as Triton's binder binds the launcher's call."""
+    from vllm_palu.attention import ops
+
+    recorded = {}
+    for name in LAUNCHES:
+        kernel = JITFunction(getattr(ops, name).kernel.fn)  # under TRITON_INTERPRET=1 ops holds interpreted ones
+        compiled, jit_calls = FakeCompiled(), []
+
+        def run(*args, grid, warmup, _calls=jit_calls, _compiled=compiled, **kwargs):
+            _calls.append((args, kwargs))
+            return _compiled
+
+        monkeypatch.setattr(kernel, "run", run)
+        launch, calls = CompiledLaunch(kernel), []
+
+        def recording(grid, *args, _launch=launch, _calls=calls, **meta):  # what each launcher call passed
+            _calls.append((args, meta))
+            return _launch(grid, *args, **meta)
+
+        monkeypatch.setattr(ops, name, recording)
+        recorded[name] = kernel, compiled, jit_calls, calls
+
+    generator = torch.Generator().manual_seed(0)
+    heads, kv_heads, head_dim, rank_k, rank_v, block = 4, 2, 32, 16, 24, 16
+    k_up = torch.randn(kv_heads, head_dim, rank_k, generator=generator)
+    angles = torch.arange(512)[:, None] * (1e-4 ** (torch.arange(0, head_dim, 2) / head_dim))[None, :]
+    plan = ops.plan_layer(k_up, None, torch.cat([angles.cos(), angles.sin()], dim=-1), True, heads, rank_v, 0.2)
+    cache = torch.randn(8, kv_heads, block, rank_k + rank_v, generator=generator)
+    pages = torch.zeros(8, kv_heads, block, 64, dtype=torch.uint8)  # fp8 rows of 16 + 24 codes and 2 scales
+    query, out = torch.randn(11, heads, head_dim), torch.empty(11, heads, rank_v)
+    query_start_loc, seq_lens = torch.tensor([0, 1, 2, 11], dtype=torch.int32), torch.tensor([40, 30, 9])
+    table, slots = torch.arange(24, dtype=torch.int32).view(3, 8) % 8, torch.arange(11)
+    k_latent, v_latent = torch.randn(11, kv_heads, rank_k), torch.randn(11, kv_heads, rank_v)
+    partial, stats = ops.decode_scratch(heads, rank_v, kv_heads, 2, 132, "cpu")
+    for _ in range(2):  # the same step twice: the second one's launches are the direct ones
+        ops.write_latents(cache, slots, k_latent, v_latent)
+        ops.write_latents(pages, slots, k_latent, v_latent, "fp8")
+        ops.decode_attention(plan, query, cache, query_start_loc, seq_lens, table, out, 2, 4, partial, stats)
+        ops.prefill_attention(plan, query, cache, query_start_loc, seq_lens, table, out,
+                              ops.PrefillBatch(2, 1, 2, 9, 0))
+
+    backend = make_backend(GPUTarget("cuda", 90, 32))
+    for name, (kernel, compiled, jit_calls, calls) in recorded.items():
+        assert jit_calls and len(compiled.launches) == len(calls) // 2, name  # the second step: all direct
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        for (args, meta), (_, passed) in zip(calls[len(calls) // 2:], compiled.launches):
+            bound, _, _ = binder(*args, **meta)
+            assert len(passed) == len(bound) and all(same(a, b) for a, b in zip(passed, bound.values())), name
