@@ -156,7 +156,8 @@ def main() -> None:
                                   rope_shift=False if args.no_rope_shift else None)
         constexprs, warps, stages = decode_constexprs(config, args.latent, rank_k, rank_v, args.group_size,
                                                       args.layout, args.kv_heads)
-        constexprs["PAIRED_CVT"] = not args.unpaired_cvt
+        if args.unpaired_cvt:
+            constexprs["PAIRED_CVT"] = False
         compiled = compile_kernel(kernels.decode_attention_kernel, constexprs, warps, stages, args.maxnreg)
         shift = " shift" if constexprs["ROPE_SHIFT"] else ""
         heads = f" {constexprs['HEADS']}h" if args.group_size > 1 else ""

@@ -33,18 +33,23 @@ class FakeCompiled:
         return lambda *args: self.launches.append((grid, args))
 
 
-@pytest.fixture
-def toy(monkeypatch):
-    """The toy kernel as a real JITFunction (whatever TRITON_INTERPRET says), its JIT run recording its calls."""
-    kernel = JITFunction(toy_kernel, do_not_specialize=["first"])
+def recorded_jit(monkeypatch, fn, **options):
+    """``fn`` as a real JITFunction (whatever TRITON_INTERPRET says) whose JIT run records its calls and returns a
+    FakeCompiled: (kernel, compiled, jit_calls)."""
+    kernel = JITFunction(fn, **options)
     compiled, jit_calls = FakeCompiled(), []
 
     def run(*args, grid, warmup, **kwargs):
-        jit_calls.append((grid, args, kwargs))
+        jit_calls.append((args, kwargs))
         return compiled
 
     monkeypatch.setattr(kernel, "run", run)
     return kernel, compiled, jit_calls
+
+
+@pytest.fixture
+def toy(monkeypatch):
+    return recorded_jit(monkeypatch, toy_kernel, do_not_specialize=["first"])
 
 
 def test_direct_launch_passes_what_the_binder_binds(toy):
@@ -113,14 +118,8 @@ def test_every_launcher_passes_what_the_binder_binds(monkeypatch):
 
     recorded = {}
     for name in LAUNCHES:
-        kernel = JITFunction(getattr(ops, name).kernel.fn)  # under TRITON_INTERPRET=1 ops holds interpreted ones
-        compiled, jit_calls = FakeCompiled(), []
-
-        def run(*args, grid, warmup, _calls=jit_calls, _compiled=compiled, **kwargs):
-            _calls.append((args, kwargs))
-            return _compiled
-
-        monkeypatch.setattr(kernel, "run", run)
+        # Under TRITON_INTERPRET=1 ops holds interpreted kernels: their functions, compiled as JITFunctions.
+        kernel, compiled, jit_calls = recorded_jit(monkeypatch, getattr(ops, name).kernel.fn)
         launch, calls = CompiledLaunch(kernel), []
 
         def recording(grid, *args, _launch=launch, _calls=calls, **meta):  # what each launcher call passed

@@ -33,7 +33,7 @@ class CompiledLaunch:
         self.positional = 0  # how many positional arguments it was written for
 
     def _write_key(self, args: tuple):
-        """The key function, unrolled over the positional arguments (a loop over ~30 costs twice as much): what
+        """The key function, unrolled over the positional arguments (no per-argument branching per call): what
         the JIT's choice of binary depends on. Constexprs and specialized integers by value; tensors by dtype and
         16-byte alignment, and the first one's device (binaries are per device); integers the kernel does not
         specialize by width (i32 / i64); floats and bools by type; then the keyword constexprs and options, by
