@@ -9,9 +9,9 @@ each integer argument's value, except the integers the kernel declares ``do_not_
 i32 or i64), plus the constexprs and launch options. So a key hit runs the binary the JIT itself would have chosen.
 
 Pinned to triton 3.8 (vLLM 0.33's): ``JITFunction.params`` (``name``, ``is_constexpr``, ``do_not_specialize``),
-``JITFunction.signature`` and a compiled kernel's ``__getitem__(grid)(*args)`` taking every parameter in order,
-constexprs included (contract tests: tests/test_launch.py; on the GPU, tests/test_kernels.py). Under
-``TRITON_INTERPRET=1`` (CPU tests) a launch is the plain ``kernel[grid](...)``.
+``JITFunction.signature`` and a compiled kernel's ``__getitem__(grid)(*args)`` taking a grid of three axes and
+every parameter in order, constexprs included (contract tests: tests/test_launch.py; on the GPU,
+tests/test_kernels.py). Under ``TRITON_INTERPRET=1`` (CPU tests) a launch is the plain ``kernel[grid](...)``.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ class CompiledLaunch:
         entry = self.compiled.get(key)
         if entry is not None:
             compiled, later = entry
-            compiled[grid](*args, *later)
+            compiled[(*grid, 1, 1)[:3]](*args, *later)  # a compiled kernel takes no grid of fewer than 3 axes
             return compiled
         compiled = self.kernel[grid](*args, **meta)
         rest = self.kernel.params[len(args):]
