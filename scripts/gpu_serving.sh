@@ -3,7 +3,8 @@
 # ../shared/gpu-stack (staged in /root/stage by the device tool, see ../shared/gpu-stack/README.md). One device call
 # per phase, in this order, on one machine:
 #
-#   bash scripts/gpu_serving.sh tests     install the stack into /tmp/site (once per machine); kernel tests at full
+#   bash scripts/gpu_serving.sh tests     install the stack into /tmp/site (once per machine); a smoke test of
+#                                         every launcher (fails: the later phases stop at once); kernel tests at full
 #                                         size (the FlashAttention prefill path included; KERNEL_TESTS: a pytest
 #                                         -k expression to run fewer); bf16 serving against
 #                                         FLASH_ATTN and the fp32 reference, CUDA graphs, no late JIT compiles
@@ -58,6 +59,7 @@ step() {  # step NAME SECONDS COMMAND...: run within what is left of the budget,
     { echo "== $name: exit $status after $((SECONDS - start)) s (limit $seconds s)"; tail -n 12 "$logs/$name.log"; } \
         | tee -a "$summary"
     tar -czf "$OUT/$phase.tar.gz" -C /tmp/palu-gpu "$phase" results  # after every step: survives a kill
+    return $status
 }
 
 if [ ! -d /tmp/site/vllm ]; then
@@ -78,6 +80,14 @@ if [ ! -d /tmp/site/vllm ]; then
     step install 200 bash .gpu-stack/bin/install.sh
 fi
 source .gpu-stack/bin/env.sh
+# The tests phase starts with a smoke test of every launcher (compiled once, then launched directly, on the GPU);
+# where it fails, the tree is broken on this stack and the later phases of the batch stop at once instead of
+# spending the lease on engines that cannot start (2026-12-03: one grid bug cost a whole lease's benchmarks).
+stop=/tmp/palu-gpu/STOP
+if [ "$phase" != tests ] && [ -f "$stop" ]; then
+    echo "== $phase: skipped: $(cat "$stop")" | tee -a "$summary"
+    exit 4
+fi
 export PALU_KERNEL_TESTS_DEVICE=cuda PALU_TEST_REPORT_DIR=$logs/report VLLM_CPU_KVCACHE_SPACE=1
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader | tee -a "$summary"
 python3 -c "import torch, triton, vllm; print(torch.__version__, triton.__version__, vllm.__version__)" 2>&1 \
@@ -89,6 +99,11 @@ ENGINE='{"compilation_config": {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 
 SERVE_ARGS=${SERVE_ARGS:---capacity 0,1024,512}  # capacity: half the default output, to fit the call
 case $phase in
 tests)  # in order of what the rest depends on; each later step gets what is left of the budget
+    rm -f "$stop"
+    if ! step smoke 200 python3 -m pytest -q -x -p no:cacheprovider tests/test_kernels.py -k launches_after; then
+        echo "the smoke test failed in the tests phase (tests.tar.gz: tests/smoke.log)" | tee "$stop"
+        exit 4
+    fi
     step kernel-tests 400 python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_kernels.py \
         -k "${KERNEL_TESTS:-}"
     step serving-gpu 300 python3 -m pytest -q -p no:cacheprovider tests/test_serving_gpu.py
