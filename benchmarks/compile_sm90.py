@@ -31,7 +31,7 @@ from vllm_palu.attention import kernels, ops
 POINTERS = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "scale_ptr": "*fp16", "k_up_ptr": "*bf16",
             "k_up_scale_ptr": "*fp32", "k_bias_ptr": "*bf16",
             "cos_sin_ptr": "*fp16", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_ptr": "*i32",
-            "out_ptr": "*bf16", "partial_ptr": "*fp32", "stats_ptr": "*fp32"}
+            "out_ptr": "*bf16", "partial_ptr": "*fp32", "stats_ptr": "*fp32", "arrivals_ptr": "*i32"}
 # Row strides the kernel takes as constexprs (16-bit rows of 48 + 80 latents; quantized pages differ, which moves
 # immediates, not the instruction mix).
 STRIDE_CONSTEXPRS = {"STRIDE_CN": 128, "STRIDE_SN": 128, "STRIDE_CS": 128}

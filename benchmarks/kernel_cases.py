@@ -127,10 +127,9 @@ def palu_call(case: Case, inputs: dict, config: KernelConfig = KernelConfig(), n
         batch = ops.PrefillBatch(0, case.batch, 0, case.query_len, case.context - case.query_len)
         return (lambda: prefill(*args, batch)), out
     splits = num_splits or ops.decode_splits(case.batch, plan.kv_heads, plan.multiprocessors)
-    scratch_rows = case.batch * splits * case.heads
-    partial = out.new_empty(scratch_rows * plan.decode["PAD_V"], dtype=torch.float32)
-    stats = out.new_empty(scratch_rows * 2, dtype=torch.float32)
-    return (lambda: ops.decode_attention(*args, case.batch, splits, partial, stats)), out
+    scratch = ops.DecodeScratch.allocate(case.batch * splits, case.heads, rank_v, case.batch * plan.kv_heads,
+                                         out.device)
+    return (lambda: ops.decode_attention(*args, case.batch, splits, scratch)), out
 
 
 def refcheck(case: Case, device, latent: str = "auto", config: KernelConfig = KernelConfig(),

@@ -20,7 +20,7 @@ from pathlib import Path
 
 # Kernel name -> group, first match wins (Triton kernels by their function names, vLLM's and cuBLAS's by theirs).
 GROUPS = [
-    ("palu decode", re.compile(r"decode_attention_kernel|reduce_splits_kernel")),
+    ("palu decode", re.compile(r"decode_attention_kernel")),
     ("palu cache write", re.compile(r"write_latents")),
     ("palu prefill", re.compile(r"rebuild_context|prefill_attention")),
     ("flash attention", re.compile(r"flash|fmha", re.I)),

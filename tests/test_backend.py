@@ -46,7 +46,7 @@ def test_decode_batch_uses_persistent_scratch_and_batch_size_splits(builder):
     again = builder.build_for_cudagraph_capture(batch([1] * 3, [1, 1, 1]))
     assert first.num_decodes == 3 and first.prefill is None
     assert first.num_splits == again.num_splits == ops.decode_splits(3, KV_HEADS, 1)
-    assert first.partial is again.partial is builder.partial and first.stats is builder.stats
+    assert first.scratch is again.scratch is builder.scratch
     assert first.seq_lens is common.seq_lens and first.block_table is common.block_table_tensor
 
 
@@ -62,5 +62,6 @@ def test_scratch_holds_every_batch_size_the_builder_serves(builder):
     for requests in range(1, MAX_SEQS + 1):
         splits = builder.build(0, batch([1] * requests, [64] * requests)).num_splits
         if splits > 1:
-            assert requests * splits * HEADS * pad_v <= builder.partial.numel()
-            assert requests * splits * HEADS * 2 <= builder.stats.numel()
+            assert requests * splits * HEADS * pad_v <= builder.scratch.partial.numel()
+            assert requests * splits * HEADS * 2 <= builder.scratch.stats.numel()
+    assert builder.scratch.arrivals.numel() >= MAX_SEQS * KV_HEADS

@@ -167,6 +167,22 @@ def test_split_kv_matches_reference(num_splits, latent_layout):
     check(make_case(shape if latent_layout == "split" else shared(shape), DTYPES[0]), num_splits=num_splits)
 
 
+def test_split_kv_scratch_serves_launch_after_launch():
+    """The splits of a decode batch combine inside the decode kernel: the last split of each (request, program) to
+    arrive combines them and resets its arrival count, so one scratch (the builder's) serves launch after launch,
+    as CUDA-graph replays use it; a short context leaves splits empty."""
+    case = make_case(Shape([100, 7, 40], [1, 1, 1], 4, 2, 1, 32, 16, 24, 16), DTYPES[0], seed=5)
+    plan, _, _ = decode_step(case)
+    scratch = ops.DecodeScratch.allocate(3 * 4, 4, 24, 3 * 2, DEVICE)  # 3 requests x 4 splits, 2 KV heads
+
+    def launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, **_):
+        ops.decode_attention(plan, query, kv_cache, query_start_loc, seq_lens, block_table, out, 3, 4, scratch)
+
+    for _ in range(2):
+        check(case, launch=launch)
+        assert not scratch.arrivals.any()
+
+
 @pytest.mark.parametrize("rope_shift, block_n", [(True, 16), (True, 32), (False, 32)])
 @pytest.mark.parametrize("neox", [True, False])
 def test_decode_rotary_by_tile_offset(rope_shift, block_n, neox):
@@ -590,9 +606,9 @@ def decode_step(case, latent_format="auto"):
     plan = ops.plan_layer(case["k_up"], case["k_bias"], case["cos_sin_cache"], True, case["query"].shape[1],
                           case["kv_cache"].shape[-1] - case["k_up"].shape[-1], case["scale"], latent_format)
     splits = ops.decode_splits(num_requests, plan.kv_heads, plan.multiprocessors)
-    partial, stats = ops.decode_scratch(plan.num_heads, plan.rank_v, plan.kv_heads, num_requests,
-                                        plan.multiprocessors, DEVICE)
-    return plan, splits, partial, stats
+    scratch = ops.decode_scratch(plan.num_heads, plan.rank_v, plan.kv_heads, num_requests, plan.multiprocessors,
+                                 DEVICE)
+    return plan, splits, scratch
 
 
 def test_launchers_run_on_inference_tensors():
@@ -609,12 +625,12 @@ def test_launchers_run_on_inference_tensors():
         generator = torch.Generator(device=DEVICE).manual_seed(3)
         new_k = torch.randn(11, 2, 16, generator=generator, device=DEVICE).to(DTYPES[0])
         new_v = torch.randn(11, 2, 24, generator=generator, device=DEVICE).to(DTYPES[0])
-        plan, splits, partial, stats = decode_step(case)
+        plan, _, _ = decode_step(case)
+        scratch = ops.DecodeScratch.allocate(2 * 4, 4, 24, 2 * 2, DEVICE)  # 2 requests x 4 splits, 2 KV heads
         ops.write_latents(case["kv_cache"], slots, new_k, new_v)
 
         def backend(query, kv_cache, query_start_loc, seq_lens, block_table, out, **_):
-            ops.decode_attention(plan, query, kv_cache, query_start_loc, seq_lens, block_table, out, 2, 4,
-                                 partial.new_empty(2 * 4 * 4 * 32), stats.new_empty(2 * 4 * 4 * 2))
+            ops.decode_attention(plan, query, kv_cache, query_start_loc, seq_lens, block_table, out, 2, 4, scratch)
             ops.prefill_attention(plan, query, kv_cache, query_start_loc, seq_lens, block_table, out,
                                   ops.PrefillBatch(2, 1, 2, 9, 0))
 
@@ -626,14 +642,18 @@ def test_launchers_run_on_inference_tensors():
 @pytest.mark.parametrize("kv_heads, multiprocessors", [(8, 132), (1, 132), (32, 132), (3, 1)])
 def test_split_count_and_scratch_cover_every_batch_size(kv_heads, multiprocessors):
     """The split count is a function of the batch size alone (CUDA graphs hold one grid per captured size), a power
-    of two within the reduction's tile, and the builder's scratch, allocated once, holds every batch's splits."""
+    of two up to MAX_SPLITS, and the builder's scratch, allocated once, holds every batch's splits and a zeroed
+    arrival count per (request, KV head)."""
     max_requests = 512
-    partial, stats = ops.decode_scratch(32, 88, kv_heads, max_requests, multiprocessors, "cpu")
+    scratch = ops.decode_scratch(32, 88, kv_heads, max_requests, multiprocessors, "cpu")
+    assert scratch.arrivals.dtype == torch.int32 and scratch.arrivals.numel() == max_requests * kv_heads
+    assert not scratch.arrivals.any()
     for requests in range(1, max_requests + 1):
         splits = ops.decode_splits(requests, kv_heads, multiprocessors)
         assert splits & (splits - 1) == 0 and 1 <= splits <= ops.MAX_SPLITS
         if splits > 1:
-            assert requests * splits * 32 * 128 <= partial.numel() and requests * splits * 32 * 2 <= stats.numel()
+            assert requests * splits * 32 * 128 <= scratch.partial.numel()
+            assert requests * splits * 32 * 2 <= scratch.stats.numel()
     assert ops.decode_splits(1, kv_heads, multiprocessors) >= ops.decode_splits(max_requests, kv_heads,
                                                                                  multiprocessors)
 
@@ -655,8 +675,8 @@ def test_launchers_read_no_device_tensor(monkeypatch, latent_format, latent_layo
     value raises) with the kernels recorded instead of launched. This is what lets decode run inside CUDA graphs
     and keeps host time per call low. The decode grid depends on the batch size, never on context lengths."""
     kernels = {name: LaunchRecorder() for name in ("write_latents_kernel", "write_quantized_latents_kernel",
-                                                  "decode_attention_kernel", "reduce_splits_kernel",
-                                                  "rebuild_context_kernel", "prefill_attention_kernel")}
+                                                  "decode_attention_kernel", "rebuild_context_kernel",
+                                                  "prefill_attention_kernel")}
     launches = {name: launch for name, launch in vars(ops).items() if isinstance(launch, CompiledLaunch)}
     assert {launch.kernel.__name__ for launch in launches.values()} == set(kernels)
     for name, launch in launches.items():  # the launchers' launch objects, recording instead of running
@@ -672,10 +692,11 @@ def test_launchers_read_no_device_tensor(monkeypatch, latent_format, latent_layo
     qsl, seq_lens = meta(4, dtype=torch.int32), meta(3, dtype=torch.int32)
     table, slots = meta(3, 8, dtype=torch.int32), meta(11, dtype=torch.int64)
     ops.write_latents(cache, slots, meta(11, 2, 16), meta(11, 2, rank_v), latent_format, 11, latent_layout)
-    ops.decode_attention(plan, query, cache, qsl, seq_lens, table, out, 2, 4, meta(2 * 4 * 4 * 32), meta(64))
+    ops.decode_attention(plan, query, cache, qsl, seq_lens, table, out, 2, 4,
+                         ops.DecodeScratch(meta(2 * 4 * 4 * 32), meta(64), meta(4, dtype=torch.int32)))
     ops.prefill_attention(plan, query, cache, qsl, seq_lens, table, out, ops.PrefillBatch(2, 1, 2, 9, 291))
     decode_grid = kernels["decode_attention_kernel"].launches[0][0]
-    assert decode_grid == (2, 2, 4) and kernels["reduce_splits_kernel"].launches[0][0] == (2, 4)
+    assert decode_grid == (2, 2, 4)  # the splits combine inside it: one launch
     assert len(kernels["prefill_attention_kernel"].launches) == len(kernels["rebuild_context_kernel"].launches)
     write = kernels["write_latents_kernel" if latent_format == "auto" else "write_quantized_latents_kernel"]
     assert write.launches[0][2]["SHARED"] == (latent_layout == "shared")
@@ -716,9 +737,10 @@ def test_launches_after_the_first_skip_the_jit(monkeypatch, latent_format):
 @pytest.mark.parametrize("latent_layout", ["split", "shared"])
 @pytest.mark.parametrize("latent_format", ["auto", "fp8", "int4"])
 def test_decode_replays_in_a_cuda_graph_with_new_lengths(latent_format, latent_layout):
-    """The decode step (decode kernel and split reduction with the batch size's split count and persistent
-    scratch), captured once and replayed after the metadata buffers change in place (other contexts, other
-    blocks, new queries): each split's range comes from seq_lens on the device, so replays equal the reference."""
+    """The decode step (the decode kernel with the batch size's split count and persistent scratch, the splits
+    combined by the last to arrive), captured once and replayed after the metadata buffers change in place (other
+    contexts, other blocks, new queries): each split's range comes from seq_lens on the device, so replays equal the
+    reference, and every replay leaves the arrival counts at zero for the next."""
     shape = Shape([3000, 17, 900], [1, 1, 1], 32, 8, 1, 128, 48, 80, 16)
     shape = shape if latent_layout == "split" else shared(shape._replace(rank_k=128))
     rank_v = shape.rank_v
@@ -736,13 +758,13 @@ def test_decode_replays_in_a_cuda_graph_with_new_lengths(latent_format, latent_l
     plan = ops.plan_layer(static["k_up"], None, static["cos_sin_cache"], True, 32, rank_v, static["scale"],
                           latent_format, latent_layout=latent_layout)
     splits = ops.decode_splits(3, plan.kv_heads, plan.multiprocessors)
-    partial, stats = ops.decode_scratch(32, rank_v, 8, 3, plan.multiprocessors, DEVICE)
+    scratch = ops.decode_scratch(32, rank_v, 8, 3, plan.multiprocessors, DEVICE)
     assert splits > 1
     out = torch.empty(3, 32, rank_v, dtype=torch.bfloat16, device=DEVICE)
 
     def launch():
         ops.decode_attention(plan, static["query"], static["kv_cache"], static["query_start_loc"],
-                             static["seq_lens"], static["block_table"], out, 3, splits, partial, stats)
+                             static["seq_lens"], static["block_table"], out, 3, splits, scratch)
 
     launch()  # compile outside the capture
     graph = torch.cuda.CUDAGraph()
@@ -753,9 +775,12 @@ def test_decode_replays_in_a_cuda_graph_with_new_lengths(latent_format, latent_l
     static["block_table"][:, :longer["block_table"].shape[1]] = longer["block_table"] + offset
     static["seq_lens"].copy_(longer["seq_lens"])
     static["query"].copy_(longer["query"])
-    graph.replay()
     expected = reference.paged_latent_attention(**static, is_neox_style=True, latent_format=latent_format)
-    assert float((out.float() - expected).norm() / expected.norm()) < TOLERANCE[torch.bfloat16]
+    for _ in range(2):
+        out.zero_()
+        graph.replay()
+        assert float((out.float() - expected).norm() / expected.norm()) < TOLERANCE[torch.bfloat16]
+        assert not scratch.arrivals.any()
 
 
 FLASH_PREFILL = [  # GPU only: shapes vLLM's FlashAttention runs

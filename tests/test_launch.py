@@ -102,8 +102,8 @@ def test_interpreted_kernels_launch_through_their_own_path():
     assert calls == [(2,), (2,)] and not launch.compiled
 
 
-LAUNCHES = ("launch_write_latents", "launch_write_quantized_latents", "launch_decode", "launch_reduce_splits",
-            "launch_rebuild_context", "launch_prefill_attention")
+LAUNCHES = ("launch_write_latents", "launch_write_quantized_latents", "launch_decode", "launch_rebuild_context",
+            "launch_prefill_attention")
 
 
 def same(a, b) -> bool:
@@ -143,11 +143,11 @@ def test_every_launcher_passes_what_the_binder_binds(monkeypatch):
     query_start_loc, seq_lens = torch.tensor([0, 1, 2, 11], dtype=torch.int32), torch.tensor([40, 30, 9])
     table, slots = torch.arange(24, dtype=torch.int32).view(3, 8) % 8, torch.arange(11)
     k_latent, v_latent = torch.randn(11, kv_heads, rank_k), torch.randn(11, kv_heads, rank_v)
-    partial, stats = ops.decode_scratch(heads, rank_v, kv_heads, 2, 132, "cpu")
+    scratch = ops.decode_scratch(heads, rank_v, kv_heads, 2, 132, "cpu")
     for _ in range(2):  # the same step twice: the second one's launches are the direct ones
         ops.write_latents(cache, slots, k_latent, v_latent)
         ops.write_latents(pages, slots, k_latent, v_latent, "fp8")
-        ops.decode_attention(plan, query, cache, query_start_loc, seq_lens, table, out, 2, 4, partial, stats)
+        ops.decode_attention(plan, query, cache, query_start_loc, seq_lens, table, out, 2, 4, scratch)
         ops.prefill_attention(plan, query, cache, query_start_loc, seq_lens, table, out,
                               ops.PrefillBatch(2, 1, 2, 9, 0))
 

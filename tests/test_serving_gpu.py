@@ -36,7 +36,7 @@ NOISE_FLOOR = 0.01  # nats
 BF16 = engine_args(dtype="bfloat16")
 PALU_BF16 = {**BF16, "jit_monitor_verbose": True}
 PALU_KERNELS = ("write_latents_kernel", "write_quantized_latents_kernel", "decode_attention_kernel",
-                "reduce_splits_kernel", "rebuild_context_kernel", "prefill_attention_kernel")
+                "rebuild_context_kernel", "prefill_attention_kernel")
 REPORT = {}
 
 

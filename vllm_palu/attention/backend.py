@@ -25,7 +25,7 @@ from vllm_palu.attention import reference
 from vllm_palu.config import BACKEND_NAME, KV_CACHE_DTYPE_FORMATS, LatentLayout, latent_format_for
 
 if TYPE_CHECKING:  # ops imports Triton: only where the kernels run
-    from vllm_palu.attention.ops import PrefillBatch
+    from vllm_palu.attention.ops import DecodeScratch, PrefillBatch
 
 # "auto": Triton kernels on CUDA, the PyTorch path elsewhere; "triton" forces the kernels (on CPU: under
 # TRITON_INTERPRET=1, for tests); "torch" forces the PyTorch path.
@@ -89,8 +89,7 @@ class PaluAttentionMetadata:
     max_query_len: int
     num_decodes: int  # the first num_decodes requests have at most one new token each (the batch is reordered)
     num_splits: int  # KV splits of the decode requests (ops.decode_splits)
-    partial: torch.Tensor | None  # the builder's persistent split-KV scratch (Triton kernels only)
-    stats: torch.Tensor | None
+    scratch: DecodeScratch | None  # the builder's persistent split-KV scratch (Triton kernels only)
     prefill: PrefillBatch | None  # the requests after the decodes, with host-side bounds (Triton kernels only)
 
 
@@ -102,7 +101,7 @@ class PaluAttentionMetadataBuilder(AttentionMetadataBuilder[PaluAttentionMetadat
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        self.partial = self.stats = None
+        self.scratch = None
         self.kernels = None  # vllm_palu.attention.ops when the Triton kernels run (it imports Triton)
         self.kv_heads = self.multiprocessors = 1
         if uses_triton_kernels(device):
@@ -114,7 +113,7 @@ class PaluAttentionMetadataBuilder(AttentionMetadataBuilder[PaluAttentionMetadat
             self.multiprocessors = (torch.cuda.get_device_properties(device).multi_processor_count
                                     if device.type == "cuda" else 1)
             # Sized for the largest batch, so every batch size (and every captured CUDA graph) uses these buffers.
-            self.partial, self.stats = ops.decode_scratch(
+            self.scratch = ops.decode_scratch(
                 model_config.get_num_attention_heads(parallel_config), kv_cache_spec.head_size_v, self.kv_heads,
                 vllm_config.scheduler_config.max_num_seqs, self.multiprocessors, device)
 
@@ -133,7 +132,7 @@ class PaluAttentionMetadataBuilder(AttentionMetadataBuilder[PaluAttentionMetadat
             num_actual_tokens=metadata.num_actual_tokens, query_start_loc=metadata.query_start_loc,
             seq_lens=metadata.seq_lens, block_table=metadata.block_table_tensor, slot_mapping=metadata.slot_mapping,
             max_query_len=metadata.max_query_len, num_decodes=num_decodes, num_splits=num_splits,
-            partial=self.partial, stats=self.stats, prefill=prefill)
+            scratch=self.scratch, prefill=prefill)
 
     @staticmethod
     def _max_prefix_len(metadata: CommonAttentionMetadata, num_decodes: int) -> int:
@@ -217,7 +216,7 @@ class PaluAttentionImpl(AttentionImpl):
         if metadata.num_decodes:
             ops.decode_attention(plan, query, kv_cache, metadata.query_start_loc, metadata.seq_lens,
                                  metadata.block_table, output, metadata.num_decodes, metadata.num_splits,
-                                 metadata.partial, metadata.stats)
+                                 metadata.scratch)
         if metadata.prefill is not None:
             self.prefill(plan, query, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_table,
                          output, metadata.prefill)

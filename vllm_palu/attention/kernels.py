@@ -5,8 +5,8 @@
 ``decode_attention_kernel`` handles one (request, KV heads of a latent group, KV split) of a decode batch: it walks
 the request's block table, loads latent tiles (dequantizing fp8 / int4 pages in registers), rebuilds each of its
 KV heads' keys on tensor cores (``latent @ k_up``), rotates them with the model's cos/sin table at each key's
-position, scores the query heads of each KV head, and accumulates ``P @ v_latent`` with an online softmax;
-``reduce_splits_kernel`` combines KV splits. Keys are rebuilt by one dot and split into their rotary halves
+position, scores the query heads of each KV head, and accumulates ``P @ v_latent`` with an online softmax; with
+KV splits, the last split of a request's heads to finish combines them (``_combine_splits``). Keys are rebuilt by one dot and split into their rotary halves
 (``lo``, ``hi``, NeoX order) in registers, so rotation needs no shuffles; GPT-J-style rotary is handled by the plan
 permuting k_up rows and query columns the same way. Keys are rotated by their offset in the tile and the query back
 by the tile's start (``ROPE_SHIFT``), so the rotary table is read one row per tile instead of one row per key.
@@ -401,7 +401,7 @@ def _split_range(seq_len, split, num_splits, BLOCK_N: tl.constexpr):
 def decode_attention_kernel(
     q_ptr, cache_ptr, scale_ptr, k_up_ptr, k_up_scale_ptr, k_bias_ptr, cos_sin_ptr, block_table_ptr, seq_lens_ptr,
     query_start_ptr,
-    out_ptr, partial_ptr, stats_ptr, scale,
+    out_ptr, partial_ptr, stats_ptr, arrivals_ptr, scale,
     stride_qt, stride_qh,
     stride_cb, stride_cg, STRIDE_CN: tl.constexpr,
     stride_sb, stride_sg, STRIDE_SN: tl.constexpr,
@@ -425,7 +425,9 @@ def decode_attention_kernel(
     ``HEADS`` is as many of the group's heads as that fits (the plan's choice). The grid's third dimension is the
     split count; with more than one split, each program writes its unnormalized V-latent sums and softmax
     statistics to the scratch rows of its request (``partial [requests, heads, splits, PAD_V]``, ``stats
-    [requests, heads, splits, (m, l)]``) for ``reduce_splits_kernel``.
+    [requests, heads, splits, (m, l)]``) and counts itself in ``arrivals [requests, programs(1)]`` (int32, zero
+    between launches); the last of the splits to arrive combines them and resets the count, so a launch (or a
+    CUDA-graph replay) needs no reduction kernel after it.
 
     Keys sit on the M side of every tensor-core op: scores are computed transposed,
     ``[BLOCK_N keys, BLOCK_M rows] = rotated_keys @ q^T``, so the rebuilt key tile feeds the score op from the
@@ -442,7 +444,7 @@ def decode_attention_kernel(
     if tl.load(query_start_ptr + request + 1) == q_start:  # a padding request (CUDA-graph batches): no token
         return
     seq_len = tl.load(seq_lens_ptr + request)
-    # Splits past a short context run no tile (reduce_splits_kernel skips them); returning early here instead
+    # Splits past a short context run no tile (and store an empty softmax state); returning early here instead
     # costs the KV loop 5 instructions per tile (sm_90 SASS, benchmarks/compile_sm90.py).
     first, last = _split_range(seq_len, split, num_splits, BLOCK_N)
     first_kv_head = head_block * HEADS
@@ -520,52 +522,67 @@ def decode_attention_kernel(
 
     if num_splits > 1:
         num_heads = ROWS * tl.num_programs(1)
-        slot = (request.to(tl.int64) * num_heads + row_head) * num_splits + split  # [requests, heads, splits]
-        partial = partial_ptr + slot[None, :] * PAD_V
+        slots = (request.to(tl.int64) * num_heads + row_head) * num_splits  # [requests, heads, splits]
+        partial = partial_ptr + (slots + split)[None, :] * PAD_V
         tl.store(partial + rv0[:, None], acc_0, mask=row_valid[None, :] & (rv0[:, None] < V0_LIMIT))
         if SPLIT_V:
             tl.store(partial + rv1[:, None], acc_1, mask=row_valid[None, :] & (rv1[:, None] < RANK_V))
-        tl.store(stats_ptr + slot * 2, m_i, mask=row_valid)
-        tl.store(stats_ptr + slot * 2 + 1, l_i, mask=row_valid)
+        tl.store(stats_ptr + (slots + split) * 2, m_i, mask=row_valid)
+        tl.store(stats_ptr + (slots + split) * 2 + 1, l_i, mask=row_valid)
+        # Every thread's stores before the arrival, which releases them at GPU scope (and acquires the other
+        # splits'); a scalar atomic is one thread's, its result broadcast to the program.
+        tl.debug_barrier()
+        arrival = arrivals_ptr + request * tl.num_programs(1) + head_block
+        if tl.atomic_add(arrival, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+            tl.store(arrival, 0)  # the next launch, or graph replay, counts from zero
+            m_i, l_i, acc_0, acc_1 = _combine_splits(partial_ptr, stats_ptr, slots, num_splits, row_valid, rv0,
+                                                     rv1, BLOCK_M, RV0, RV1, PAD_V, RANK_V, V0_LIMIT, SPLIT_V)
+            _store_out(out_ptr, q_start, stride_ot, stride_oh, row_head, row_valid, l_i, acc_0, acc_1, rv0, rv1,
+                       RANK_V, V0_LIMIT, SPLIT_V)
     else:
-        inverse = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
-        out_cols = out_ptr + q_start.to(tl.int64) * stride_ot + row_head[None, :] * stride_oh
-        tl.store(out_cols + rv0[:, None], (acc_0 * inverse[None, :]).to(out_ptr.dtype.element_ty),
-                 mask=row_valid[None, :] & (rv0[:, None] < V0_LIMIT))
+        _store_out(out_ptr, q_start, stride_ot, stride_oh, row_head, row_valid, l_i, acc_0, acc_1, rv0, rv1, RANK_V,
+                   V0_LIMIT, SPLIT_V)
+
+
+@triton.jit
+def _combine_splits(partial_ptr, stats_ptr, slots, num_splits, row_valid, rv0, rv1, BLOCK_M: tl.constexpr,
+                    RV0: tl.constexpr, RV1: tl.constexpr, PAD_V: tl.constexpr, RANK_V: tl.constexpr,
+                    V0_LIMIT: tl.constexpr, SPLIT_V: tl.constexpr):
+    """The softmax state of a program's rows over all ``num_splits`` splits: sum_s exp(m_s - m) acc_s and sum_s
+    exp(m_s - m) l_s, m the largest m_s (log2 units; a split past the context stored m = -inf, l = 0, acc = 0 and
+    adds nothing). Loads bypass L1 (``.cg``): the other splits wrote these rows from other multiprocessors."""
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc_0 = tl.zeros([RV0, BLOCK_M], tl.float32)
+    acc_1 = tl.zeros([RV1, BLOCK_M], tl.float32)
+    for split in range(num_splits):
+        slot = slots + split
+        m_s = tl.load(stats_ptr + slot * 2, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
+        l_s = tl.load(stats_ptr + slot * 2 + 1, mask=row_valid, other=0.0, cache_modifier=".cg")
+        m_new = tl.maximum(m_i, m_s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split with keys yet: both weights 0
+        alpha, beta = tl.exp2(m_i - m_safe), tl.exp2(m_s - m_safe)
+        partial = partial_ptr + slot[None, :] * PAD_V
+        acc_0 = acc_0 * alpha[None, :] + beta[None, :] * tl.load(
+            partial + rv0[:, None], mask=row_valid[None, :] & (rv0[:, None] < V0_LIMIT), other=0.0,
+            cache_modifier=".cg")
         if SPLIT_V:
-            tl.store(out_cols + rv1[:, None], (acc_1 * inverse[None, :]).to(out_ptr.dtype.element_ty),
-                     mask=row_valid[None, :] & (rv1[:, None] < RANK_V))
+            acc_1 = acc_1 * alpha[None, :] + beta[None, :] * tl.load(
+                partial + rv1[:, None], mask=row_valid[None, :] & (rv1[:, None] < RANK_V), other=0.0,
+                cache_modifier=".cg")
+        l_i = l_i * alpha + l_s * beta
+        m_i = m_new
+    return m_i, l_i, acc_0, acc_1
 
 
-@triton.jit(do_not_specialize=["num_splits"])  # one compiled kernel for every split count
-def reduce_splits_kernel(
-    partial_ptr, stats_ptr, out_ptr, seq_lens_ptr, query_start_ptr, num_splits,
-    stride_ot, stride_oh,
-    RANK_V: tl.constexpr, PAD_V: tl.constexpr, BLOCK_N: tl.constexpr, MAX_SPLITS: tl.constexpr,
-):
-    """Combine the KV splits of one (decode request, head): out = sum_s exp(m_s - m) acc_s / sum_s exp(m_s - m) l_s
-    over the splits that held tiles (the same ranges as ``_split_range``; splits past the context wrote nothing)."""
-    request = tl.program_id(0)
-    head = tl.program_id(1)
-    num_heads = tl.num_programs(1)
-    q_start = tl.load(query_start_ptr + request)
-    if tl.load(query_start_ptr + request + 1) == q_start:  # padding request
-        return
-    seq_len = tl.load(seq_lens_ptr + request)
-    num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    used = tl.cdiv(num_tiles, tl.cdiv(num_tiles, num_splits))  # splits with at least one tile
-    splits = tl.arange(0, MAX_SPLITS)
-    filled = splits < used
-    slot = (request.to(tl.int64) * num_heads + head) * num_splits + splits
-    m_s = tl.load(stats_ptr + slot * 2, mask=filled, other=float("-inf"))
-    l_s = tl.load(stats_ptr + slot * 2 + 1, mask=filled, other=0.0)
-    m = tl.max(m_s, axis=0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    weight = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - m_safe))
-    denominator = tl.sum(weight * l_s, axis=0)
-    rv = tl.arange(0, PAD_V)
-    acc = tl.load(partial_ptr + slot[:, None] * PAD_V + rv[None, :], mask=filled[:, None] & (rv[None, :] < RANK_V),
-                  other=0.0)
-    out = tl.sum(acc * weight[:, None], axis=0) / tl.where(denominator == 0.0, 1.0, denominator)
-    tl.store(out_ptr + q_start.to(tl.int64) * stride_ot + head * stride_oh + rv, out.to(out_ptr.dtype.element_ty),
-             mask=rv < RANK_V)
+@triton.jit
+def _store_out(out_ptr, q_start, stride_ot, stride_oh, row_head, row_valid, l_i, acc_0, acc_1, rv0, rv1,
+               RANK_V: tl.constexpr, V0_LIMIT: tl.constexpr, SPLIT_V: tl.constexpr):
+    """The normalized V-latent output of a program's rows (a row with no key, l = 0, stays 0)."""
+    inverse = 1.0 / tl.where(l_i == 0.0, 1.0, l_i)
+    out_cols = out_ptr + q_start.to(tl.int64) * stride_ot + row_head[None, :] * stride_oh
+    tl.store(out_cols + rv0[:, None], (acc_0 * inverse[None, :]).to(out_ptr.dtype.element_ty),
+             mask=row_valid[None, :] & (rv0[:, None] < V0_LIMIT))
+    if SPLIT_V:
+        tl.store(out_cols + rv1[:, None], (acc_1 * inverse[None, :]).to(out_ptr.dtype.element_ty),
+                 mask=row_valid[None, :] & (rv1[:, None] < RANK_V))

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_palu.attention.kernels import (decode_attention_kernel, reduce_splits_kernel, write_latents_kernel,
+from vllm_palu.attention.kernels import (decode_attention_kernel, write_latents_kernel,
                                         write_quantized_latents_kernel)
 from vllm_palu.attention.launch import CompiledLaunch
 from vllm_palu.attention.latent_quant import LATENT_SCALE_BYTES, check_ranks, is_shared, page_views, rank_v_of_row
@@ -28,7 +28,7 @@ from vllm_palu.attention.prefill_kernels import (NEW_TOKENS, PREFIX_WINDOW, WHOL
                                                 rebuild_context_kernel)
 
 LOG2E = 1.4426950408889634
-MAX_SPLITS = 64  # reduce_splits_kernel's split tile
+MAX_SPLITS = 64  # KV splits of a decode batch at most (the scratch is sized for them)
 PROGRAMS_PER_SM = 8  # decode programs wanted per multiprocessor (latency hiding), measured on the H200
 DECODE_UP_BYTES = 48 * 1024  # key up-projection a decode program holds in shared memory for its heads
 FLASH_KEY_TILE = 256  # FlashAttention's widest key tile: the rebuild zero-fills this far past a context's end
@@ -36,10 +36,10 @@ TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.f
 LATENT_CODES = {"auto": 0, "fp8": 1, "int4": 2}  # the kernels' LATENT constexpr
 # Every launch after a kernel's first (per specialization) skips the JIT's per-call work: launch.py. Their caches
 # hold compiled kernels keyed by specialization, like Triton's own.
-(launch_write_latents, launch_write_quantized_latents, launch_decode, launch_reduce_splits, launch_rebuild_context,
+(launch_write_latents, launch_write_quantized_latents, launch_decode, launch_rebuild_context,
  launch_prefill_attention) = map(CompiledLaunch, (write_latents_kernel, write_quantized_latents_kernel,
-                                                  decode_attention_kernel, reduce_splits_kernel,
-                                                  rebuild_context_kernel, prefill_attention_kernel))
+                                                  decode_attention_kernel, rebuild_context_kernel,
+                                                  prefill_attention_kernel))
 
 
 def _pow2(value: int, minimum: int = 16) -> int:
@@ -300,15 +300,33 @@ def decode_splits(num_requests: int, kv_heads: int, multiprocessors: int) -> int
     return min(_pow2(wanted, 1), MAX_SPLITS)
 
 
+@dataclass(frozen=True)
+class DecodeScratch:
+    """Split-KV scratch of the decode kernel (unused with one split): each split's partial V-latent sums
+    ``[requests x heads x splits, pow2(rank_v)]`` and softmax statistics ``[.., 2]``, flat fp32, and one int32
+    arrival count per (request, decode program), zero between launches (the last split to arrive combines the
+    splits and resets it)."""
+
+    partial: torch.Tensor
+    stats: torch.Tensor
+    arrivals: torch.Tensor
+
+    @classmethod
+    def allocate(cls, rows: int, num_heads: int, rank_v: int, programs: int, device) -> DecodeScratch:
+        """For ``rows`` (requests x splits) of ``num_heads`` heads, and ``programs`` (requests x KV heads)
+        arrival counts."""
+        return cls(torch.empty(rows * num_heads * _pow2(rank_v), dtype=torch.float32, device=device),
+                   torch.empty(rows * num_heads * 2, dtype=torch.float32, device=device),
+                   torch.zeros(programs, dtype=torch.int32, device=device))
+
+
 def decode_scratch(num_heads: int, rank_v: int, kv_heads: int, max_requests: int, multiprocessors: int,
-                   device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split-KV scratch for every decode batch of up to ``max_requests`` requests, allocated once (the metadata
-    builder holds it): partial V-latent sums ``[requests x splits x heads, pow2(rank_v)]`` and softmax statistics
-    ``[.., 2]``, flat fp32."""
+                   device) -> DecodeScratch:
+    """Scratch for every decode batch of up to ``max_requests`` requests, allocated once (the metadata builder
+    holds it, so every CUDA graph uses the same buffers)."""
     splits = (decode_splits(b, kv_heads, multiprocessors) for b in range(1, max_requests + 1))
     rows = max((b * count for b, count in enumerate(splits, start=1) if count > 1), default=0)
-    return (torch.empty(rows * num_heads * _pow2(rank_v), dtype=torch.float32, device=device),
-            torch.empty(rows * num_heads * 2, dtype=torch.float32, device=device))
+    return DecodeScratch.allocate(rows, num_heads, rank_v, max_requests * kv_heads, device)
 
 
 def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: torch.Tensor,
@@ -369,10 +387,10 @@ def kernel_query(plan: LayerPlan, query: torch.Tensor) -> torch.Tensor:
 
 def decode_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tensor, query_start_loc: torch.Tensor,
                      seq_lens: torch.Tensor, block_table: torch.Tensor, out: torch.Tensor, num_requests: int,
-                     num_splits: int, partial: torch.Tensor, stats: torch.Tensor):
+                     num_splits: int, scratch: DecodeScratch):
     """Requests ``0 .. num_requests - 1``, one new token each (already written to the cache; requests with no
     token, the padding of CUDA-graph batches, are skipped), attend over their contexts: ``out`` at their tokens.
-    ``partial`` / ``stats``: scratch of :func:`decode_scratch` (unused with one split). Returns the compiled
+    ``scratch``: :func:`decode_scratch`'s, for at least ``num_requests`` (unused with one split). Returns the compiled
     decode kernel (registers, SASS: benchmarks/)."""
     query = kernel_query(plan, query)
     payload, scales = _cache_views(kv_cache, plan.latent_format, plan.latent_layout)
@@ -383,15 +401,10 @@ def decode_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tenso
     kernel = launch_decode(
         (num_requests, plan.decode_programs, num_splits),
         query, payload, scales, k_up, k_up_scale, bias, plan.rotary, block_table, seq_lens, query_start_loc,
-        out, partial, stats, plan.scale, query.stride(0), query.stride(1),
+        out, scratch.partial, scratch.stats, scratch.arrivals, plan.scale, query.stride(0), query.stride(1),
         payload.stride(0), payload.stride(1), payload.stride(2), scales.stride(0), scales.stride(1),
         scales.stride(2), block_table.stride(0), plan.rotary.stride(0), out.stride(0), out.stride(1),
         BLOCK_SIZE=payload.shape[2], **plan.decode)
-    if num_splits > 1:
-        launch_reduce_splits(
-            (num_requests, plan.num_heads),
-            partial, stats, out, seq_lens, query_start_loc, num_splits, out.stride(0), out.stride(1),
-            RANK_V=plan.rank_v, PAD_V=plan.decode["PAD_V"], BLOCK_N=plan.decode["BLOCK_N"], MAX_SPLITS=MAX_SPLITS)
     return kernel
 
 
@@ -555,10 +568,10 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
                       latent_layout)
     if num_decodes:
         splits = num_splits or decode_splits(num_decodes, plan.kv_heads, plan.multiprocessors)
-        partial = query.new_empty(num_decodes * splits * num_heads * _pow2(rank_v), dtype=torch.float32)
-        stats = query.new_empty(num_decodes * splits * num_heads * 2, dtype=torch.float32)
+        scratch = DecodeScratch.allocate(num_decodes * splits, num_heads, rank_v, num_decodes * plan.kv_heads,
+                                         query.device)
         decode_attention(plan, query, kv_cache, query_start_loc, seq_lens, block_table, out, num_decodes, splits,
-                         partial, stats)
+                         scratch)
     if num_decodes < num_requests:
         prefixes = seq_lens[num_decodes:] - query_lens[num_decodes:]
         batch = PrefillBatch(num_decodes, num_requests - num_decodes, num_decode_tokens,
