@@ -8,8 +8,9 @@ KV heads' keys on tensor cores (``latent @ k_up``), rotates them with the model'
 position, scores the query heads of each KV head, and accumulates ``P @ v_latent`` with an online softmax; with
 KV splits, the last split of a request's heads to finish combines them (``_combine_splits``). Keys are rebuilt by
 one dot and split into their rotary halves (``lo``, ``hi``, NeoX order) in registers, so rotation needs no shuffles;
-GPT-J-style rotary is handled by the plan permuting k_up rows and query columns the same way. Keys are rotated by their offset in the tile and the query back
-by the tile's start (``ROPE_SHIFT``), so the rotary table is read one row per tile instead of one row per key.
+GPT-J-style rotary is handled by the plan permuting k_up rows and query columns the same way. Keys are rotated by
+their offset in the tile and the query back by the tile's start (``ROPE_SHIFT``), so the rotary table is read one
+row per tile instead of one row per key.
 ``write_latents_kernel`` scatters new tokens' 16-bit latents into their slots; ``write_quantized_latents_kernel``
 quantizes them to fp8 / int4 on the way (the contract of :mod:`vllm_palu.attention.latent_quant`, bit for bit). In
 the shared latent layout a row holds one latent that is both the K and the V latent: the writes store it once, and
