@@ -34,7 +34,10 @@
 # Device calls: stage the pieces as the gpu-stack README says, then name `.gpu-stack/bin` in `carry` of every phase's
 # call (a later staging call does not keep it in the tree). Measured on 2026-12-01: a staging call takes ~5 s; the
 # install 24 s; under triton 3.8 the kernel tests take more than 150 s (first compiles) and each bf16 test engine
-# about 60 s to start (torch.compile, CUDA graphs).
+# about 60 s to start (torch.compile, CUDA graphs). A 30-minute lease (2026-12-03 17:36: machine start ~80 s, 21
+# staging calls ~110 s) holds about: tests (BUDGET=300, KERNEL_TESTS narrowed to what changed), host (200), kernels
+# (200), groups with GROUPS_WORKLOADS=capacity and two configs (280), serving-gpu (300); serving and extra, the
+# phases that have never run, need a lease of their own.
 set -uo pipefail
 phase=${1:?usage: gpu_serving.sh tests|serving-gpu|serving|serve|host|extra|kernels|groups}
 OUT=${OUT:-results/gpu}
