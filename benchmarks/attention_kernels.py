@@ -27,6 +27,7 @@ import torch
 from benchmarks import flashinfer_decode
 from benchmarks.gpu_clock import ClockMonitor, timed_with_clock
 from benchmarks.kernel_cases import LATENTS, Case, build_inputs, floor_us, palu_call, plan_case, refcheck
+from vllm_palu.attention import ops
 from vllm_palu.attention.ops import KernelConfig
 
 
@@ -215,9 +216,11 @@ TUNE_FP8_VARIANTS = [{}, dict(decode_block_n=64, decode_warps=4, decode_stages=2
 
 
 # The served capacity run's decode steps (docs/RESULTS.md: 86 requests of 4-6K tokens, groups of 2): the default
-# split count (2 at 86 requests) against others, for the programs' waves (688 of them, 2.6 waves at two per SM).
+# split count (2 at 86 requests) against others, for the programs' waves (688 of them, 2.6 waves at two per SM; the
+# wave model of docs/KERNEL_NOTES.md puts 3 and 6 splits ~11% ahead of 2 and 4).
 TUNE_SERVED_CASE = Case("llama3-8b", 32, 8, 128, 0.5, 2, 86, 5120)
-TUNE_SERVED_VARIANTS = [{}, dict(num_splits=1), dict(num_splits=3), dict(num_splits=4), dict(paired_cvt=False)]
+TUNE_SERVED_VARIANTS = [{}, dict(num_splits=1), dict(num_splits=3), dict(num_splits=4), dict(num_splits=6),
+                        dict(paired_cvt=False)]
 
 
 def tune_variants(case: Case) -> list[dict]:
@@ -229,9 +232,10 @@ def tune_variants(case: Case) -> list[dict]:
                        for h in heads for n, w, st in TUNE_TILES]
     # The default tiles with the other rebuild operands (bf16 as stored: version 4.3; fp16: converted, before it),
     # the other score dots (one over both rotary halves, or one per half) and the keys converted one at a time, as
-    # triton emits it (version 4.5); the tune drops the one that is the default already.
+    # triton emits it (version 4.5); the tune drops the one that is the default already. Fewer splits than the
+    # default (16 at batch 16): the wave model has 4 and 8 as fast (one and two full waves at two programs per SM).
     choices = [dict(rebuild_dtype=torch.float16), dict(rebuild_dtype=torch.bfloat16), dict(join_halves=True),
-               dict(join_halves=False), dict(paired_cvt=False)]
+               dict(join_halves=False), dict(paired_cvt=False), dict(num_splits=4), dict(num_splits=8)]
     return variants[:1] + choices + variants[1:]
 
 
@@ -265,9 +269,12 @@ def tune(device, deadline: float) -> list[dict]:
             break
         splits = variant.get("num_splits")  # the builder's choice (ops.decode_splits) unless given
         config = KernelConfig(**{k: v for k, v in variant.items() if k != "num_splits"})
-        decode = plan_case(case, inputs[case.name, latent], config).decode
-        if variant and splits is None and decode == defaults.get((case.name, latent)):
+        plan = plan_case(case, inputs[case.name, latent], config)
+        if variant and splits is None and plan.decode == defaults.get((case.name, latent)):
             continue  # the plan's default under another name
+        if splits == ops.decode_splits(case.batch, plan.kv_heads, plan.multiprocessors):
+            continue  # the builder's split count: the default already
+        decode = plan.decode
         defaults.setdefault((case.name, latent), decode)
         name = case.name + ("" if latent == "auto" else f" {latent} latents")
         floor = floor_us(case.palu_bytes(latent), case.palu_flops())
