@@ -172,7 +172,7 @@ def test_split_kv_scratch_serves_launch_after_launch():
     arrive combines them and resets its arrival count, so one scratch (the builder's) serves launch after launch,
     as CUDA-graph replays use it; a short context leaves splits empty."""
     case = make_case(Shape([100, 7, 40], [1, 1, 1], 4, 2, 1, 32, 16, 24, 16), DTYPES[0], seed=5)
-    plan, _, _ = decode_step(case)
+    plan = case_plan(case)
     scratch = ops.DecodeScratch.allocate(3 * 4, 4, 24, 3 * 2, DEVICE)  # 3 requests x 4 splits, 2 KV heads
 
     def launch(query, kv_cache, query_start_loc, seq_lens, block_table, out, **_):
@@ -599,16 +599,10 @@ def test_write_latents_rounds_ties_to_even(latent_format):
     assert k_back.tolist() == expected
 
 
-def decode_step(case, latent_format="auto"):
-    """What the backend does for a decode batch: plan once, then write the batch's new latents and attend, with the
-    split count and scratch of the batch size."""
-    num_requests = case["seq_lens"].shape[0]
-    plan = ops.plan_layer(case["k_up"], case["k_bias"], case["cos_sin_cache"], True, case["query"].shape[1],
+def case_plan(case, latent_format="auto"):
+    """The layer plan the backend makes once for ``case``'s weights (split layout, NeoX rotary)."""
+    return ops.plan_layer(case["k_up"], case["k_bias"], case["cos_sin_cache"], True, case["query"].shape[1],
                           case["kv_cache"].shape[-1] - case["k_up"].shape[-1], case["scale"], latent_format)
-    splits = ops.decode_splits(num_requests, plan.kv_heads, plan.multiprocessors)
-    scratch = ops.decode_scratch(plan.num_heads, plan.rank_v, plan.kv_heads, num_requests, plan.multiprocessors,
-                                 DEVICE)
-    return plan, splits, scratch
 
 
 def test_launchers_run_on_inference_tensors():
@@ -625,7 +619,7 @@ def test_launchers_run_on_inference_tensors():
         generator = torch.Generator(device=DEVICE).manual_seed(3)
         new_k = torch.randn(11, 2, 16, generator=generator, device=DEVICE).to(DTYPES[0])
         new_v = torch.randn(11, 2, 24, generator=generator, device=DEVICE).to(DTYPES[0])
-        plan, _, _ = decode_step(case)
+        plan = case_plan(case)
         scratch = ops.DecodeScratch.allocate(2 * 4, 4, 24, 2 * 2, DEVICE)  # 2 requests x 4 splits, 2 KV heads
         ops.write_latents(case["kv_cache"], slots, new_k, new_v)
 
