@@ -274,8 +274,7 @@ def tune(device, deadline: float) -> list[dict]:
             continue  # the plan's default under another name
         if splits == ops.decode_splits(case.batch, plan.kv_heads, plan.multiprocessors):
             continue  # the builder's split count: the default already
-        decode = plan.decode
-        defaults.setdefault((case.name, latent), decode)
+        defaults.setdefault((case.name, latent), plan.decode)
         name = case.name + ("" if latent == "auto" else f" {latent} latents")
         floor = floor_us(case.palu_bytes(latent), case.palu_flops())
         # fp8 tensor cores also round k_up to e4m3: 2-3% on these random inputs (tests/test_kernels.py).

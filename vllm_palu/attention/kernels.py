@@ -524,12 +524,13 @@ def decode_attention_kernel(
     if num_splits > 1:
         num_heads = ROWS * tl.num_programs(1)
         slots = (request.to(tl.int64) * num_heads + row_head) * num_splits  # [requests, heads, splits]
-        partial = partial_ptr + (slots + split)[None, :] * PAD_V
+        slot = slots + split  # this split's
+        partial = partial_ptr + slot[None, :] * PAD_V
         tl.store(partial + rv0[:, None], acc_0, mask=row_valid[None, :] & (rv0[:, None] < V0_LIMIT))
         if SPLIT_V:
             tl.store(partial + rv1[:, None], acc_1, mask=row_valid[None, :] & (rv1[:, None] < RANK_V))
-        tl.store(stats_ptr + (slots + split) * 2, m_i, mask=row_valid)
-        tl.store(stats_ptr + (slots + split) * 2 + 1, l_i, mask=row_valid)
+        tl.store(stats_ptr + slot * 2, m_i, mask=row_valid)
+        tl.store(stats_ptr + slot * 2 + 1, l_i, mask=row_valid)
         # Every thread's stores before the arrival, which releases them at GPU scope (and acquires the other
         # splits'); a scalar atomic is one thread's, its result broadcast to the program.
         tl.debug_barrier()
