@@ -31,8 +31,8 @@
 # killed by the lease's end brings back nothing of the step it was in). The host phase needs ~250 s (two engines).
 # Each step is time-boxed within the phase's BUDGET (one device call runs at most 600 s); logs land in $OUT (what the
 # device tool brings back) as one tarball, refreshed after every step, plus summary-PHASE.txt, also printed.
-# Device calls: stage the pieces as the gpu-stack README says, then name `.gpu-stack/bin` in `carry` of every phase's
-# call (a later staging call does not keep it in the tree). Measured on 2026-12-01: a staging call takes ~5 s; the
+# Device calls: stage the pieces as the gpu-stack README says (and run scripts/gpu_stack_extra.sh here first), then
+# name `.gpu-stack/bin` in `carry` of every phase's call (a later staging call does not keep it in the tree). Measured on 2026-12-01: a staging call takes ~5 s; the
 # install 24 s; under triton 3.8 the kernel tests take more than 150 s (first compiles) and each bf16 test engine
 # about 60 s to start (torch.compile, CUDA graphs). A 30-minute lease (2026-12-03 17:36: machine start ~80 s, 21
 # staging calls ~110 s) holds about: tests (BUDGET=300, KERNEL_TESTS narrowed to what changed), host (200), kernels
@@ -81,6 +81,11 @@ if [ ! -d /tmp/site/vllm ]; then
         export PATH=/tmp/palu-gpu/bin:$PATH
     fi
     step install 200 bash .gpu-stack/bin/install.sh
+    # What `vllm serve` imports beyond the shared stack (scripts/gpu_stack_extra.sh, run here before staging).
+    if ls .gpu-stack/bin/extra/*.whl > /dev/null 2>&1; then
+        step install-extra 60 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
+            .gpu-stack/bin/extra/*.whl
+    fi
 fi
 source .gpu-stack/bin/env.sh
 # The tests phase starts with a smoke test of every launcher (compiled once, then launched directly, on the GPU);
@@ -107,6 +112,10 @@ tests)  # in order of what the rest depends on; each later step gets what is lef
         echo "the smoke test failed in the tests phase (tests.tar.gz: tests/smoke.log)" | tee "$stop"
         exit 4
     fi
+    # The modules `vllm serve` and `vllm bench serve` import at start-up: a missing one fails here in seconds,
+    # not in each server test after its engine has started.
+    step serve-imports 60 python3 -c "import vllm.entrypoints.launchers.api_server.entry, \
+vllm.entrypoints.serve.sagemaker.api_router, model_hosting_container_standards.sagemaker, vllm.benchmarks.serve"
     step kernel-tests 400 python3 -m pytest -q --maxfail=10 -p no:cacheprovider tests/test_kernels.py \
         -k "${KERNEL_TESTS:-}"
     step serving-gpu 300 python3 -m pytest -q -p no:cacheprovider tests/test_serving_gpu.py
