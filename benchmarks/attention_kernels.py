@@ -198,7 +198,8 @@ TUNE_CASES = [Case("llama3-8b", 32, 8, 128, 0.5, 2, 16, 32768), Case("llama2-7b"
               Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768, latent_layout="shared")]
 TUNE_TILES = [(64, 4, 2), (64, 4, 1), (32, 2, 2), (32, 4, 2), (16, 1, 3)]  # keys, warps, stages
 TUNE_UP_BYTES = 64 * 1024  # heads per program whose up-projections exceed this cannot fit beside the tiles
-# Per head split, bf16 latents: the plan's default only (the decode loop changed since its last timing).
+# Per head split, bf16 latents: the plan's default tiles, at the builder's split count, TUNE_SPLITS and with
+# unpaired conversions (316 us under version 4.3, 351 under 4.6 on 2026-12-04: which change lost it).
 TUNE_BASELINE_CASE = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768)
 
 
@@ -215,12 +216,15 @@ TUNE_FP8_VARIANTS = [{}, dict(decode_block_n=64, decode_warps=4, decode_stages=2
                      dict(fp8_mma=True, decode_block_n=64, decode_warps=4, decode_stages=3)]
 
 
-# The served capacity run's decode steps (docs/RESULTS.md: 86 requests of 4-6K tokens, groups of 2): the default
-# split count (2 at 86 requests) against others, for the programs' waves (688 of them, 2.6 waves at two per SM; the
-# wave model of docs/KERNEL_NOTES.md puts 3 and 6 splits ~11% ahead of 2 and 4).
+# The served capacity run's decode steps (docs/RESULTS.md: 86 requests of 4-6K tokens, groups of 2): the builder's
+# split count (3 at 86 requests: ops.decode_splits, the wave model of docs/KERNEL_NOTES.md, measured on 2026-12-04)
+# against others (2: the count before).
 TUNE_SERVED_CASE = Case("llama3-8b", 32, 8, 128, 0.5, 2, 86, 5120)
-TUNE_SERVED_VARIANTS = [{}, dict(num_splits=1), dict(num_splits=3), dict(num_splits=4), dict(num_splits=6),
+TUNE_SERVED_VARIANTS = [{}, dict(num_splits=1), dict(num_splits=2), dict(num_splits=4), dict(num_splits=6),
                         dict(paired_cvt=False)]
+# Split counts the wave model ranks equal to the builder's (fewer) at batch 16 x 32K, among them the count before it
+# (a power of two filling 8 KV heads a multiprocessor: 16 at batch 16).
+TUNE_SPLITS = [dict(num_splits=2), dict(num_splits=4), dict(num_splits=8), dict(num_splits=16)]
 
 
 def tune_variants(case: Case) -> list[dict]:
@@ -232,10 +236,9 @@ def tune_variants(case: Case) -> list[dict]:
                        for h in heads for n, w, st in TUNE_TILES]
     # The default tiles with the other rebuild operands (bf16 as stored: version 4.3; fp16: converted, before it),
     # the other score dots (one over both rotary halves, or one per half) and the keys converted one at a time, as
-    # triton emits it (version 4.5); the tune drops the one that is the default already. Fewer splits than the
-    # default (16 at batch 16): the wave model has 4 and 8 as fast (one and two full waves at two programs per SM).
+    # triton emits it (version 4.5); the tune drops the one that is the default already; TUNE_SPLITS.
     choices = [dict(rebuild_dtype=torch.float16), dict(rebuild_dtype=torch.bfloat16), dict(join_halves=True),
-               dict(join_halves=False), dict(paired_cvt=False), dict(num_splits=4), dict(num_splits=8)]
+               dict(join_halves=False), dict(paired_cvt=False), *TUNE_SPLITS]
     return variants[:1] + choices + variants[1:]
 
 
@@ -258,7 +261,7 @@ def tune(device, deadline: float) -> list[dict]:
         rows.append({"case": f"{case.model} dense b{case.batch} {case.context // 1024}K", **dense_us(case, device)})
         print(json.dumps(rows[-1]), flush=True)
     runs = [[(case, "auto", v) for v in tune_variants(case)] for case in TUNE_CASES]
-    runs.append([(TUNE_BASELINE_CASE, "auto", {})])
+    runs.append([(TUNE_BASELINE_CASE, "auto", v) for v in [{}, *TUNE_SPLITS, dict(paired_cvt=False)]])
     runs.append([(TUNE_FP8_CASE, "fp8", v) for v in TUNE_FP8_VARIANTS])
     runs.append([(TUNE_SERVED_CASE, "auto", v) for v in TUNE_SERVED_VARIANTS])
     inputs = {(case.name, latent): build_inputs(case, torch.bfloat16, device, latent)
@@ -267,12 +270,12 @@ def tune(device, deadline: float) -> list[dict]:
     for case, latent, variant in (item for round_ in itertools.zip_longest(*runs) for item in round_ if item):
         if time.monotonic() - start > deadline:
             break
-        splits = variant.get("num_splits")  # the builder's choice (ops.decode_splits) unless given
+        splits = variant.get("num_splits")  # the builder's choice (plan.decode_splits) unless given
         config = KernelConfig(**{k: v for k, v in variant.items() if k != "num_splits"})
         plan = plan_case(case, inputs[case.name, latent], config)
         if variant and splits is None and plan.decode == defaults.get((case.name, latent)):
             continue  # the plan's default under another name
-        if splits == ops.decode_splits(case.batch, plan.kv_heads, plan.multiprocessors):
+        if splits == plan.decode_splits(case.batch):
             continue  # the builder's split count: the default already
         defaults.setdefault((case.name, latent), plan.decode)
         name = case.name + ("" if latent == "auto" else f" {latent} latents")

@@ -126,7 +126,7 @@ def palu_call(case: Case, inputs: dict, config: KernelConfig = KernelConfig(), n
         prefill = FlashPrefill.for_plan(plan) or ops.prefill_attention
         batch = ops.PrefillBatch(0, case.batch, 0, case.query_len, case.context - case.query_len)
         return (lambda: prefill(*args, batch)), out
-    splits = num_splits or ops.decode_splits(case.batch, plan.kv_heads, plan.multiprocessors)
+    splits = num_splits or plan.decode_splits(case.batch)
     scratch = ops.DecodeScratch.allocate(case.batch * splits, case.heads, rank_v, case.batch * plan.kv_heads,
                                          out.device)
     return (lambda: ops.decode_attention(*args, case.batch, splits, scratch)), out

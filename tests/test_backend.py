@@ -14,6 +14,7 @@ from vllm_palu.attention import ops
 from vllm_palu.attention.backend import KERNELS_ENV, PaluAttentionMetadataBuilder
 
 HEADS, KV_HEADS, RANK_V, MAX_SEQS = 32, 8, 88, 64
+PROGRAMS, SLOTS = 4, 2 * 132  # decode programs per request, programs the device runs at once
 
 
 @pytest.fixture
@@ -21,8 +22,12 @@ def builder(monkeypatch):
     monkeypatch.setenv(KERNELS_ENV, "triton")
     model_config = SimpleNamespace(get_num_kv_heads=lambda parallel: KV_HEADS,
                                    get_num_attention_heads=lambda parallel: HEADS)
+    # vLLM's registry of attention layers by name; the layer's plan as a four-warp tile plans it on 132 SMs.
+    layer = SimpleNamespace(impl=SimpleNamespace(plan=SimpleNamespace(decode_splits=lambda b: ops.decode_splits(
+        b, PROGRAMS, SLOTS))))
     vllm_config = SimpleNamespace(model_config=model_config, parallel_config=None,
-                                  scheduler_config=SimpleNamespace(max_num_seqs=MAX_SEQS))
+                                  scheduler_config=SimpleNamespace(max_num_seqs=MAX_SEQS),
+                                  compilation_config=SimpleNamespace(static_forward_context={"layer.0": layer}))
     spec = SimpleNamespace(head_size_v=RANK_V, num_kv_heads=KV_HEADS)
     return PaluAttentionMetadataBuilder(spec, ["layer.0"], vllm_config, torch.device("meta"))
 
@@ -45,7 +50,7 @@ def test_decode_batch_uses_persistent_scratch_and_batch_size_splits(builder):
     first = builder.build(0, common)
     again = builder.build_for_cudagraph_capture(batch([1] * 3, [1, 1, 1]))
     assert first.num_decodes == 3 and first.prefill is None
-    assert first.num_splits == again.num_splits == ops.decode_splits(3, KV_HEADS, 1)
+    assert first.num_splits == again.num_splits == ops.decode_splits(3, PROGRAMS, SLOTS) > 1
     assert first.scratch is again.scratch is builder.scratch
     assert first.seq_lens is common.seq_lens and first.block_table is common.block_table_tensor
 
@@ -65,3 +70,12 @@ def test_scratch_holds_every_batch_size_the_builder_serves(builder):
             assert requests * splits * HEADS * pad_v <= builder.scratch.partial.numel()
             assert requests * splits * HEADS * 2 <= builder.scratch.stats.numel()
     assert builder.scratch.arrivals.numel() >= MAX_SEQS * KV_HEADS
+
+
+def test_builder_without_planned_layers_refuses_to_start(builder):
+    """A builder whose layers have no kernel plan (process_weights_after_loading did not run) stops the engine at
+    start-up with a clear error, not at the first decode step."""
+    vllm_config = builder.vllm_config
+    vllm_config.compilation_config.static_forward_context = {"layer.0": SimpleNamespace(impl=SimpleNamespace())}
+    with pytest.raises(RuntimeError, match="planned its Triton kernels"):
+        PaluAttentionMetadataBuilder(builder.kv_cache_spec, ["layer.0"], vllm_config, torch.device("meta"))

@@ -5,6 +5,7 @@ GPU is visible). What only a GPU runs is marked ``gpu`` (``pytest -m gpu``)."""
 
 from __future__ import annotations
 
+import math
 import os
 from typing import NamedTuple
 
@@ -633,23 +634,35 @@ def test_launchers_run_on_inference_tensors():
                        new_k[1])
 
 
-@pytest.mark.parametrize("kv_heads, multiprocessors", [(8, 132), (1, 132), (32, 132), (3, 1)])
-def test_split_count_and_scratch_cover_every_batch_size(kv_heads, multiprocessors):
-    """The split count is a function of the batch size alone (CUDA graphs hold one grid per captured size), a power
-    of two up to MAX_SPLITS, and the builder's scratch, allocated once, holds every batch's splits and a zeroed
+@pytest.mark.parametrize("programs, slots", [(4, 264), (8, 1056), (1, 264), (32, 528), (3, 8)])
+def test_split_count_and_scratch_cover_every_batch_size(programs, slots):
+    """The split count is a function of the batch size alone (CUDA graphs hold one grid per captured size), within
+    MAX_SPLITS and DECODE_WAVES waves of programs, the fewest splits within SPLIT_TOLERANCE of the fewest
+    context-waves of any count; the builder's scratch, allocated once, holds every batch's splits and a zeroed
     arrival count per (request, KV head)."""
     max_requests = 512
-    scratch = ops.decode_scratch(32, 88, kv_heads, max_requests, multiprocessors, "cpu")
-    assert scratch.arrivals.dtype == torch.int32 and scratch.arrivals.numel() == max_requests * kv_heads
+    splits = [1] + [ops.decode_splits(b, programs, slots) for b in range(1, max_requests + 1)]
+    scratch = ops.decode_scratch(32, 88, 8, splits, "cpu")
+    assert scratch.arrivals.dtype == torch.int32 and scratch.arrivals.numel() == max_requests * 8
     assert not scratch.arrivals.any()
-    for requests in range(1, max_requests + 1):
-        splits = ops.decode_splits(requests, kv_heads, multiprocessors)
-        assert splits & (splits - 1) == 0 and 1 <= splits <= ops.MAX_SPLITS
-        if splits > 1:
-            assert requests * splits * 32 * 128 <= scratch.partial.numel()
-            assert requests * splits * 32 * 2 <= scratch.stats.numel()
-    assert ops.decode_splits(1, kv_heads, multiprocessors) >= ops.decode_splits(max_requests, kv_heads,
-                                                                                 multiprocessors)
+    for requests, count in enumerate(splits[1:], start=1):
+        total = requests * programs
+        assert 1 <= count <= ops.MAX_SPLITS and (count == 1 or total * (count - 1) < ops.DECODE_WAVES * slots)
+        waves = [math.ceil(total * s / slots) / s for s in range(1, ops.MAX_SPLITS + 1)
+                 if s == 1 or total * (s - 1) < ops.DECODE_WAVES * slots]
+        assert waves[count - 1] <= min(waves) * 1.05 + 1e-12 and all(w > min(waves) * 1.05 for w in waves[:count - 1])
+        if count > 1:
+            assert requests * count * 32 * 128 <= scratch.partial.numel()
+            assert requests * count * 32 * 2 <= scratch.stats.numel()
+    assert splits[1] >= splits[max_requests] == 1
+
+
+def test_split_counts_of_the_measured_batches():
+    """H200, groups of 2, four-warp tiles (2 programs a multiprocessor, 4 programs a request): the split counts the
+    kernel tune measured fastest (docs/KERNEL_NOTES.md "Split counts at the served batch")."""
+    slots = 2 * 132
+    assert ops.decode_splits(86, 4, slots) == 3  # 1 / 2 / 3 / 4 / 6 splits: 480 / 383 / 355 / 395 / 374 us
+    assert ops.decode_splits(16, 4, slots) == 4  # 16 splits: 426 us, 4: 410
 
 
 class LaunchRecorder:
@@ -751,8 +764,8 @@ def test_decode_replays_in_a_cuda_graph_with_new_lengths(latent_format, latent_l
     static["block_table"][:, :case["block_table"].shape[1]] = case["block_table"]
     plan = ops.plan_layer(static["k_up"], None, static["cos_sin_cache"], True, 32, rank_v, static["scale"],
                           latent_format, latent_layout=latent_layout)
-    splits = ops.decode_splits(3, plan.kv_heads, plan.multiprocessors)
-    scratch = ops.decode_scratch(32, rank_v, 8, 3, plan.multiprocessors, DEVICE)
+    splits = plan.decode_splits(3)
+    scratch = ops.decode_scratch(32, rank_v, 8, [1] + [plan.decode_splits(b) for b in (1, 2, 3)], DEVICE)
     assert splits > 1
     out = torch.empty(3, 32, rank_v, dtype=torch.bfloat16, device=DEVICE)
 

@@ -143,7 +143,7 @@ def test_every_launcher_passes_what_the_binder_binds(monkeypatch):
     query_start_loc, seq_lens = torch.tensor([0, 1, 2, 11], dtype=torch.int32), torch.tensor([40, 30, 9])
     table, slots = torch.arange(24, dtype=torch.int32).view(3, 8) % 8, torch.arange(11)
     k_latent, v_latent = torch.randn(11, kv_heads, rank_k), torch.randn(11, kv_heads, rank_v)
-    scratch = ops.decode_scratch(heads, rank_v, kv_heads, 2, 132, "cpu")
+    scratch = ops.DecodeScratch.allocate(2 * 4, heads, rank_v, 2 * kv_heads, "cpu")  # 2 requests x 4 splits
     for _ in range(2):  # the same step twice: the second one's launches are the direct ones
         ops.write_latents(cache, slots, k_latent, v_latent)
         ops.write_latents(pages, slots, k_latent, v_latent, "fp8")

@@ -95,6 +95,23 @@ def test_attention_layer_hooks():
     assert spec.page_size_bytes == 3 * 16 * (24 + 40) * 2
 
 
+def test_layer_registry_hook():
+    """The metadata builder finds its layers' kernel plans by name where every attention layer registers itself:
+    the compilation config's static_forward_context (vLLM's own FlashInfer builder reads its layers there too)."""
+    import vllm_palu
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    from vllm_palu.attention.backend import PaluAttentionBackend, PaluAttentionImpl
+
+    vllm_palu.register()
+    config = VllmConfig()
+    with set_current_vllm_config(config):
+        layer = Attention(2, 16, 0.25, num_kv_heads=1, prefix="model.layers.0.attn", attn_backend=PaluAttentionBackend)
+    assert config.compilation_config.static_forward_context["model.layers.0.attn"] is layer
+    assert isinstance(layer.impl, PaluAttentionImpl)
+
+
 def test_backend_interface_hooks():
     from vllm.v1.attention.backend import AttentionBackend, CommonAttentionMetadata
 

@@ -41,6 +41,18 @@ def uses_triton_kernels(device: torch.device) -> bool:
     return choice == "triton" or (choice == "auto" and device.type == "cuda")
 
 
+def first_layer_plan(vllm_config, layer_names: list[str]):
+    """The kernel plan (ops.LayerPlan) of the first of ``layer_names`` that has one, from vLLM's registry of
+    attention layers by name (``compilation_config.static_forward_context``)."""
+    layers = vllm_config.compilation_config.static_forward_context
+    for name in layer_names:
+        plan = getattr(getattr(layers.get(name), "impl", None), "plan", None)
+        if plan is not None:
+            return plan
+    raise RuntimeError(f"PALU attention: none of the layers {layer_names[:2]}... planned its Triton kernels (each "
+                       "plans in process_weights_after_loading, before vLLM builds the attention metadata)")
+
+
 class PaluAttentionBackend(AttentionBackend):
     forward_includes_kv_cache_update = True
     supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
@@ -88,7 +100,7 @@ class PaluAttentionMetadata:
     slot_mapping: torch.Tensor  # [T]
     max_query_len: int
     num_decodes: int  # the first num_decodes requests have at most one new token each (the batch is reordered)
-    num_splits: int  # KV splits of the decode requests (ops.decode_splits)
+    num_splits: int  # KV splits of the decode requests (ops.decode_splits, for the layers' tiles)
     scratch: DecodeScratch | None  # the builder's persistent split-KV scratch (Triton kernels only)
     prefill: PrefillBatch | None  # the requests after the decodes, with host-side bounds (Triton kernels only)
 
@@ -103,19 +115,21 @@ class PaluAttentionMetadataBuilder(AttentionMetadataBuilder[PaluAttentionMetadat
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.scratch = None
         self.kernels = None  # vllm_palu.attention.ops when the Triton kernels run (it imports Triton)
-        self.kv_heads = self.multiprocessors = 1
+        self.splits = None  # [b]: the split count of a decode batch of b requests
         if uses_triton_kernels(device):
             from vllm_palu.attention import ops
 
             self.kernels = ops
             model_config, parallel_config = vllm_config.model_config, vllm_config.parallel_config
-            self.kv_heads = model_config.get_num_kv_heads(parallel_config)
-            self.multiprocessors = (torch.cuda.get_device_properties(device).multi_processor_count
-                                    if device.type == "cuda" else 1)
+            # Any split count is exact; the first layer's tiles set it (a model's layers share them but for
+            # non-uniform ranks). vLLM builds this after loading the weights, when each layer has planned.
+            plan = first_layer_plan(vllm_config, layer_names)
+            max_requests = vllm_config.scheduler_config.max_num_seqs
+            self.splits = [1] + [plan.decode_splits(b) for b in range(1, max_requests + 1)]
             # Sized for the largest batch, so every batch size (and every captured CUDA graph) uses these buffers.
-            self.scratch = ops.decode_scratch(
-                model_config.get_num_attention_heads(parallel_config), kv_cache_spec.head_size_v, self.kv_heads,
-                vllm_config.scheduler_config.max_num_seqs, self.multiprocessors, device)
+            self.scratch = ops.decode_scratch(model_config.get_num_attention_heads(parallel_config),
+                                              kv_cache_spec.head_size_v,
+                                              model_config.get_num_kv_heads(parallel_config), self.splits, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> PaluAttentionMetadata:
@@ -124,7 +138,7 @@ class PaluAttentionMetadataBuilder(AttentionMetadataBuilder[PaluAttentionMetadat
         num_decodes, num_prefills, num_decode_tokens, _ = split_decodes_and_prefills(metadata, decode_threshold=1)
         num_splits, prefill = 1, None
         if self.kernels is not None and num_decodes:
-            num_splits = self.kernels.decode_splits(num_decodes, self.kv_heads, self.multiprocessors)
+            num_splits = self.splits[num_decodes]
         if self.kernels is not None and num_prefills:
             prefill = self.kernels.PrefillBatch(num_decodes, num_prefills, num_decode_tokens, metadata.max_query_len,
                                                 self._max_prefix_len(metadata, num_decodes))

@@ -4,8 +4,8 @@ What does not change between steps is computed once per layer, by :func:`plan_la
 kernels' rotary layout, the rotary table in the key dtype and whether it can be shifted, the rank tiles and where
 the V latent sits in a row (the latent layout: split or shared), the tile shapes. A launcher then only reads
 host-side sizes and tensor strides: it never reads a device tensor, allocates nothing on the decode path, and so
-runs unchanged inside vLLM's CUDA graphs. The KV split count of a decode batch depends on its size alone
-(:func:`decode_splits`), so a graph captured for a batch size holds the grid eager mode would launch for it.
+runs unchanged inside vLLM's CUDA graphs. The KV split count of a decode batch depends on its size and the layer's
+tiles alone (:func:`decode_splits`), so a graph captured for a batch size holds the grid eager mode would launch for it.
 
 Shape contract: :mod:`vllm_palu.attention.reference` (the fp32 oracle); :func:`paged_latent_attention` has its
 signature. Imports no vLLM; runs on CPU tensors under ``TRITON_INTERPRET=1``.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 import triton
@@ -29,7 +30,13 @@ from vllm_palu.attention.prefill_kernels import (NEW_TOKENS, PREFIX_WINDOW, WHOL
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # KV splits of a decode batch at most (the scratch is sized for them)
-PROGRAMS_PER_SM = 8  # decode programs wanted per multiprocessor (latency hiding), measured on the H200
+# Registers bound how many decode programs a multiprocessor holds: every default decode tile takes (nearly) all 255
+# registers a thread may have (triton 3.8 for sm_90, benchmarks/compile_sm90.py: one-warp per head 252, two-warp
+# fp8 255, four-warp groups of 2 255, shared per head 228), and their shared memory allows as many programs.
+REGISTERS_PER_SM = 65536
+DECODE_REGISTERS = 255  # per thread
+DECODE_WAVES = 4  # a decode batch's programs over all its splits: at most this many waves of the device's
+SPLIT_TOLERANCE = Fraction(1, 20)  # context-waves more than the fewest, worth a split count's fewer splits
 DECODE_UP_BYTES = 48 * 1024  # key up-projection a decode program holds in shared memory for its heads
 FLASH_KEY_TILE = 256  # FlashAttention's widest key tile: the rebuild zero-fills this far past a context's end
 TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -116,6 +123,16 @@ class LayerPlan:
     def decode_programs(self) -> int:
         """Decode programs per request and split: KV heads over the heads each program takes."""
         return self.kv_heads // self.decode["HEADS"]
+
+    @property
+    def decode_slots(self) -> int:
+        """Decode programs the device runs at once: per multiprocessor, as many as its registers hold."""
+        per_sm = REGISTERS_PER_SM // (DECODE_REGISTERS * 32 * self.decode["num_warps"])
+        return max(per_sm, 1) * self.multiprocessors
+
+    def decode_splits(self, num_requests: int) -> int:
+        """KV splits of a decode batch of ``num_requests`` requests (:func:`decode_splits`)."""
+        return decode_splits(num_requests, self.decode_programs, self.decode_slots)
 
 
 def _rank_tiles(rank_k: int, rank_v: int, latent_format: str, latent_layout: str, fp8_mma: bool = False) -> dict:
@@ -291,13 +308,20 @@ def decode_heads(group_size: int, head_dim: int, rank_k: int, element_size: int)
     return heads
 
 
-def decode_splits(num_requests: int, kv_heads: int, multiprocessors: int) -> int:
-    """KV splits of a decode batch: a power of two giving every multiprocessor PROGRAMS_PER_SM KV heads' work (a
-    program takes one KV head or, with four warps, several: ``LayerPlan.decode_programs``), at most MAX_SPLITS.
-    It depends on the batch size alone, so a CUDA graph captured for a batch size holds the grid eager mode would
-    launch; splits a short context does not reach exit at once."""
-    wanted = math.ceil(PROGRAMS_PER_SM * multiprocessors / max(num_requests * kv_heads, 1))
-    return min(_pow2(wanted, 1), MAX_SPLITS)
+def decode_splits(num_requests: int, programs: int, slots: int) -> int:
+    """KV splits of a decode batch of ``num_requests`` requests of ``programs`` decode programs each (per split),
+    on a device running ``slots`` programs at once. Programs of equal contexts run in waves of ``slots``: ``s``
+    splits take ceil(requests * programs * s / slots) waves of 1/s of a context each. The fewest splits within
+    SPLIT_TOLERANCE of the fewest context-waves (each split more has more to combine), up to DECODE_WAVES waves'
+    worth of programs and MAX_SPLITS. H200, groups of 2 (2 programs a multiprocessor): 86 requests x 4 programs
+    take 3 splits (measured 1 / 2 / 3 / 4 / 6 splits: 480 / 383 / 355 / 395 / 374 us), 16 requests 4 splits
+    (16 splits: 426, 4: 410 us; docs/KERNEL_NOTES.md "Split counts at the served batch"). A function of the batch
+    size alone, so a CUDA graph captured for a batch size holds the grid eager mode would launch for it."""
+    total = max(num_requests * programs, 1)
+    most = max(1, min(MAX_SPLITS, math.ceil(DECODE_WAVES * slots / total)))
+    cost = [Fraction(math.ceil(total * splits / slots), splits) for splits in range(1, most + 1)]
+    least = min(cost)
+    return next(splits for splits, value in enumerate(cost, start=1) if value <= least * (1 + SPLIT_TOLERANCE))
 
 
 @dataclass(frozen=True)
@@ -320,13 +344,11 @@ class DecodeScratch:
                    torch.zeros(programs, dtype=torch.int32, device=device))
 
 
-def decode_scratch(num_heads: int, rank_v: int, kv_heads: int, max_requests: int, multiprocessors: int,
-                   device) -> DecodeScratch:
-    """Scratch for every decode batch of up to ``max_requests`` requests, allocated once (the metadata builder
-    holds it, so every CUDA graph uses the same buffers)."""
-    splits = (decode_splits(b, kv_heads, multiprocessors) for b in range(1, max_requests + 1))
-    rows = max((b * count for b, count in enumerate(splits, start=1) if count > 1), default=0)
-    return DecodeScratch.allocate(rows, num_heads, rank_v, max_requests * kv_heads, device)
+def decode_scratch(num_heads: int, rank_v: int, kv_heads: int, splits: list[int], device) -> DecodeScratch:
+    """Scratch for every decode batch of up to ``len(splits) - 1`` requests, ``splits[b]`` the split count of a batch
+    of ``b``, allocated once (the metadata builder holds it, so every CUDA graph uses the same buffers)."""
+    rows = max((b * count for b, count in enumerate(splits) if count > 1), default=0)
+    return DecodeScratch.allocate(rows, num_heads, rank_v, (len(splits) - 1) * kv_heads, device)
 
 
 def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: torch.Tensor,
@@ -567,7 +589,7 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     plan = plan_layer(k_up, k_bias, cos_sin_cache, is_neox_style, num_heads, rank_v, scale, latent_format, config,
                       latent_layout)
     if num_decodes:
-        splits = num_splits or decode_splits(num_decodes, plan.kv_heads, plan.multiprocessors)
+        splits = num_splits or plan.decode_splits(num_decodes)
         scratch = DecodeScratch.allocate(num_decodes * splits, num_heads, rank_v, num_decodes * plan.kv_heads,
                                          query.device)
         decode_attention(plan, query, kv_cache, query_start_loc, seq_lens, block_table, out, num_decodes, splits,
