@@ -390,12 +390,13 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_u
 
 @triton.jit
 def _split_range(seq_len, split, num_splits, BLOCK_N: tl.constexpr):
-    """KV tiles [first, last) of one split: the context's BLOCK_N tiles cut into num_splits contiguous chunks.
-    Derived from seq_len on the device, so a grid fixed per batch size (CUDA graphs) is right for any context."""
+    """KV tiles [first, last) of one split: the context's BLOCK_N tiles cut into num_splits contiguous chunks, and
+    how many of the splits hold a tile (the rest, past a short context, hold none). Derived from seq_len on the
+    device, so a grid fixed per batch size (CUDA graphs) is right for any context."""
     num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), 1)
     first = split * tiles_per_split
-    return first, tl.minimum(first + tiles_per_split, num_tiles)
+    return first, tl.minimum(first + tiles_per_split, num_tiles), tl.cdiv(num_tiles, tiles_per_split)
 
 
 @triton.jit
@@ -447,7 +448,7 @@ def decode_attention_kernel(
     seq_len = tl.load(seq_lens_ptr + request)
     # Splits past a short context run no tile (and store an empty softmax state); returning early here instead
     # costs the KV loop 5 instructions per tile (sm_90 SASS, benchmarks/compile_sm90.py).
-    first, last = _split_range(seq_len, split, num_splits, BLOCK_N)
+    first, last, filled_splits = _split_range(seq_len, split, num_splits, BLOCK_N)
     first_kv_head = head_block * HEADS
     group = first_kv_head // GROUP_SIZE
 
@@ -537,8 +538,10 @@ def decode_attention_kernel(
         arrival = arrivals_ptr + request * tl.num_programs(1) + head_block
         if tl.atomic_add(arrival, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
             tl.store(arrival, 0)  # the next launch, or graph replay, counts from zero
-            m_i, l_i, acc_0, acc_1 = _combine_splits(partial_ptr, stats_ptr, slots, num_splits, row_valid, rv0,
-                                                     rv1, BLOCK_M, RV0, RV1, PAD_V, RANK_V, V0_LIMIT, SPLIT_V)
+            # Only the splits holding tiles: a batch's split count is set for its size, and a short context
+            # leaves most of them empty (batch 1 takes ~60), whose serial combine would be the launch's tail.
+            m_i, l_i, acc_0, acc_1 = _combine_splits(partial_ptr, stats_ptr, slots, filled_splits, row_valid,
+                                                     rv0, rv1, BLOCK_M, RV0, RV1, PAD_V, RANK_V, V0_LIMIT, SPLIT_V)
             _store_out(out_ptr, q_start, stride_ot, stride_oh, row_head, row_valid, l_i, acc_0, acc_1, rv0, rv1,
                        RANK_V, V0_LIMIT, SPLIT_V)
     else:
@@ -550,9 +553,10 @@ def decode_attention_kernel(
 def _combine_splits(partial_ptr, stats_ptr, slots, num_splits, row_valid, rv0, rv1, BLOCK_M: tl.constexpr,
                     RV0: tl.constexpr, RV1: tl.constexpr, PAD_V: tl.constexpr, RANK_V: tl.constexpr,
                     V0_LIMIT: tl.constexpr, SPLIT_V: tl.constexpr):
-    """The softmax state of a program's rows over all ``num_splits`` splits: sum_s exp(m_s - m) acc_s and sum_s
-    exp(m_s - m) l_s, m the largest m_s (log2 units; a split past the context stored m = -inf, l = 0, acc = 0 and
-    adds nothing). Loads bypass L1 (``.cg``): the other splits wrote these rows from other multiprocessors."""
+    """The softmax state of a program's rows over its first ``num_splits`` splits: sum_s exp(m_s - m) acc_s and
+    sum_s exp(m_s - m) l_s, m the largest m_s (log2 units; a split past the context stored m = -inf, l = 0,
+    acc = 0 and would add nothing). Loads bypass L1 (``.cg``): the other splits wrote these rows from other
+    multiprocessors."""
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc_0 = tl.zeros([RV0, BLOCK_M], tl.float32)
