@@ -27,7 +27,6 @@ import torch
 from benchmarks import flashinfer_decode
 from benchmarks.gpu_clock import ClockMonitor, timed_with_clock
 from benchmarks.kernel_cases import LATENTS, Case, build_inputs, floor_us, palu_call, plan_case, refcheck
-from vllm_palu.attention import ops
 from vllm_palu.attention.ops import KernelConfig
 
 
