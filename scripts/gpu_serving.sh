@@ -32,8 +32,8 @@
 # Each step is time-boxed within the phase's BUDGET (one device call runs at most 600 s); logs land in $OUT (what the
 # device tool brings back) as one tarball, refreshed after every step, plus summary-PHASE.txt, also printed.
 # Device calls: stage the pieces as the gpu-stack README says (and run scripts/gpu_stack_extra.sh here first), then
-# name `.gpu-stack/bin` in `carry` of every phase's call (a later staging call does not keep it in the tree). Measured on 2026-12-01: a staging call takes ~5 s; the
-# install 24 s; under triton 3.8 the kernel tests take more than 150 s (first compiles) and each bf16 test engine
+# name `.gpu-stack/bin` in `carry` of every phase's call (a later staging call does not keep it in the tree).
+# Measured on 2026-12-01: a staging call takes ~5 s; the install 24 s; under triton 3.8 the kernel tests take more than 150 s (first compiles) and each bf16 test engine
 # about 60 s to start (torch.compile, CUDA graphs). A 30-minute lease (2026-12-04 01:55: machine start ~65 s, 21
 # staging calls ~90 s) holds about 1,600 s of phases, e.g. (measured): tests with KERNEL_TESTS narrowed to what
 # changed (the smoke test 21 s, 55 full-size tests ~220 s), serving-gpu (two of its four tests in 300 s), groups with

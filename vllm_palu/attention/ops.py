@@ -29,13 +29,13 @@ from vllm_palu.attention.prefill_kernels import (NEW_TOKENS, PREFIX_WINDOW, WHOL
                                                 rebuild_context_kernel)
 
 LOG2E = 1.4426950408889634
-MAX_SPLITS = 64  # KV splits of a decode batch at most (the scratch is sized for them)
+MAX_SPLITS = 64  # KV splits of a decode batch at most
 # Registers bound how many decode programs a multiprocessor holds: every default decode tile takes (nearly) all 255
 # registers a thread may have (triton 3.8 for sm_90, benchmarks/compile_sm90.py: one-warp per head 252, two-warp
 # fp8 255, four-warp groups of 2 255, shared per head 228), and their shared memory allows as many programs.
 REGISTERS_PER_SM = 65536
 DECODE_REGISTERS = 255  # per thread
-DECODE_WAVES = 4  # a decode batch's programs over all its splits: at most this many waves of the device's
+DECODE_WAVES = 4  # a decode batch's programs over all its splits: at most this many device-fulls (waves)
 SPLIT_TOLERANCE = Fraction(1, 20)  # context-waves more than the fewest, worth a split count's fewer splits
 DECODE_UP_BYTES = 48 * 1024  # key up-projection a decode program holds in shared memory for its heads
 FLASH_KEY_TILE = 256  # FlashAttention's widest key tile: the rebuild zero-fills this far past a context's end
