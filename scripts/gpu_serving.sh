@@ -33,12 +33,13 @@
 # device tool brings back) as one tarball, refreshed after every step, plus summary-PHASE.txt, also printed.
 # Device calls: stage the pieces as the gpu-stack README says (and run scripts/gpu_stack_extra.sh here first), then
 # name `.gpu-stack/bin` in `carry` of every phase's call (a later staging call does not keep it in the tree).
-# Measured on 2026-12-01: a staging call takes ~5 s; the install 24 s; under triton 3.8 the kernel tests take more than 150 s (first compiles) and each bf16 test engine
-# about 60 s to start (torch.compile, CUDA graphs). A 30-minute lease (2026-12-04 01:55: machine start ~65 s, 21
-# staging calls ~90 s) holds about 1,600 s of phases, e.g. (measured): tests with KERNEL_TESTS narrowed to what
-# changed (the smoke test 21 s, 55 full-size tests ~220 s), serving-gpu (two of its four tests in 300 s), groups with
-# GROUPS_WORKLOADS=capacity (dense ~160 s, each PALU engine ~140 s), host (~150 s), kernels (~95 s). Not yet run:
-# serving (HTTP ~200 s, offline ~330 s) and extra (fp8 configurations ~230 s, `vllm bench serve` ~200 s).
+# Measured on 2026-12-01: a staging call takes ~5 s; the install 24 s; under triton 3.8 the kernel tests take more than
+# 150 s (first compiles) and each bf16 test engine about 60 s to start (torch.compile, CUDA graphs). A 30-minute lease
+# (2026-12-04 01:55: machine start ~65 s, 21 staging calls ~90 s) holds about 1,600 s of phases, e.g. (measured): tests
+# with KERNEL_TESTS narrowed to what changed (the smoke test 21 s, 55 full-size tests ~220 s), serving-gpu (two of its
+# four tests in 300 s), groups with GROUPS_WORKLOADS=capacity (dense ~160 s, each PALU engine ~140 s), host (~150 s),
+# kernels (~95 s). Not yet run: serving (HTTP ~200 s, offline ~330 s) and extra (fp8 configurations ~230 s, `vllm bench
+# serve` ~200 s).
 set -uo pipefail
 phase=${1:?usage: gpu_serving.sh tests|serving-gpu|serving|serve|host|extra|kernels|groups}
 OUT=${OUT:-results/gpu}
