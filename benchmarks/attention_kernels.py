@@ -291,12 +291,12 @@ def tune(device, deadline: float) -> list[dict]:
             print(json.dumps(rows[-1], default=str), flush=True)
             continue
         rows.append({"case": name, **(variant or {"default": True}), "us": us, "of_floor": floor / us,
-                     "floor_us": floor, "refcheck_error": error})
+                     "floor_us": floor, "refcheck_error": error, "splits": splits or plan.decode_splits(case.batch)})
         print(json.dumps(rows[-1], default=str), flush=True)
     for name in dict.fromkeys(r["case"] for r in rows if "us" in r):
         timed = sorted((r for r in rows if r["case"] == name and "us" in r), key=lambda r: r["us"])
         for row in timed[:8]:
-            variant = ("plan default" if row.get("default") else
+            variant = (f"plan default ({row['splits']} splits)" if row.get("default") else
                        "default tiles" if "decode_block_n" not in row else
                        f"N{row['decode_block_n']} w{row['decode_warps']} s{row['decode_stages']} "
                        f"heads {row.get('decode_heads', 1)}")
