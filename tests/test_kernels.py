@@ -168,6 +168,17 @@ def test_split_kv_matches_reference(num_splits, latent_layout):
     check(make_case(shape if latent_layout == "split" else shared(shape), DTYPES[0]), num_splits=num_splits)
 
 
+@pytest.mark.parametrize("num_splits", [6, 64])
+def test_split_kv_combines_many_splits(num_splits):
+    """More filled splits than the combine loads at once (COMBINE_SPLITS), not a multiple of it (300 tokens: 10
+    tiles of 32 keys, 5 of the 6 splits filled; 64 splits, MAX_SPLITS: 10 filled), and more than MAX_SPLITS
+    refused."""
+    case = make_case(Shape([300, 7], [1, 1], 4, 2, 1, 32, 16, 24, 16), DTYPES[0], seed=11)
+    check(case, num_splits=num_splits)
+    with pytest.raises(ValueError, match="KV splits"):
+        check(case, num_splits=ops.MAX_SPLITS + 1)
+
+
 def test_split_kv_scratch_serves_launch_after_launch():
     """The splits of a decode batch combine inside the decode kernel: the last split of each (request, program) to
     arrive combines them and resets its arrival count, so one scratch (the builder's) serves launch after launch,

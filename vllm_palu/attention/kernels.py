@@ -25,6 +25,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+MAX_SPLITS: tl.constexpr = tl.constexpr(64)  # KV splits of a decode launch at most (the combine's statistics tile)
+COMBINE_SPLITS: tl.constexpr = tl.constexpr(4)  # splits whose partial sums the combine loads together
+
 
 @triton.jit
 def write_latents_kernel(
@@ -553,31 +556,36 @@ def decode_attention_kernel(
 def _combine_splits(partial_ptr, stats_ptr, slots, num_splits, row_valid, rv0, rv1, BLOCK_M: tl.constexpr,
                     RV0: tl.constexpr, RV1: tl.constexpr, PAD_V: tl.constexpr, RANK_V: tl.constexpr,
                     V0_LIMIT: tl.constexpr, SPLIT_V: tl.constexpr):
-    """The softmax state of a program's rows over its first ``num_splits`` splits: sum_s exp(m_s - m) acc_s and
-    sum_s exp(m_s - m) l_s, m the largest m_s (log2 units; a split past the context stored m = -inf, l = 0,
-    acc = 0 and would add nothing). Loads bypass L1 (``.cg``): the other splits wrote these rows from other
+    """The softmax state of a program's rows over its first ``num_splits`` splits (at most MAX_SPLITS): m the
+    largest m_s, l = sum_s exp(m_s - m) l_s and acc = sum_s exp(m_s - m) acc_s (log2 units; a split past the
+    context stored m = -inf, l = 0, acc = 0 and would add nothing). The statistics load as one [MAX_SPLITS, rows]
+    tile, so m is known before any partial sum is read, and the partial sums load COMBINE_SPLITS splits at a time
+    with no load waiting on another (a loop carrying a running max made one L2 round trip per split, the launch's
+    tail at tens of splits). Loads bypass L1 (``.cg``): the other splits wrote these rows from other
     multiprocessors."""
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    splits = tl.arange(0, MAX_SPLITS)
+    stat_slots = (slots[None, :] + splits[:, None]) * 2  # [MAX_SPLITS, BLOCK_M]
+    present = (splits[:, None] < num_splits) & row_valid[None, :]
+    m_s = tl.load(stats_ptr + stat_slots, mask=present, other=float("-inf"), cache_modifier=".cg")
+    l_s = tl.load(stats_ptr + stat_slots + 1, mask=present, other=0.0, cache_modifier=".cg")
+    m_i = tl.max(m_s, axis=0)
+    m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)  # no split with keys: every weight 0
+    l_i = tl.sum(tl.exp2(m_s - m_safe[None, :]) * l_s, axis=0)
     acc_0 = tl.zeros([RV0, BLOCK_M], tl.float32)
     acc_1 = tl.zeros([RV1, BLOCK_M], tl.float32)
-    for split in range(num_splits):
-        slot = slots + split
-        m_s = tl.load(stats_ptr + slot * 2, mask=row_valid, other=float("-inf"), cache_modifier=".cg")
-        l_s = tl.load(stats_ptr + slot * 2 + 1, mask=row_valid, other=0.0, cache_modifier=".cg")
-        m_new = tl.maximum(m_i, m_s)
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split with keys yet: both weights 0
-        alpha, beta = tl.exp2(m_i - m_safe), tl.exp2(m_s - m_safe)
-        partial = partial_ptr + slot[None, :] * PAD_V
-        acc_0 = acc_0 * alpha[None, :] + beta[None, :] * tl.load(
-            partial + rv0[:, None], mask=row_valid[None, :] & (rv0[:, None] < V0_LIMIT), other=0.0,
-            cache_modifier=".cg")
-        if SPLIT_V:
-            acc_1 = acc_1 * alpha[None, :] + beta[None, :] * tl.load(
-                partial + rv1[:, None], mask=row_valid[None, :] & (rv1[:, None] < RANK_V), other=0.0,
-                cache_modifier=".cg")
-        l_i = l_i * alpha + l_s * beta
-        m_i = m_new
+    for first in range(0, num_splits, COMBINE_SPLITS):
+        for offset in tl.static_range(COMBINE_SPLITS):
+            slot = slots + (first + offset)
+            valid = row_valid & (slot - slots < num_splits)  # the split index as a tensor: a scalar mask fails
+            weight = tl.exp2(tl.load(stats_ptr + slot * 2, mask=valid, other=float("-inf"),
+                                     cache_modifier=".cg") - m_safe)
+            partial = partial_ptr + slot[None, :] * PAD_V
+            acc_0 += weight[None, :] * tl.load(partial + rv0[:, None], mask=valid[None, :] & (rv0[:, None] < V0_LIMIT),
+                                               other=0.0, cache_modifier=".cg")
+            if SPLIT_V:
+                acc_1 += weight[None, :] * tl.load(partial + rv1[:, None],
+                                                   mask=valid[None, :] & (rv1[:, None] < RANK_V), other=0.0,
+                                                   cache_modifier=".cg")
     return m_i, l_i, acc_0, acc_1
 
 

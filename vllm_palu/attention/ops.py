@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from vllm_palu.attention import kernels
 from vllm_palu.attention.kernels import (decode_attention_kernel, write_latents_kernel,
                                         write_quantized_latents_kernel)
 from vllm_palu.attention.launch import CompiledLaunch
@@ -29,7 +30,7 @@ from vllm_palu.attention.prefill_kernels import (NEW_TOKENS, PREFIX_WINDOW, WHOL
                                                 rebuild_context_kernel)
 
 LOG2E = 1.4426950408889634
-MAX_SPLITS = 64  # KV splits of a decode batch at most
+MAX_SPLITS = kernels.MAX_SPLITS.value  # KV splits of a decode launch at most (the combine loads them as one tile)
 # Registers bound how many decode programs a multiprocessor holds: every default decode tile takes (nearly) all 255
 # registers a thread may have (triton 3.8 for sm_90, benchmarks/compile_sm90.py: one-warp per head 252, two-warp
 # fp8 255, four-warp groups of 2 255, shared per head 228), and their shared memory allows as many programs.
@@ -414,6 +415,8 @@ def decode_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tenso
     token, the padding of CUDA-graph batches, are skipped), attend over their contexts: ``out`` at their tokens.
     ``scratch``: :func:`decode_scratch`'s, for at least ``num_requests`` (unused with one split). Returns the compiled
     decode kernel (registers, SASS: benchmarks/)."""
+    if not 1 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"a decode launch takes 1 to {MAX_SPLITS} KV splits, got {num_splits}")
     query = kernel_query(plan, query)
     payload, scales = _cache_views(kv_cache, plan.latent_format, plan.latent_layout)
     bias = plan.k_bias if plan.k_bias is not None else plan.k_up  # unused when HAS_BIAS is false
