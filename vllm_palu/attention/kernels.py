@@ -576,7 +576,7 @@ def _combine_splits(partial_ptr, stats_ptr, slots, num_splits, row_valid, rv0, r
     for first in range(0, num_splits, COMBINE_SPLITS):
         for offset in tl.static_range(COMBINE_SPLITS):
             slot = slots + (first + offset)
-            valid = row_valid & (slot - slots < num_splits)  # the split index as a tensor: a scalar mask fails
+            valid = row_valid & (slot - slots < num_splits)  # a tensor: the interpreter takes no scalar mask
             weight = tl.exp2(tl.load(stats_ptr + slot * 2, mask=valid, other=float("-inf"),
                                      cache_modifier=".cg") - m_safe)
             partial = partial_ptr + slot[None, :] * PAD_V
