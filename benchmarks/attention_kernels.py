@@ -274,7 +274,8 @@ def tune(device, deadline: float) -> list[dict]:
         plan = plan_case(case, inputs[case.name, latent], config)
         if variant and splits is None and plan.decode == defaults.get((case.name, latent)):
             continue  # the plan's default under another name
-        if splits == plan.decode_splits(case.batch):
+        builder_splits = plan.decode_splits(case.batch)
+        if splits == builder_splits:
             continue  # the builder's split count: the default already
         defaults.setdefault((case.name, latent), plan.decode)
         name = case.name + ("" if latent == "auto" else f" {latent} latents")
@@ -291,7 +292,7 @@ def tune(device, deadline: float) -> list[dict]:
             print(json.dumps(rows[-1], default=str), flush=True)
             continue
         rows.append({"case": name, **(variant or {"default": True}), "us": us, "of_floor": floor / us,
-                     "floor_us": floor, "refcheck_error": error, "splits": splits or plan.decode_splits(case.batch)})
+                     "floor_us": floor, "refcheck_error": error, "splits": splits or builder_splits})
         print(json.dumps(rows[-1], default=str), flush=True)
     for name in dict.fromkeys(r["case"] for r in rows if "us" in r):
         timed = sorted((r for r in rows if r["case"] == name and "us" in r), key=lambda r: r["us"])

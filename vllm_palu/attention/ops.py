@@ -21,16 +21,15 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_palu.attention import kernels
-from vllm_palu.attention.kernels import (decode_attention_kernel, write_latents_kernel,
-                                        write_quantized_latents_kernel)
+from vllm_palu.attention.kernels import (MAX_SPLITS as KERNEL_MAX_SPLITS, decode_attention_kernel,
+                                        write_latents_kernel, write_quantized_latents_kernel)
 from vllm_palu.attention.launch import CompiledLaunch
 from vllm_palu.attention.latent_quant import LATENT_SCALE_BYTES, check_ranks, is_shared, page_views, rank_v_of_row
 from vllm_palu.attention.prefill_kernels import (NEW_TOKENS, PREFIX_WINDOW, WHOLE_CONTEXT, prefill_attention_kernel,
                                                 rebuild_context_kernel)
 
 LOG2E = 1.4426950408889634
-MAX_SPLITS = kernels.MAX_SPLITS.value  # KV splits of a decode launch at most (the combine loads them as one tile)
+MAX_SPLITS = KERNEL_MAX_SPLITS.value  # KV splits of a decode launch at most (the combine loads them as one tile)
 # Registers bound how many decode programs a multiprocessor holds: every default decode tile takes (nearly) all 255
 # registers a thread may have (triton 3.8 for sm_90, benchmarks/compile_sm90.py: one-warp per head 252, two-warp
 # fp8 255, four-warp groups of 2 255, shared per head 228), and their shared memory allows as many programs.
