@@ -16,6 +16,8 @@
 #   bash scripts/gpu_serving.sh host      host time per attention call alone, by launcher, and its cProfile
 #   bash scripts/gpu_serving.sh extra     the fp8 configurations (dense fp8 KV, PALU fp8 latents) into the same
 #                                         results; `vllm serve` + `vllm bench serve`; the kernel microbenchmark
+#   bash scripts/gpu_serving.sh http      `vllm serve` + `vllm bench serve` alone, dense bf16 and PALU kv 0.5 (~100 s
+#                                         a server: start-up, then 64 x 1024 -> 256 random requests)
 #   bash scripts/gpu_serving.sh kernels   decode-kernel variants on the accurate layouts (joint key groups, shared
 #                                         latents) against dense decode (benchmarks/attention_kernels.py tune)
 #   bash scripts/gpu_serving.sh groups    end-to-end benchmark of PALU split over groups of 2 heads (the
@@ -41,7 +43,7 @@
 # kernels (~95 s). Not yet run: serving (HTTP ~200 s, offline ~330 s) and extra (fp8 configurations ~230 s, `vllm bench
 # serve` ~200 s).
 set -uo pipefail
-phase=${1:?usage: gpu_serving.sh tests|serving-gpu|serving|serve|host|extra|kernels|groups}
+phase=${1:?usage: gpu_serving.sh tests|serving-gpu|serving|serve|host|extra|http|kernels|groups}
 OUT=${OUT:-results/gpu}
 BUDGET=${BUDGET:-570}  # seconds for the whole phase: one device call runs at most 600
 logs=/tmp/palu-gpu/$phase
@@ -158,6 +160,11 @@ extra)
     step serve-http 200 python3 benchmarks/serve.py http --out "$results/serve" --engine-args "$ENGINE"
     step report 20 python3 benchmarks/serve.py report "$results/serve"
     step kernels 110 python3 -m benchmarks.attention_kernels kernels --quick --out "$results/kernels"
+    ;;
+http)
+    step serve-http $((BUDGET - 40)) python3 benchmarks/serve.py http --out "$results/serve" \
+        --deadline $((BUDGET - 50)) --engine-args "$ENGINE"
+    step report 20 python3 benchmarks/serve.py report "$results/serve"
     ;;
 *)
     echo "unknown phase $phase" >&2

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from vllm.config import CUDAGraphMode
 from vllm.v1.attention.backend import CommonAttentionMetadata
 
 from vllm_palu.attention import ops
@@ -15,6 +16,7 @@ from vllm_palu.attention.backend import KERNELS_ENV, PaluAttentionMetadataBuilde
 
 HEADS, KV_HEADS, RANK_V, MAX_SEQS = 32, 8, 88, 64
 PROGRAMS, SLOTS = 4, 2 * 132  # decode programs per request, programs the device runs at once
+CAPTURED = [1, 2, 4, 8, 16, 32, 48, 128]  # CUDA-graph sizes
 
 
 @pytest.fixture
@@ -23,11 +25,14 @@ def builder(monkeypatch):
     model_config = SimpleNamespace(get_num_kv_heads=lambda parallel: KV_HEADS,
                                    get_num_attention_heads=lambda parallel: HEADS)
     # vLLM's registry of attention layers by name; the layer's plan as a four-warp tile plans it on 132 SMs.
-    layer = SimpleNamespace(impl=SimpleNamespace(plan=SimpleNamespace(decode_splits=lambda b: ops.decode_splits(
-        b, PROGRAMS, SLOTS))))
+    layer = SimpleNamespace(impl=SimpleNamespace(plan=SimpleNamespace(
+        decode_splits=lambda b, fewest=None: ops.decode_splits(b, PROGRAMS, SLOTS, fewest))))
+    # vLLM's default CUDA-graph mode, with fewer captured sizes than its default (and one above max_num_seqs).
+    compilation = SimpleNamespace(static_forward_context={"layer.0": layer}, cudagraph_capture_sizes=CAPTURED,
+                                  cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE)
     vllm_config = SimpleNamespace(model_config=model_config, parallel_config=None,
                                   scheduler_config=SimpleNamespace(max_num_seqs=MAX_SEQS),
-                                  compilation_config=SimpleNamespace(static_forward_context={"layer.0": layer}))
+                                  compilation_config=compilation)
     spec = SimpleNamespace(head_size_v=RANK_V, num_kv_heads=KV_HEADS)
     return PaluAttentionMetadataBuilder(spec, ["layer.0"], vllm_config, torch.device("meta"))
 
@@ -53,6 +58,20 @@ def test_decode_batch_uses_persistent_scratch_and_batch_size_splits(builder):
     assert first.num_splits == again.num_splits == ops.decode_splits(3, PROGRAMS, SLOTS) > 1
     assert first.scratch is again.scratch is builder.scratch
     assert first.seq_lens is common.seq_lens and first.block_table is common.block_table_tensor
+
+
+def test_captured_sizes_take_the_split_count_of_the_batches_they_replay(builder):
+    """A FULL graph captured for 48 requests replays batches of 33 to 48 (vLLM pads them with requests that exit at
+    once): its count is the fastest over those sizes; sizes no graph is captured for, and all of them without FULL
+    graphs, take their own."""
+    counts = [builder.build(0, batch([1] * b, [64] * b)).num_splits for b in range(1, MAX_SEQS + 1)]
+    assert counts[48 - 1] == ops.decode_splits(48, PROGRAMS, SLOTS, fewest_requests=33) != ops.decode_splits(
+        48, PROGRAMS, SLOTS)
+    assert counts[40 - 1] == ops.decode_splits(40, PROGRAMS, SLOTS)
+    assert counts[MAX_SEQS - 1] == ops.decode_splits(MAX_SEQS, PROGRAMS, SLOTS)  # 128 is above max_num_seqs
+    builder.vllm_config.compilation_config.cudagraph_mode = CUDAGraphMode.NONE
+    eager = PaluAttentionMetadataBuilder(builder.kv_cache_spec, ["layer.0"], builder.vllm_config, torch.device("meta"))
+    assert eager.splits == [1] + [ops.decode_splits(b, PROGRAMS, SLOTS) for b in range(1, MAX_SEQS + 1)]
 
 
 def test_mixed_batch_bounds_come_from_host_copies(builder):

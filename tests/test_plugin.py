@@ -189,6 +189,43 @@ def test_cuda_graph_support_hook():
     assert resolved(AttentionCGSupport.NEVER) != CUDAGraphMode.FULL_AND_PIECEWISE
 
 
+def test_decode_graph_padding_hook():
+    """What the builder's split counts rely on: with FULL decode graphs, vLLM's dispatcher pads a batch of
+    single-token requests (num_reqs too) to the next captured size within max_num_seqs and runs larger ones without
+    a FULL graph; decode_graph_batches reproduces that for every batch size. The builder reads the settled mode:
+    vLLM resolves it before it builds the metadata builders."""
+    import inspect
+    from types import SimpleNamespace
+
+    from vllm.config import CompilationConfig
+    from vllm.config.compilation import CompilationMode, CUDAGraphMode
+    from vllm.v1.cudagraph_dispatcher import CudagraphDispatcher
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    from vllm_palu.attention.backend import decode_graph_batches
+
+    sizes, max_requests = [1, 2, 4, 8, 16, 32, 64, 128, 256], 100
+    compilation = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE,
+                                    cudagraph_capture_sizes=sizes, max_cudagraph_capture_size=sizes[-1],
+                                    splitting_ops=list(CompilationConfig._attention_ops))
+    config = SimpleNamespace(compilation_config=compilation, num_speculative_tokens=0, lora_config=None,
+                             scheduler_config=SimpleNamespace(max_num_seqs=max_requests))
+    dispatcher = CudagraphDispatcher(config)
+    dispatcher.initialize_cudagraph_keys(CUDAGraphMode.FULL_AND_PIECEWISE, 1)
+    replays = decode_graph_batches(config)
+    for requests in range(1, max_requests + 1):
+        mode, descriptor = dispatcher.dispatch(requests, uniform_decode=True)
+        graph = next((size for size, fewest in replays.items() if fewest <= requests <= size), None)
+        assert (mode == CUDAGraphMode.FULL) == (graph is not None), requests
+        assert graph is None or descriptor.num_reqs == graph
+    assert replays == {1: 1, 2: 2, 4: 3, 8: 5, 16: 9, 32: 17, 64: 33}
+    compilation.cudagraph_mode = CUDAGraphMode.PIECEWISE
+    assert decode_graph_batches(config) == {}
+    assert "self._check_and_update_cudagraph_mode(" in inspect.getsource(GPUModelRunner.initialize_attn_backend)
+    source = inspect.getsource(GPUModelRunner.initialize_kv_cache)
+    assert source.index("self.initialize_attn_backend(") < source.index("self.initialize_metadata_builders(")
+
+
 def test_weight_post_processing_hooks():
     """Where the backend plans its kernels and the model folds weights: vLLM's loader calls each attention layer's
     process_weights_after_loading(model dtype), then the model's own process_weights_after_loading()."""

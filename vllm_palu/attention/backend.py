@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from vllm.config import CUDAGraphMode
 from vllm.v1.attention.backend import (AttentionBackend, AttentionCGSupport, AttentionImpl,
                                        AttentionMetadataBuilder, AttentionType, CommonAttentionMetadata, MultipleOf)
 from vllm.v1.attention.backends.utils import split_decodes_and_prefills
@@ -51,6 +52,18 @@ def first_layer_plan(vllm_config, layer_names: list[str]):
             return plan
     raise RuntimeError(f"PALU attention: none of the layers {layer_names[:2]}... planned its Triton kernels (each "
                        "plans in process_weights_after_loading, before vLLM builds the attention metadata)")
+
+
+def decode_graph_batches(vllm_config) -> dict[int, int]:
+    """The decode batch sizes that replay a FULL CUDA graph, each with the fewest requests it replays for. vLLM
+    pads a batch of single-token requests to the next captured size within max_num_seqs (its
+    CudagraphDispatcher; the padding requests have no token) and runs a larger one without a FULL graph."""
+    compilation = vllm_config.compilation_config
+    max_requests = vllm_config.scheduler_config.max_num_seqs
+    if compilation.cudagraph_mode.decode_mode() != CUDAGraphMode.FULL:
+        return {}
+    sizes = sorted(size for size in compilation.cudagraph_capture_sizes if size <= max_requests)
+    return {size: smaller + 1 for smaller, size in zip([0] + sizes, sizes)}
 
 
 class PaluAttentionBackend(AttentionBackend):
@@ -122,10 +135,12 @@ class PaluAttentionMetadataBuilder(AttentionMetadataBuilder[PaluAttentionMetadat
             self.kernels = ops
             model_config, parallel_config = vllm_config.model_config, vllm_config.parallel_config
             # Any split count is exact; the first layer's tiles set it (a model's layers share them but for
-            # non-uniform ranks). vLLM builds this after loading the weights, when each layer has planned.
+            # non-uniform ranks). vLLM builds this after loading the weights, when each layer has planned, and
+            # after settling its CUDA-graph mode: a captured size's count serves every batch its graph replays for.
             plan = first_layer_plan(vllm_config, layer_names)
             max_requests = vllm_config.scheduler_config.max_num_seqs
-            self.splits = [1] + [plan.decode_splits(b) for b in range(1, max_requests + 1)]
+            replays = decode_graph_batches(vllm_config)
+            self.splits = [1] + [plan.decode_splits(b, replays.get(b)) for b in range(1, max_requests + 1)]
             # Sized for the largest batch, so every batch size (and every captured CUDA graph) uses these buffers.
             self.scratch = ops.decode_scratch(model_config.get_num_attention_heads(parallel_config),
                                               kv_cache_spec.head_size_v,

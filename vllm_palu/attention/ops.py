@@ -36,7 +36,10 @@ MAX_SPLITS = KERNEL_MAX_SPLITS.value  # KV splits of a decode launch at most (th
 REGISTERS_PER_SM = 65536
 DECODE_REGISTERS = 255  # per thread
 DECODE_WAVES = 4  # a decode batch's programs over all its splits: at most this many device-fulls (waves)
-SPLIT_TOLERANCE = Fraction(1, 20)  # context-waves more than the fewest, worth a split count's fewer splits
+# A decode program's fixed work (its query, the partial sums it writes, the combine) in units of one whole context's
+# KV loop: ~100 keys' worth, 1/50 of a 5K context (H200, groups of 2: the split timings of 2026-12-04 at 86 x 5,120
+# and 16 x 32K, docs/KERNEL_NOTES.md "Split counts at the served batch").
+DECODE_PROGRAM_COST = Fraction(1, 50)
 DECODE_UP_BYTES = 48 * 1024  # key up-projection a decode program holds in shared memory for its heads
 FLASH_KEY_TILE = 256  # FlashAttention's widest key tile: the rebuild zero-fills this far past a context's end
 TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -130,9 +133,10 @@ class LayerPlan:
         per_sm = REGISTERS_PER_SM // (DECODE_REGISTERS * 32 * self.decode["num_warps"])
         return max(per_sm, 1) * self.multiprocessors
 
-    def decode_splits(self, num_requests: int) -> int:
-        """KV splits of a decode batch of ``num_requests`` requests (:func:`decode_splits`)."""
-        return decode_splits(num_requests, self.decode_programs, self.decode_slots)
+    def decode_splits(self, num_requests: int, fewest_requests: int | None = None) -> int:
+        """KV splits of a decode launch over ``num_requests`` requests, of which as few as ``fewest_requests`` are
+        real (:func:`decode_splits`)."""
+        return decode_splits(num_requests, self.decode_programs, self.decode_slots, fewest_requests)
 
 
 def _rank_tiles(rank_k: int, rank_v: int, latent_format: str, latent_layout: str, fp8_mma: bool = False) -> dict:
@@ -308,20 +312,30 @@ def decode_heads(group_size: int, head_dim: int, rank_k: int, element_size: int)
     return heads
 
 
-def decode_splits(num_requests: int, programs: int, slots: int) -> int:
-    """KV splits of a decode batch of ``num_requests`` requests of ``programs`` decode programs each (per split),
+def decode_splits(num_requests: int, programs: int, slots: int, fewest_requests: int | None = None) -> int:
+    """KV splits of a decode launch over ``num_requests`` requests of ``programs`` decode programs each (per split),
     on a device running ``slots`` programs at once. Programs of equal contexts run in waves of ``slots``: ``s``
-    splits take ceil(requests * programs * s / slots) waves of 1/s of a context each. The fewest splits within
-    SPLIT_TOLERANCE of the fewest context-waves (each split more has more to combine), up to DECODE_WAVES waves'
-    worth of programs and MAX_SPLITS. H200, groups of 2 (2 programs a multiprocessor): 86 requests x 4 programs
-    take 3 splits (measured 1 / 2 / 3 / 4 / 6 splits: 480 / 383 / 355 / 395 / 374 us), 16 requests 4 splits
-    (16 splits: 426, 4: 410 us; docs/KERNEL_NOTES.md "Split counts at the served batch"). A function of the batch
-    size alone, so a CUDA graph captured for a batch size holds the grid eager mode would launch for it."""
-    total = max(num_requests * programs, 1)
-    most = max(1, min(MAX_SPLITS, math.ceil(DECODE_WAVES * slots / total)))
-    cost = [Fraction(math.ceil(total * splits / slots), splits) for splits in range(1, most + 1)]
-    least = min(cost)
-    return next(splits for splits, value in enumerate(cost, start=1) if value <= least * (1 + SPLIT_TOLERANCE))
+    splits take ceil(requests * programs * s / slots) waves, each of 1/s of a context plus a program's fixed work
+    (DECODE_PROGRAM_COST). The fastest count, and of equal ones the fewest; up to DECODE_WAVES waves' worth of
+    programs and MAX_SPLITS. A FULL CUDA graph captured for ``num_requests`` also replays every smaller batch down
+    to ``fewest_requests`` (vLLM pads it with requests whose programs exit at once): then the count whose worst
+    batch, against that batch's own fastest count, loses least. H200, groups of 2 (2 programs a multiprocessor, 4
+    a request): 86 requests take 3 splits (measured 1 / 2 / 3 / 4 / 6 splits: 480 / 383 / 355 / 395 / 374 us), 16
+    requests 4 (16 splits: 426, 4: 410 us). A function of the batch size alone, so a CUDA graph captured for a
+    batch size holds the grid eager mode would launch for it."""
+    batches = range(num_requests if fewest_requests is None else fewest_requests, num_requests + 1)
+    most = max(1, min(MAX_SPLITS, math.ceil(DECODE_WAVES * slots / max(batches[0] * programs, 1))))
+    counts = range(1, most + 1)
+
+    def time(requests: int, splits: int) -> Fraction:
+        return math.ceil(requests * programs * splits / slots) * (Fraction(1, splits) + DECODE_PROGRAM_COST)
+
+    fastest = {requests: min(time(requests, splits) for splits in counts) for requests in batches if requests}
+
+    def loss(splits: int) -> Fraction:  # the most any batch loses against its own fastest count
+        return max((time(requests, splits) / best for requests, best in fastest.items()), default=Fraction(0))
+
+    return min(counts, key=lambda splits: (loss(splits), splits))
 
 
 @dataclass(frozen=True)
