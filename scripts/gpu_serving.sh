@@ -40,8 +40,11 @@
 # (2026-12-04 01:55: machine start ~65 s, 21 staging calls ~90 s) holds about 1,600 s of phases, e.g. (measured): tests
 # with KERNEL_TESTS narrowed to what changed (the smoke test 21 s, 55 full-size tests ~220 s), serving-gpu (two of its
 # four tests in 300 s), groups with GROUPS_WORKLOADS=capacity (dense ~160 s, each PALU engine ~140 s), host (~150 s),
-# kernels (~95 s). Not yet run: serving (HTTP ~200 s, offline ~330 s) and extra (fp8 configurations ~230 s, `vllm bench
-# serve` ~200 s).
+# kernels (~95 s). 2026-12-04 04:39 and 14:16: serving 401 s (HTTP 120 s, offline 245 s); extra's two fp8 engines
+# ~130 s each; groups with dense-bf16,palu-0.5 over all four workloads at PROFILE_STEPS=10 448 s, palu-0.5-g2 over
+# long-decode,capacity 208 s; http 284 s (a server ~140 s, ~90 s of it start-up: give it BUDGET >= 330). A tests call
+# under BUDGET 130 reaches only the install and the smoke test. A machine that goes cold mid-batch (idle > 30 s)
+# takes ~100 s to stage again.
 set -uo pipefail
 phase=${1:?usage: gpu_serving.sh tests|serving-gpu|serving|serve|host|extra|http|kernels|groups}
 OUT=${OUT:-results/gpu}
@@ -163,7 +166,7 @@ extra)
     ;;
 http)
     step serve-http $((BUDGET - 40)) python3 benchmarks/serve.py http --out "$results/serve" \
-        --deadline $((BUDGET - 50)) --engine-args "$ENGINE"
+        --deadline $((BUDGET - 50)) --engine-args "$ENGINE" ${HTTP_ARGS:-}
     step report 20 python3 benchmarks/serve.py report "$results/serve"
     ;;
 *)
