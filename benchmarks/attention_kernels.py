@@ -197,9 +197,19 @@ TUNE_CASES = [Case("llama3-8b", 32, 8, 128, 0.5, 2, 16, 32768), Case("llama2-7b"
               Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768, latent_layout="shared")]
 TUNE_TILES = [(64, 4, 2), (64, 4, 1), (32, 2, 2), (32, 4, 2), (16, 1, 3)]  # keys, warps, stages
 TUNE_UP_BYTES = 64 * 1024  # heads per program whose up-projections exceed this cannot fit beside the tiles
+# Split counts the wave model ranks equal to the builder's (fewer) at batch 16 x 32K, among them the count before it
+# (a power of two filling 8 KV heads a multiprocessor: 16 at batch 16).
+TUNE_SPLITS = [dict(num_splits=2), dict(num_splits=4), dict(num_splits=8), dict(num_splits=16)]
 # Per head split, bf16 latents: the plan's default tiles, at the builder's split count, TUNE_SPLITS and with
-# unpaired conversions (316 us under version 4.3, 351 under 4.6 on 2026-12-04: which change lost it).
+# unpaired conversions (316 us under version 4.3, 351 under 4.6 on 2026-12-04: which change lost it); then tiles
+# that keep more keys in flight (the served long decode, at 71% of its memory floor, needs ~5% for its target:
+# docs/KERNEL_NOTES.md "Split counts of padded batches"). 16 x 1 x 4 holds 28 KB of shared memory a program, so
+# at most 7 fit a multiprocessor beside the 1 KB each reserves, not the register bound's 8.
 TUNE_BASELINE_CASE = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768)
+TUNE_BASELINE_VARIANTS = [{}, *TUNE_SPLITS, dict(paired_cvt=False),
+                          dict(decode_block_n=16, decode_warps=1, decode_stages=4),
+                          dict(decode_block_n=16, decode_warps=1, decode_stages=4, num_splits=7),
+                          dict(decode_block_n=32, decode_warps=2, decode_stages=3)]
 
 
 # fp8 latents per head: today's dequantizing tiles against keys rebuilt on fp8 tensor cores (four-warp tiles
@@ -221,9 +231,6 @@ TUNE_FP8_VARIANTS = [{}, dict(decode_block_n=64, decode_warps=4, decode_stages=2
 TUNE_SERVED_CASE = Case("llama3-8b", 32, 8, 128, 0.5, 2, 86, 5120)
 TUNE_SERVED_VARIANTS = [{}, dict(num_splits=1), dict(num_splits=2), dict(num_splits=4), dict(num_splits=5),
                         dict(num_splits=6), dict(paired_cvt=False)]
-# Split counts the wave model ranks equal to the builder's (fewer) at batch 16 x 32K, among them the count before it
-# (a power of two filling 8 KV heads a multiprocessor: 16 at batch 16).
-TUNE_SPLITS = [dict(num_splits=2), dict(num_splits=4), dict(num_splits=8), dict(num_splits=16)]
 
 
 def tune_variants(case: Case) -> list[dict]:
@@ -260,7 +267,7 @@ def tune(device, deadline: float) -> list[dict]:
         rows.append({"case": f"{case.model} dense b{case.batch} {case.context // 1024}K", **dense_us(case, device)})
         print(json.dumps(rows[-1]), flush=True)
     runs = [[(case, "auto", v) for v in tune_variants(case)] for case in TUNE_CASES]
-    runs.append([(TUNE_BASELINE_CASE, "auto", v) for v in [{}, *TUNE_SPLITS, dict(paired_cvt=False)]])
+    runs.append([(TUNE_BASELINE_CASE, "auto", v) for v in TUNE_BASELINE_VARIANTS])
     runs.append([(TUNE_FP8_CASE, "fp8", v) for v in TUNE_FP8_VARIANTS])
     runs.append([(TUNE_SERVED_CASE, "auto", v) for v in TUNE_SERVED_VARIANTS])
     inputs = {(case.name, latent): build_inputs(case, torch.bfloat16, device, latent)
