@@ -37,9 +37,11 @@ REGISTERS_PER_SM = 65536
 DECODE_REGISTERS = 255  # per thread
 DECODE_WAVES = 4  # a decode batch's programs over all its splits: at most this many device-fulls (waves)
 # A decode program's fixed work (its query, the partial sums it writes, the combine) in units of one whole context's
-# KV loop: ~100 keys' worth, 1/50 of a 5K context (H200, groups of 2: the split timings of 2026-12-04 at 86 x 5,120
-# and 16 x 32K, docs/KERNEL_NOTES.md "Split counts at the served batch").
+# KV loop: ~100 keys' worth, 1/50 of a 5K context; and what a partly filled last wave costs against a full one (its
+# programs share the multiprocessors with fewer others). Fitted together to the split timings of 2026-12-04 (H200,
+# groups of 2, at 86 x 5,120 and 16 x 32K: worst error 0.6%; docs/KERNEL_NOTES.md "Split counts of padded batches").
 DECODE_PROGRAM_COST = Fraction(1, 50)
+DECODE_TAIL_COST = Fraction(4, 5)
 DECODE_UP_BYTES = 48 * 1024  # key up-projection a decode program holds in shared memory for its heads
 FLASH_KEY_TILE = 256  # FlashAttention's widest key tile: the rebuild zero-fills this far past a context's end
 TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
@@ -315,8 +317,8 @@ def decode_heads(group_size: int, head_dim: int, rank_k: int, element_size: int)
 def decode_splits(num_requests: int, programs: int, slots: int, fewest_requests: int | None = None) -> int:
     """KV splits of a decode launch over ``num_requests`` requests of ``programs`` decode programs each (per split),
     on a device running ``slots`` programs at once. Programs of equal contexts run in waves of ``slots``: ``s``
-    splits take ceil(requests * programs * s / slots) waves, each of 1/s of a context plus a program's fixed work
-    (DECODE_PROGRAM_COST). The fastest count, and of equal ones the fewest; up to DECODE_WAVES waves' worth of
+    splits take requests * programs * s / slots waves, a partly filled last one at DECODE_TAIL_COST of a full one,
+    each of 1/s of a context plus a program's fixed work (DECODE_PROGRAM_COST). The fastest count, and of equal ones the fewest; up to DECODE_WAVES waves' worth of
     programs and MAX_SPLITS. A FULL CUDA graph captured for ``num_requests`` also replays every smaller batch down
     to ``fewest_requests`` (vLLM pads it with requests whose programs exit at once): then the count whose worst
     batch, against that batch's own fastest count, loses least. H200, groups of 2 (2 programs a multiprocessor, 4
@@ -328,7 +330,9 @@ def decode_splits(num_requests: int, programs: int, slots: int, fewest_requests:
     counts = range(1, most + 1)
 
     def time(requests: int, splits: int) -> Fraction:
-        return math.ceil(requests * programs * splits / slots) * (Fraction(1, splits) + DECODE_PROGRAM_COST)
+        waves = Fraction(requests * programs * splits, slots)
+        waves += DECODE_TAIL_COST * (math.ceil(waves) - waves)
+        return waves * (Fraction(1, splits) + DECODE_PROGRAM_COST)
 
     fastest = {requests: min(time(requests, splits) for splits in counts) for requests in batches if requests}
 
