@@ -203,8 +203,8 @@ TUNE_SPLITS = [dict(num_splits=2), dict(num_splits=4), dict(num_splits=8), dict(
 # Per head split, bf16 latents: the plan's default tiles, at the builder's split count, TUNE_SPLITS and with
 # unpaired conversions (316 us under version 4.3, 351 under 4.6 on 2026-12-04: which change lost it); then tiles
 # that keep more keys in flight (the served long decode, at 71% of its memory floor, needs ~5% for its target:
-# docs/KERNEL_NOTES.md "Split counts of padded batches"). 16 x 1 x 4 holds 28 KB of shared memory a program, so
-# at most 7 fit a multiprocessor beside the 1 KB each reserves, not the register bound's 8.
+# docs/KERNEL_NOTES.md "Split counts of padded batches"). 16 x 1 x 4 holds 27,904 B of shared memory a program
+# (triton 3.8): 8 fit a multiprocessor's 228 KiB beside the 1 KiB each reserves, as the registers allow.
 TUNE_BASELINE_CASE = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768)
 TUNE_BASELINE_VARIANTS = [{}, *TUNE_SPLITS, dict(paired_cvt=False),
                           dict(decode_block_n=16, decode_warps=1, decode_stages=4),
@@ -231,6 +231,13 @@ TUNE_FP8_VARIANTS = [{}, dict(decode_block_n=64, decode_warps=4, decode_stages=2
 TUNE_SERVED_CASE = Case("llama3-8b", 32, 8, 128, 0.5, 2, 86, 5120)
 TUNE_SERVED_VARIANTS = [{}, dict(num_splits=1), dict(num_splits=2), dict(num_splits=4), dict(num_splits=5),
                         dict(num_splits=6), dict(paired_cvt=False)]
+# The served long decode per head (docs/RESULTS.md: 16 x 16.4K, 8 splits, 175 us a layer at 71% of its floor; its
+# target needs ~5% off): the default against the tiles that keep more keys in flight, each at the builder's split
+# count, and the default tiles at twice the splits (two waves of half the keys).
+TUNE_LONG_CASE = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 16384)
+TUNE_LONG_VARIANTS = [{}, dict(decode_block_n=16, decode_warps=1, decode_stages=4),
+                      dict(decode_block_n=32, decode_warps=2, decode_stages=3), dict(num_splits=16),
+                      dict(decode_block_n=16, decode_warps=1, decode_stages=4, num_splits=16)]
 
 
 def tune_variants(case: Case) -> list[dict]:
@@ -248,13 +255,13 @@ def tune_variants(case: Case) -> list[dict]:
     return variants[:1] + choices + variants[1:]
 
 
-def tune(device, deadline: float) -> list[dict]:
+def tune(device, deadline: float, only: list[str] | None = None) -> list[dict]:
     """Time decode-kernel variants (tile, warps, stages, KV heads per program; split counts at the served shape) on
     TUNE_CASES, the per-head and fp8 baselines and TUNE_SERVED_CASE until ``deadline`` seconds have passed, in
     rounds (every case's plan default, then every case's next variant, ...) so that a deadline cuts each case
-    alike; dense decode of each model shape and of the served shape first. Prints each case's variants best
+    alike; dense decode of each model shape and of the served shapes first. Prints each case's variants best
     first. Every variant is reference-checked first; one that does not compile or launch (shared memory) is
-    recorded and skipped."""
+    recorded and skipped. ``only``: the cases whose names contain one of these (:func:`tune_runs`)."""
     import itertools
     import time
 
@@ -262,14 +269,11 @@ def tune(device, deadline: float) -> list[dict]:
 
     start = time.monotonic()
     rows = []
-    dense_cases = {case.model: case for case in TUNE_CASES}  # dense decode of each model shape
-    for case in [*dense_cases.values(), TUNE_SERVED_CASE]:
+    runs = tune_runs(only)
+    dense_cases = {shape(case.name): case for case in (run[0][0] for run in runs)}  # dense decode of each shape
+    for case in dense_cases.values():
         rows.append({"case": f"{case.model} dense b{case.batch} {case.context // 1024}K", **dense_us(case, device)})
         print(json.dumps(rows[-1]), flush=True)
-    runs = [[(case, "auto", v) for v in tune_variants(case)] for case in TUNE_CASES]
-    runs.append([(TUNE_BASELINE_CASE, "auto", v) for v in TUNE_BASELINE_VARIANTS])
-    runs.append([(TUNE_FP8_CASE, "fp8", v) for v in TUNE_FP8_VARIANTS])
-    runs.append([(TUNE_SERVED_CASE, "auto", v) for v in TUNE_SERVED_VARIANTS])
     inputs = {(case.name, latent): build_inputs(case, torch.bfloat16, device, latent)
               for case, latent, _ in (run[0] for run in runs)}
     defaults = {}
@@ -316,6 +320,22 @@ def tune(device, deadline: float) -> list[dict]:
             print(f"{name}: {variant}: {row['us']:.0f} us ({row['of_floor']:.0%} of the {row['floor_us']:.0f} "
                   f"us floor)")
     return rows
+
+
+def tune_runs(only: list[str] | None = None) -> list[list[tuple[Case, str, dict]]]:
+    """The tune's cases, each a list of (case, latent format, variant), its plan default first; ``only``: the cases
+    whose names (with " fp8 latents" for the fp8 one) contain one of these strings."""
+    runs = [[(case, "auto", v) for v in tune_variants(case)] for case in TUNE_CASES]
+    runs.append([(TUNE_BASELINE_CASE, "auto", v) for v in TUNE_BASELINE_VARIANTS])
+    runs.append([(TUNE_FP8_CASE, "fp8", v) for v in TUNE_FP8_VARIANTS])
+    runs.append([(TUNE_SERVED_CASE, "auto", v) for v in TUNE_SERVED_VARIANTS])
+    runs.append([(TUNE_LONG_CASE, "auto", v) for v in TUNE_LONG_VARIANTS])
+    if only:
+        runs = [run for run in runs
+                if any(part in run[0][0].name + ("" if run[0][1] == "auto" else " fp8 latents") for part in only)]
+        if not runs:
+            raise ValueError(f"no tune case matches {only}")
+    return runs
 
 
 def shape(name: str) -> str:
@@ -429,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="only the headline cases")
     parser.add_argument("--repeats", type=int, default=6, help="headline: rounds of alternating timings")
     parser.add_argument("--deadline", type=float, default=480, help="tune: seconds before no new variant starts")
+    parser.add_argument("--cases", help="tune: only the cases whose names contain one of these (comma-separated, "
+                        "e.g. 'gs 1 b16 16K,gs 2 b86')")
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
@@ -440,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if headline(device, args.repeats, args.out) is not None else 1
     if args.what == "tune":
         args.out.mkdir(parents=True, exist_ok=True)
-        rows = tune(device, args.deadline)
+        rows = tune(device, args.deadline, args.cases.split(",") if args.cases else None)
         (args.out / "tune.json").write_text(json.dumps(rows, indent=1, default=str))
         plot_tune(rows, args.out / "tune.png")
         return 0

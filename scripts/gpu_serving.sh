@@ -19,7 +19,8 @@
 #   bash scripts/gpu_serving.sh http      `vllm serve` + `vllm bench serve` alone, dense bf16 and PALU kv 0.5 (~100 s
 #                                         a server: start-up, then 64 x 1024 -> 256 random requests)
 #   bash scripts/gpu_serving.sh kernels   decode-kernel variants on the accurate layouts (joint key groups, shared
-#                                         latents) against dense decode (benchmarks/attention_kernels.py tune)
+#                                         latents) against dense decode (benchmarks/attention_kernels.py tune;
+#                                         TUNE_CASES: its --cases, e.g. "gs 1 b16 16K" for the long decode alone)
 #   bash scripts/gpu_serving.sh groups    end-to-end benchmark of PALU split over groups of 2 heads (the
 #                                         converter's Llama-3-8B default) and per head against dense bf16: long
 #                                         decode, capacity at 4K -> 2K (GROUPS_CONFIGS, GROUPS_WORKLOADS, GROUPS_ARGS
@@ -148,7 +149,7 @@ host)
     ;;
 kernels)
     step tune $((BUDGET - 60)) python3 -m benchmarks.attention_kernels tune --deadline $((BUDGET - 130)) \
-        --out "$results/kernels"
+        --out "$results/kernels" ${TUNE_CASES:+--cases "$TUNE_CASES"}
     ;;
 groups)  # capacity-bound at the decode-heavy shape: 4K -> 2K, 1.9x the dense KV cache (86 requests)
     step serve-groups $((BUDGET - 40)) python3 benchmarks/serve.py run --out "$results/serve" \

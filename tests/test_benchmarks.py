@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from benchmarks import checkpoints
 from vllm_palu.config import PaluConfig
@@ -179,3 +180,17 @@ def test_tune_pairs_each_case_with_the_dense_decode_of_its_shape(tmp_path):
             {"case": served.name, "default": True, "us": 330.0, "floor_us": 170.0}]
     attention_kernels.plot_tune(rows, tmp_path / "tune.png")
     assert (tmp_path / "tune.png").stat().st_size > 10_000
+
+
+def test_tune_runs_only_the_cases_asked_for():
+    """``tune --cases`` keeps the cases whose names contain one of the strings (the fp8 case by its suffix), each
+    with its plan default first, and refuses a filter that matches nothing."""
+    from benchmarks import attention_kernels
+
+    runs = attention_kernels.tune_runs(["gs 1 b16 16K", "fp8 latents"])
+    assert [(run[0][0].name, run[0][1]) for run in runs] == [(attention_kernels.TUNE_FP8_CASE.name, "fp8"),
+                                                            (attention_kernels.TUNE_LONG_CASE.name, "auto")]
+    assert all(run[0][2] == {} for run in runs)
+    assert len(attention_kernels.tune_runs()) == len(attention_kernels.TUNE_CASES) + 4
+    with pytest.raises(ValueError, match="no tune case"):
+        attention_kernels.tune_runs(["gs 3"])
