@@ -200,16 +200,12 @@ TUNE_UP_BYTES = 64 * 1024  # heads per program whose up-projections exceed this 
 # Split counts the wave model ranks equal to the builder's (fewer) at batch 16 x 32K, among them the count before it
 # (a power of two filling 8 KV heads a multiprocessor: 16 at batch 16).
 TUNE_SPLITS = [dict(num_splits=2), dict(num_splits=4), dict(num_splits=8), dict(num_splits=16)]
-# Per head split, bf16 latents: the plan's default tiles, at the builder's split count, TUNE_SPLITS and with
-# unpaired conversions (316 us under version 4.3, 351 under 4.6 on 2026-12-04: which change lost it); then tiles
-# that keep more keys in flight (the served long decode, at 71% of its memory floor, needs ~5% for its target:
-# docs/KERNEL_NOTES.md "Split counts of padded batches"). 16 x 1 x 4 holds 27,904 B of shared memory a program
-# (triton 3.8): 8 fit a multiprocessor's 228 KiB beside the 1 KiB each reserves, as the registers allow.
+# Per head split, bf16 latents: the plan's default tile (registers capped: 9 programs a multiprocessor), at the
+# builder's split count and TUNE_SPLITS, against the tile uncapped (8 programs) and capped at 192. Measured 12-04
+# 18:40 (uncapped): 16 x 1 x 4 327 us, 32 x 2 x 3 507, against the default's 335 and 322 of the same SASS under
+# another name (per head sums in fp16, so paired conversions change nothing): differences under ~4% are noise.
 TUNE_BASELINE_CASE = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 32768)
-TUNE_BASELINE_VARIANTS = [{}, *TUNE_SPLITS, dict(paired_cvt=False),
-                          dict(decode_block_n=16, decode_warps=1, decode_stages=4),
-                          dict(decode_block_n=16, decode_warps=1, decode_stages=4, num_splits=7),
-                          dict(decode_block_n=32, decode_warps=2, decode_stages=3)]
+TUNE_BASELINE_VARIANTS = [{}, *TUNE_SPLITS, dict(decode_registers=255), dict(decode_registers=192)]
 
 
 # fp8 latents per head: today's dequantizing tiles against keys rebuilt on fp8 tensor cores (four-warp tiles
@@ -231,13 +227,13 @@ TUNE_FP8_VARIANTS = [{}, dict(decode_block_n=64, decode_warps=4, decode_stages=2
 TUNE_SERVED_CASE = Case("llama3-8b", 32, 8, 128, 0.5, 2, 86, 5120)
 TUNE_SERVED_VARIANTS = [{}, dict(num_splits=1), dict(num_splits=2), dict(num_splits=4), dict(num_splits=5),
                         dict(num_splits=6), dict(paired_cvt=False)]
-# The served long decode per head (docs/RESULTS.md: 16 x 16.4K, 8 splits, 175 us a layer at 71% of its floor; its
-# target needs ~5% off): the default against the tiles that keep more keys in flight, each at the builder's split
-# count, and the default tiles at twice the splits (two waves of half the keys).
+# The served long decode per head (docs/RESULTS.md: 16 x 16.4K, 8 splits, 178 us a layer in serving, 167 here at 75%
+# of its floor; its target needs ~5% off): the default (registers capped at 208: 9 programs a multiprocessor)
+# against the tile uncapped (8, the default until 2026-12-04 evening) and capped at 192 (the same code), each at
+# the builder's split count, and 16 x 1 x 4 (measured 12-04 18:40: equal to 16 x 1 x 3 uncapped).
 TUNE_LONG_CASE = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 16384)
-TUNE_LONG_VARIANTS = [{}, dict(decode_block_n=16, decode_warps=1, decode_stages=4),
-                      dict(decode_block_n=32, decode_warps=2, decode_stages=3), dict(num_splits=16),
-                      dict(decode_block_n=16, decode_warps=1, decode_stages=4, num_splits=16)]
+TUNE_LONG_VARIANTS = [{}, dict(decode_registers=255), dict(decode_registers=192), dict(num_splits=8),
+                      dict(decode_block_n=16, decode_warps=1, decode_stages=4)]
 
 
 def tune_variants(case: Case) -> list[dict]:
@@ -316,6 +312,7 @@ def tune(device, deadline: float, only: list[str] | None = None) -> list[dict]:
                 f" rebuild {row['rebuild_dtype']}" if row.get("rebuild_dtype") else "") + (
                 {True: " one score dot", False: " a score dot per half"}.get(row.get("join_halves"), "")) + (
                 " unpaired cvt" if row.get("paired_cvt") is False else "") + (
+                f" {row['decode_registers']} registers" if row.get("decode_registers") else "") + (
                 f" {row['num_splits']} splits" if row.get("num_splits") else "")
             print(f"{name}: {variant}: {row['us']:.0f} us ({row['of_floor']:.0%} of the {row['floor_us']:.0f} "
                   f"us floor)")

@@ -49,6 +49,7 @@ def decode_constexprs(config: ops.KernelConfig, latent: str, rank_k: int = 48, r
     decode = dict(ops.plan_layer(k_up, None, table, True, 32, rank_v, 128 ** -0.5, latent, config,
                                  latent_layout).decode)
     warps, stages = decode.pop("num_warps"), decode.pop("num_stages")
+    decode.pop("maxnreg")  # a launch option: compile_kernel takes --maxnreg
     return {**decode, "BLOCK_SIZE": 16, "PAIRED_CVT": True}, warps, stages  # PAIRED_CVT: as planned on a GPU
 
 

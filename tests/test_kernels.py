@@ -702,6 +702,66 @@ def test_split_count_of_a_captured_size_serves_the_batches_it_replays(programs, 
     assert model_time(86, programs, slots, count) < model_time(86, programs, slots, 1)
 
 
+def test_decode_slots_count_the_register_cap():
+    """Programs a multiprocessor holds, from the registers a program's threads take in a warp's allocation units of
+    256: uncapped (255 a thread) one-warp tiles 8 and two-warp tiles 4; the per-head tile's cap of 208 (on a GPU:
+    ops.DECODE_PER_HEAD_REGISTERS) 9, 192 10. The cap reaches the launch as Triton's ``maxnreg``; a tile chosen
+    through the config runs uncapped unless a cap is given too."""
+    k_up = torch.zeros(8, 128, 40, dtype=torch.bfloat16)
+    table = rope_cache(4096, 128).to(torch.bfloat16)
+
+    def plan(**config):
+        return ops.plan_layer(k_up, None, table, True, 32, 88, 1.0, config=KernelConfig(**config))
+
+    assert (plan().decode["maxnreg"], plan().decode_slots) == (None, 8)  # the interpreter's 32-key tile
+    assert (plan(decode_registers=208).decode["maxnreg"], plan(decode_registers=208).decode_slots) == (208, 9)
+    assert plan(decode_registers=192).decode_slots == 10
+    assert plan(decode_warps=2).decode_slots == 4
+    assert plan(decode_warps=4, decode_registers=128).decode_slots == 4
+    assert ops.DECODE_PER_HEAD_REGISTERS == 208
+
+
+# Each default layout's decode tile at Llama-3-8B (and Llama-2-7B) kv 0.5 shapes: (group size, ranks, KV heads,
+# latent format, layout, programs a multiprocessor the compiled kernel's registers and shared memory allow).
+RESIDENCY_CASES = [(1, (40, 88), 8, "auto", "split"), (2, (80, 176), 8, "auto", "split"),
+                   (1, (128, 128), 8, "auto", "shared"), (1, (40, 88), 8, "fp8", "split"),
+                   pytest.param(4, (160, 352), 32, "auto", "split", marks=pytest.mark.xfail(
+                       strict=True, reason="shared memory holds 2 of Llama-2-7B's groups-of-4 programs a "
+                       "multiprocessor, the registers 4: the plan counts registers only (docs/KERNEL_NOTES.md)"))]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="compiled kernels' registers and shared memory: GPU only")
+@pytest.mark.parametrize("group_size, ranks, kv_heads, latent_format, latent_layout", RESIDENCY_CASES)
+def test_decode_programs_fit_a_multiprocessor_as_planned(group_size, ranks, kv_heads, latent_format,
+                                                         latent_layout):
+    """The wave model's slots (LayerPlan.decode_slots) are the programs a multiprocessor really holds: by the
+    compiled decode kernel's registers (within the plan's cap) and its shared memory with the 1 KiB a block
+    reserves, whichever binds."""
+    rank_k, rank_v = ranks
+    shape = Shape([300, 17], [1, 1], 32, kv_heads, group_size, 128, rank_k, rank_v, 16)
+    shape = shape if latent_layout == "split" else shared(shape)
+    if latent_format == "auto":
+        case = make_case(shape, torch.bfloat16, seed=4)
+    else:
+        case = quantized_case(shape, latent_format, torch.bfloat16, seed=4)[0]
+    plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], True, 32, shape.rank_v, case["scale"],
+                          latent_format, latent_layout=latent_layout)
+    out = torch.empty(2, 32, shape.rank_v, dtype=case["query"].dtype, device=DEVICE)
+    scratch = ops.decode_scratch(32, shape.rank_v, kv_heads, [1], DEVICE)
+    compiled = ops.decode_attention(plan, case["query"], case["kv_cache"], case["query_start_loc"],
+                                    case["seq_lens"], case["block_table"], out, 2, 1, scratch)
+    properties = torch.cuda.get_device_properties(DEVICE)
+    registers_per_sm = getattr(properties, "regs_per_multiprocessor", ops.REGISTERS_PER_SM)
+    shared_per_sm = getattr(properties, "shared_memory_per_multiprocessor", 228 * 1024)
+    warps = plan.decode["num_warps"]
+    assert compiled.n_regs <= (plan.decode["maxnreg"] or ops.DECODE_REGISTERS)
+    per_warp = -(-compiled.n_regs * 32 // ops.REGISTER_UNIT) * ops.REGISTER_UNIT
+    by_registers = registers_per_sm // (per_warp * warps)
+    by_shared = shared_per_sm // (compiled.metadata.shared + 1024)
+    assert min(by_registers, by_shared) == plan.decode_slots // plan.multiprocessors, (by_registers, by_shared)
+
+
 def test_split_counts_of_the_measured_batches():
     """H200, groups of 2, four-warp tiles (2 programs a multiprocessor, 4 programs a request): the split counts the
     kernel tune measured fastest, and the model's times of every count measured within 1% of the timings, up to one

@@ -30,11 +30,18 @@ from vllm_palu.attention.prefill_kernels import (NEW_TOKENS, PREFIX_WINDOW, WHOL
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = KERNEL_MAX_SPLITS.value  # KV splits of a decode launch at most (the combine loads them as one tile)
-# Registers bound how many decode programs a multiprocessor holds: every default decode tile takes (nearly) all 255
-# registers a thread may have (triton 3.8 for sm_90, benchmarks/compile_sm90.py: one-warp per head 252, two-warp
-# fp8 255, four-warp groups of 2 255, shared per head 228), and their shared memory allows as many programs.
+# Registers bound how many decode programs a multiprocessor holds: every default decode tile takes (nearly) all the
+# registers a thread may have (triton 3.8 for sm_90, benchmarks/compile_sm90.py: uncapped, one-warp per head 252,
+# two-warp fp8 255, four-warp groups of 2 255, shared per head 228), and their shared memory allows as many programs
+# (docs/KERNEL_NOTES.md lists both; Llama-2-7B's groups of 4 are the exception: shared memory holds 2, not 4).
 REGISTERS_PER_SM = 65536
-DECODE_REGISTERS = 255  # per thread
+REGISTER_UNIT = 256  # a warp's registers are allocated in units of this many
+DECODE_REGISTERS = 255  # per thread, unless the plan caps them (its decode "maxnreg")
+# The per-head 16-key tile capped at 208 registers a thread: no spill and 451 instructions a tile against 447 at
+# 255 (triton 3.8 SASS, benchmarks/compile_sm90.py --maxnreg), so 9 one-warp programs share a multiprocessor
+# instead of 8 (its shared memory, 23,040 B and the 1 KiB reserve, allows 9 of 228 KiB); at 192 and 200 the same
+# code, at 184 it spills.
+DECODE_PER_HEAD_REGISTERS = 208
 DECODE_WAVES = 4  # a decode batch's programs over all its splits: at most this many device-fulls (waves)
 # A decode program's fixed work (its query, the partial sums it writes, the combine) in units of one whole context's
 # KV loop: ~100 keys' worth, 1/50 of a 5K context; and what a partly filled last wave costs against a full one (its
@@ -79,6 +86,7 @@ class KernelConfig:
     decode_block_n: int | None = None  # keys per decode tile
     decode_warps: int | None = None
     decode_stages: int | None = None
+    decode_registers: int | None = None  # registers a thread of a decode program may take (Triton's maxnreg)
     decode_heads: int | None = None  # KV heads of a latent group per decode program (ops.decode_heads)
     rope_shift: bool | None = None  # rotate keys by their offset in the tile (needs a shiftable table)
     key_dtype: torch.dtype | None = None  # dtype keys are rotated and scored in
@@ -131,8 +139,11 @@ class LayerPlan:
 
     @property
     def decode_slots(self) -> int:
-        """Decode programs the device runs at once: per multiprocessor, as many as its registers hold."""
-        per_sm = REGISTERS_PER_SM // (DECODE_REGISTERS * 32 * self.decode["num_warps"])
+        """Decode programs the device runs at once: per multiprocessor, as many as its registers hold (every
+        default tile takes all it may: 255 a thread, or the plan's cap)."""
+        registers = self.decode["maxnreg"] or DECODE_REGISTERS
+        per_warp = -(-registers * 32 // REGISTER_UNIT) * REGISTER_UNIT
+        per_sm = REGISTERS_PER_SM // (per_warp * self.decode["num_warps"])
         return max(per_sm, 1) * self.multiprocessors
 
     def decode_splits(self, num_requests: int, fewest_requests: int | None = None) -> int:
@@ -234,7 +245,8 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     # with double-buffered latents (3 stages), keys rotated by their offset in the tile and the query back by the
     # tile's start; 16-key tiles for GQA with latent rows of 128+ (Llama-3-8B kv 0.5: 347 -> 322 us), 32 keys
     # otherwise. Quantized latents, whose dequantization needs the registers: two-warp programs of 64 keys, one
-    # buffer, the per-tile table (the offset rotation spills there).
+    # buffer, the per-tile table (the offset rotation spills there). The 16-key tile capped at
+    # DECODE_PER_HEAD_REGISTERS, for one more program a multiprocessor.
     heads_per_kv = num_heads // kv_heads
     heads = config.decode_heads or decode_heads(group_size, head_dim, rank_k, k_up.element_size())
     if group_size % heads:
@@ -247,12 +259,18 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
         # program 573 us (1 head: 602; one-warp 16-key tiles: 747); shared per head 694 (1042).
         block_n, warps, stages = (64, 4, 2) if row <= 512 else (32, 2, 2)
         block_n = block_n if on_gpu else 32
+        registers = None
     elif latent_format == "auto":
         wide = heads_per_kv > 1 and (rank_k if is_shared(latent_layout) else rank_k + rank_v) >= 128
         block_n = 16 if wide and on_gpu and rotary_is_shiftable(rotary, 16) else 32
         warps, stages = 1, 3
+        registers = DECODE_PER_HEAD_REGISTERS if block_n == 16 else None
     else:
         block_n, warps, stages = 64 if on_gpu else 32, 2, 2
+        registers = None
+    if (config.decode_block_n, config.decode_warps, config.decode_stages) != (None, None, None):
+        registers = None  # the cap was measured on the default tile only
+    registers = config.decode_registers or registers
     block_n = config.decode_block_n or block_n
     warps, stages = config.decode_warps or warps, config.decode_stages or stages
     wgmma_tiles = warps >= 4  # four-warp tiles: triton 3.8 makes their dots wgmma
@@ -287,7 +305,7 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
                   ROPE_SHIFT=rope_shift, DOT_PRECISION=_dot_precision(key_dtype), FP8_MMA=fp8_mma,
                   TAIL_STAGES=1 if wgmma_tiles else None, JOIN_HALVES=join_halves,
                   PAIRED_CVT=on_gpu and config.paired_cvt is not False, num_warps=warps,
-                  num_stages=stages, **ranks)
+                  num_stages=stages, maxnreg=registers, **ranks)
     # Prefill tiles: scripts measured on the H200 (docs/KERNEL_NOTES.md, prefill).
     prefill_block_n = config.prefill_block_n or (64 if on_gpu else 16)
     prefill_block_m = max(config.prefill_block_m or (256 if on_gpu else 16), _pow2(heads_per_kv))
