@@ -261,46 +261,48 @@ def tune(device, deadline: float, only: list[str] | None = None) -> list[dict]:
     import itertools
     import time
 
-    from triton.testing import do_bench
-
     start = time.monotonic()
     rows = []
     runs = tune_runs(only)
-    dense_cases = {shape(case.name): case for case in (run[0][0] for run in runs)}  # dense decode of each shape
-    for case in dense_cases.values():
-        rows.append({"case": f"{case.model} dense b{case.batch} {case.context // 1024}K", **dense_us(case, device)})
-        print(json.dumps(rows[-1]), flush=True)
-    inputs = {(case.name, latent): build_inputs(case, torch.bfloat16, device, latent)
-              for case, latent, _ in (run[0] for run in runs)}
-    defaults = {}
-    for case, latent, variant in (item for round_ in itertools.zip_longest(*runs) for item in round_ if item):
-        if time.monotonic() - start > deadline:
-            break
-        splits = variant.get("num_splits")  # the builder's choice (plan.decode_splits) unless given
-        config = KernelConfig(**{k: v for k, v in variant.items() if k != "num_splits"})
-        plan = plan_case(case, inputs[case.name, latent], config)
-        if variant and splits is None and plan.decode == defaults.get((case.name, latent)):
-            continue  # the plan's default under another name
-        builder_splits = plan.decode_splits(case.batch)
-        if splits == builder_splits:
-            continue  # the builder's split count: the default already
-        defaults.setdefault((case.name, latent), plan.decode)
-        name = case.name + ("" if latent == "auto" else f" {latent} latents")
-        floor = floor_us(case.palu_bytes(latent), case.palu_flops())
-        # fp8 tensor cores also round k_up to e4m3: 2-3% on these random inputs (tests/test_kernels.py).
-        tolerance = 5e-2 if config.fp8_mma else 2e-2
-        try:
-            error = refcheck(case, device, latent, config, splits)
-            if not error < tolerance:
-                raise AssertionError(f"reference check failed: relative error {error:.2e}")
-            us = do_bench(palu_call(case, inputs[case.name, latent], config, splits)[0], return_mode="median") * 1e3
-        except Exception as failure:  # noqa: BLE001 - out of resources etc.: record and go on
-            rows.append({"case": name, **variant, "error": str(failure).splitlines()[0][:100]})
+    with ClockMonitor() as monitor:  # each timing carries the SM clock it ran at
+        dense_cases = {shape(case.name): case for case in (run[0][0] for run in runs)}  # dense decode of each shape
+        for case in dense_cases.values():
+            row = {"case": f"{case.model} dense b{case.batch} {case.context // 1024}K"}
+            rows.append({**row, **dense_us(case, device, monitor)})
+            print(json.dumps(rows[-1]), flush=True)
+        inputs = {(case.name, latent): build_inputs(case, torch.bfloat16, device, latent)
+                  for case, latent, _ in (run[0] for run in runs)}
+        defaults = {}
+        for case, latent, variant in (item for round_ in itertools.zip_longest(*runs) for item in round_ if item):
+            if time.monotonic() - start > deadline:
+                break
+            splits = variant.get("num_splits")  # the builder's choice (plan.decode_splits) unless given
+            config = KernelConfig(**{k: v for k, v in variant.items() if k != "num_splits"})
+            plan = plan_case(case, inputs[case.name, latent], config)
+            if variant and splits is None and plan.decode == defaults.get((case.name, latent)):
+                continue  # the plan's default under another name
+            builder_splits = plan.decode_splits(case.batch)
+            if splits == builder_splits:
+                continue  # the builder's split count: the default already
+            defaults.setdefault((case.name, latent), plan.decode)
+            name = case.name + ("" if latent == "auto" else f" {latent} latents")
+            floor = floor_us(case.palu_bytes(latent), case.palu_flops())
+            # fp8 tensor cores also round k_up to e4m3: 2-3% on these random inputs (tests/test_kernels.py).
+            tolerance = 5e-2 if config.fp8_mma else 2e-2
+            try:
+                error = refcheck(case, device, latent, config, splits)
+                if not error < tolerance:
+                    raise AssertionError(f"reference check failed: relative error {error:.2e}")
+                timing = timed_with_clock(palu_call(case, inputs[case.name, latent], config, splits)[0], monitor)
+            except Exception as failure:  # noqa: BLE001 - out of resources etc.: record and go on
+                rows.append({"case": name, **variant, "error": str(failure).splitlines()[0][:100]})
+                print(json.dumps(rows[-1], default=str), flush=True)
+                continue
+            us = timing["us"]
+            rows.append({"case": name, **(variant or {"default": True}), "us": us, "of_floor": floor / us,
+                         "floor_us": floor, "refcheck_error": error, "splits": splits or builder_splits,
+                         "sm_mhz": timing.get("sm_mhz")})
             print(json.dumps(rows[-1], default=str), flush=True)
-            continue
-        rows.append({"case": name, **(variant or {"default": True}), "us": us, "of_floor": floor / us,
-                     "floor_us": floor, "refcheck_error": error, "splits": splits or builder_splits})
-        print(json.dumps(rows[-1], default=str), flush=True)
     for name in dict.fromkeys(r["case"] for r in rows if "us" in r):
         timed = sorted((r for r in rows if r["case"] == name and "us" in r), key=lambda r: r["us"])
         for row in timed[:8]:
@@ -314,8 +316,9 @@ def tune(device, deadline: float, only: list[str] | None = None) -> list[dict]:
                 " unpaired cvt" if row.get("paired_cvt") is False else "") + (
                 f" {row['decode_registers']} registers" if row.get("decode_registers") else "") + (
                 f" {row['num_splits']} splits" if row.get("num_splits") else "")
+            clock = f", {row['sm_mhz']:.0f} MHz" if row.get("sm_mhz") else ""
             print(f"{name}: {variant}: {row['us']:.0f} us ({row['of_floor']:.0%} of the {row['floor_us']:.0f} "
-                  f"us floor)")
+                  f"us floor{clock})")
     return rows
 
 

@@ -37,6 +37,7 @@ if __package__ in (None, ""):
     sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 from benchmarks import checkpoints, step_profile  # noqa: E402
+from benchmarks.gpu_clock import ClockMonitor  # noqa: E402
 
 GiB = 1 << 30
 JIT_MARKER = "JIT compilation during inference"  # vLLM's JIT monitor (vllm/utils/jit_monitor.py) warns with it
@@ -500,18 +501,22 @@ def request_metrics(outputs) -> dict:
             "preemptions": preemptions, "metrics_missing": len(outputs) - len(ttft)}
 
 
-def run_workload(llm, workload: dict, prompts: list, params_class) -> dict:
+def run_workload(llm, workload: dict, prompts: list, params_class, monitor: ClockMonitor) -> dict:
+    """The workload's timed run, with the GPU's SM clock and power over it (nvidia-smi; none without a GPU): the
+    Palu decode loop is issue-bound and follows the SM clock, memory-bound dense decode does not."""
     params = params_class(temperature=0.0, ignore_eos=True, max_tokens=workload["output_len"])
     warmup = params_class(temperature=0.0, ignore_eos=True, max_tokens=min(workload["output_len"], 4))
     llm.generate(prompts[:2], warmup, use_tqdm=False)
-    began = time.perf_counter()
+    began_at, began = time.time(), time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
     wall = time.perf_counter() - began
+    time.sleep(2.5 * monitor.period_ms / 1e3)  # nvidia-smi's samples arrive with a lag
+    clock = {f"gpu_{name}": value for name, value in monitor.window(began_at, began_at + wall).items()}
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outputs)
     output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
     return {"wall_s": wall, "prompt_tokens": prompt_tokens, "output_tokens": output_tokens,
             "output_tok_s": output_tokens / wall, "total_tok_s": (prompt_tokens + output_tokens) / wall,
-            **request_metrics(outputs)}
+            **request_metrics(outputs), **clock}
 
 
 def engine_main(spec_path: str) -> None:
@@ -540,32 +545,34 @@ def engine_main(spec_path: str) -> None:
     except Exception as error:  # noqa: BLE001 - the benchmark does not depend on it
         info["probe_error"] = f"{type(error).__name__}: {error}"
     print(f"BENCH {spec['config']}: engine up in {startup:.0f} s: {json.dumps(info)}", flush=True)
-    for workload in spec["workloads"]:
-        # The same prompts for every configuration and whichever workloads a call selects.
-        rng = np.random.default_rng([spec["seed"], list(WORKLOADS).index(workload["name"])])
-        prompts = [TokensPrompt(prompt_token_ids=rng.integers(0, spec["vocab_words"], workload["prompt_len"]).tolist())
-                   for _ in range(workload["requests"])]
-        row = {"config": spec["config"], "workload": workload["name"], "requests": workload["requests"],
-               "prompt_len": workload["prompt_len"], "output_len": workload["output_len"], **info}
-        jit_before = count_jit_lines(log_path)
-        try:
-            row.update(run_workload(llm, workload, prompts, SamplingParams), status="ok")
-        except Exception as error:  # noqa: BLE001 - recorded; the next workload may still run
-            row.update(status="error", error=f"{type(error).__name__}: {str(error)[:300]}")
-            import traceback
-
-            traceback.print_exc()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        row["jit_lines_in_workload"] = count_jit_lines(log_path) - jit_before
-        if spec.get("profile_steps") and row["status"] == "ok":
+    with ClockMonitor() as monitor:  # the SM clock over each timed run
+        for workload in spec["workloads"]:
+            # The same prompts for every configuration and whichever workloads a call selects.
+            rng = np.random.default_rng([spec["seed"], list(WORKLOADS).index(workload["name"])])
+            words = spec["vocab_words"]
+            prompts = [TokensPrompt(prompt_token_ids=rng.integers(0, words, workload["prompt_len"]).tolist())
+                       for _ in range(workload["requests"])]
+            row = {"config": spec["config"], "workload": workload["name"], "requests": workload["requests"],
+                   "prompt_len": workload["prompt_len"], "output_len": workload["output_len"], **info}
+            jit_before = count_jit_lines(log_path)
             try:
-                row["step_profile"] = step_profile.profile_workload(llm, prompts, SamplingParams, workload,
-                                                                    spec["profile_steps"])
-            except Exception as error:  # noqa: BLE001 - the timed row stands without it
-                row["step_profile"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
-        print(f"BENCH {json.dumps(row)}", flush=True)
-        publish(row)
+                row.update(run_workload(llm, workload, prompts, SamplingParams, monitor), status="ok")
+            except Exception as error:  # noqa: BLE001 - recorded; the next workload may still run
+                row.update(status="error", error=f"{type(error).__name__}: {str(error)[:300]}")
+                import traceback
+
+                traceback.print_exc()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            row["jit_lines_in_workload"] = count_jit_lines(log_path) - jit_before
+            if spec.get("profile_steps") and row["status"] == "ok":
+                try:
+                    row["step_profile"] = step_profile.profile_workload(llm, prompts, SamplingParams, workload,
+                                                                        spec["profile_steps"])
+                except Exception as error:  # noqa: BLE001 - the timed row stands without it
+                    row["step_profile"] = {"error": f"{type(error).__name__}: {str(error)[:300]}"}
+            print(f"BENCH {json.dumps(row)}", flush=True)
+            publish(row)
     os._exit(0)  # skip the slow engine teardown; the parent kills the process group
 
 
@@ -753,6 +760,15 @@ def ordered(rows: list[dict]) -> list[dict]:
     return sorted(rows, key=key)
 
 
+def clock_text(row: dict) -> str:
+    """The SM clock's median over the timed run and the largest power draw, with "capped" where the power cap
+    throttled it; "n/a" without samples (no GPU, or rows from before the benchmark sampled them)."""
+    if row.get("gpu_sm_mhz") is None:
+        return "n/a"
+    return (f"{row['gpu_sm_mhz']:.0f} ({row['gpu_watts']:.0f} W" + (", capped" if row.get("gpu_power_capped") else "")
+            + ")")
+
+
 def serve_tables(data: dict) -> list[str]:
     meta, rows = data["meta"], ordered(data["rows"])
     by_key = {(r["config"], r["workload"]): r for r in rows}
@@ -766,20 +782,21 @@ def serve_tables(data: dict) -> list[str]:
              f"dense capacity: " + ", ".join(f"{k} {v:g}x" for k, v in meta.get("oversubscription", {}).items())
              + ".", "",
              "| config | workload | N x prompt -> out | KV tokens | wall s | out tok/s | TPOT med ms | decode TPOT ms "
-             "| TTFT med ms | queued ms | preempt | JIT lines | backend / graphs |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| TTFT med ms | queued ms | preempt | JIT lines | SM MHz (max W) | backend / graphs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         size = f"{row['requests']} x {row['prompt_len']} -> {row['output_len']}"
         if row["status"] != "ok":
             lines.append(f"| {row['config']} | {row['workload']} | {size} | {fmt(row.get('kv_capacity_tokens'))} | "
-                         f"error: {row['error'][:160]} | | | | | | | {fmt(row.get('jit_lines'))} | |")
+                         f"error: {row['error'][:160]} | | | | | | | {fmt(row.get('jit_lines'))} | | |")
             continue
         backend = "/".join(row.get("attention_backends", [])) or "?"
         lines.append(f"| {row['config']} | {row['workload']} | {size} | {row['kv_capacity_tokens']:,} | "
                      f"{fmt(row['wall_s'], 2)} | {fmt(row['output_tok_s'])} | {fmt(row['tpot_median_ms'], 2)} | "
                      f"{fmt(row['decode_tpot_ms'], 2)} | {fmt(row['ttft_median_ms'])} | "
                      f"{fmt(row.get('queued_mean_ms'))} | {row['preemptions']} | "
-                     f"{fmt(row.get('jit_lines'))} | {backend} / {row.get('cudagraph_mode', '?')} |")
+                     f"{fmt(row.get('jit_lines'))} | {clock_text(row)} | "
+                     f"{backend} / {row.get('cudagraph_mode', '?')} |")
     lines += ["", "Ratios (config / reference; times: lower is faster, tok/s: higher is faster):", "",
               "| workload | config | vs | wall | out tok/s | TPOT med | decode TPOT | TTFT med | prefill mean |",
               "|---|---|---|---|---|---|---|---|---|"]

@@ -78,6 +78,7 @@ def test_serve_run_writes_rows_table_and_plot_and_report_rebuilds_them(tmp_path)
         assert row["ttft_median_ms"] > 0 and row["metrics_missing"] == 0 and row["preemptions"] >= 0
         assert row["attention_backends"] == (["PALU"] if config.startswith("palu") else ["CPU_ATTN"])
         assert row["jit_lines"] >= 0 and row["cudagraph_mode"]
+        assert "gpu_sm_mhz" not in row  # no nvidia-smi here: no clock samples, and the table says n/a
         if row["output_len"] > 1:
             assert 0 < row["tpot_median_ms"] and 0 < row["decode_tpot_ms"]
     assert rows[("dense-bf16", "capacity")]["requests"] == 61  # 1.9 x 2048 dense tokens / (48 + 16)
@@ -93,6 +94,17 @@ def test_serve_run_writes_rows_table_and_plot_and_report_rebuilds_them(tmp_path)
     (out / "serve.png").unlink()
     assert "| dense-bf16 | prefill |" in run_script("benchmarks.serve", "report", str(out))
     assert (out / "serve.md").read_text() == markdown and (out / "serve.png").is_file()
+
+
+def test_serve_table_gives_each_run_its_sm_clock():
+    """A timed run's SM clock (nvidia-smi's median over it) and largest power draw, flagged where the power cap
+    throttled the clock; "n/a" for rows without samples."""
+    from benchmarks import serve
+
+    assert serve.clock_text({"gpu_sm_mhz": 1755.0, "gpu_watts": 690.4, "gpu_power_capped": True}) == \
+        "1755 (690 W, capped)"
+    assert serve.clock_text({"gpu_sm_mhz": 1980.0, "gpu_watts": 410.0, "gpu_power_capped": False}) == "1980 (410 W)"
+    assert serve.clock_text({"wall_s": 1.0}) == "n/a"
 
 
 def test_serve_run_records_timeouts_and_deadline_skips(tmp_path):

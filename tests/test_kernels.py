@@ -5,7 +5,6 @@ GPU is visible). What only a GPU runs is marked ``gpu`` (``pytest -m gpu``)."""
 
 from __future__ import annotations
 
-import math
 import os
 from fractions import Fraction
 from typing import NamedTuple
