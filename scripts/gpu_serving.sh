@@ -21,6 +21,10 @@
 #   bash scripts/gpu_serving.sh kernels   decode-kernel variants on the accurate layouts (joint key groups, shared
 #                                         latents) against dense decode (benchmarks/attention_kernels.py tune;
 #                                         TUNE_CASES: its --cases, e.g. "gs 1 b16 16K" for the long decode alone)
+#   bash scripts/gpu_serving.sh mha       end-to-end benchmark at Llama-2-7B shapes (MHA: 32 KV heads, 512 KiB of
+#                                         dense KV a token): dense bf16, PALU kv 0.5 per head and groups of 2
+#                                         (MHA_CONFIGS), long decode 16 x 8192 -> 256 and capacity 2048 -> 1024 at
+#                                         64 GiB of KV (MHA_ARGS override), in their own results directory
 #   bash scripts/gpu_serving.sh groups    end-to-end benchmark of PALU split over groups of 2 heads (the
 #                                         converter's Llama-3-8B default) and per head against dense bf16: long
 #                                         decode, capacity at 4K -> 2K (GROUPS_CONFIGS, GROUPS_WORKLOADS, GROUPS_ARGS
@@ -47,7 +51,7 @@
 # under BUDGET 130 reaches only the install and the smoke test. A machine that goes cold mid-batch (idle > 30 s)
 # takes ~100 s to stage again.
 set -uo pipefail
-phase=${1:?usage: gpu_serving.sh tests|serving-gpu|serving|serve|host|extra|http|kernels|groups}
+phase=${1:?usage: gpu_serving.sh tests|serving-gpu|serving|serve|host|extra|http|kernels|groups|mha}
 OUT=${OUT:-results/gpu}
 BUDGET=${BUDGET:-570}  # seconds for the whole phase: one device call runs at most 600
 logs=/tmp/palu-gpu/$phase
@@ -157,6 +161,13 @@ groups)  # capacity-bound at the issue's decode-heavy shape: 4K -> 2K, 1.9x the 
         --workloads "${GROUPS_WORKLOADS:-long-decode,capacity}" --engine-args "$ENGINE" \
         --profile-steps "${PROFILE_STEPS:-10}" ${GROUPS_ARGS:---capacity 0,4096,2048}
     step report 20 python3 benchmarks/serve.py report "$results/serve"
+    ;;
+mha)  # Llama-2-7B: 64 GiB of KV holds 131,072 dense tokens, i.e. 16 x 8K; the capacity run is 1.9x that
+    step serve-mha $((BUDGET - 40)) python3 benchmarks/serve.py run --shape llama2-7b --out "$results/serve-mha" \
+        --deadline $((BUDGET - 50)) --configs "${MHA_CONFIGS:-dense-bf16,palu-0.5,palu-0.5-g2}" \
+        --workloads long-decode,capacity --engine-args "$ENGINE" --profile-steps "${PROFILE_STEPS:-10}" \
+        ${MHA_ARGS:---kv-memory 64GiB --long-decode 16,8192,256 --capacity 0,2048,1024}
+    step report 20 python3 benchmarks/serve.py report "$results/serve-mha"
     ;;
 extra)
     step serve-fp8 230 python3 benchmarks/serve.py run --out "$results/serve" --deadline 220 \
