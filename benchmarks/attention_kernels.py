@@ -227,11 +227,13 @@ TUNE_FP8_VARIANTS = [{}, dict(decode_block_n=64, decode_warps=4, decode_stages=2
 TUNE_SERVED_CASE = Case("llama3-8b", 32, 8, 128, 0.5, 2, 86, 5120)
 TUNE_SERVED_VARIANTS = [{}, dict(num_splits=1), dict(num_splits=2), dict(num_splits=4), dict(num_splits=5),
                         dict(num_splits=6), dict(paired_cvt=False)]
-# The served long decode per head (docs/RESULTS.md: 16 x 16.4K, 8 splits, 178 us a layer in serving, 167 here at 75%
-# of its floor; its target needs ~5% off): the default (registers capped at 208: 9 programs a multiprocessor)
-# against the tile uncapped (8, the default until 2026-12-04 evening) and capped at 192 (the same code), each at
-# the builder's split count, and 16 x 1 x 4 (measured 12-04 18:40: equal to 16 x 1 x 3 uncapped).
-TUNE_LONG_CASE = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 16384)
+# The served long decode per head (docs/RESULTS.md: 16 x 16.4K, 8 splits, 178 us a layer in serving; 167 here at
+# 75% of its floor on 12-04 18:40, with ranks 48 / 80; its target needs ~5% off), at the served checkpoint's ranks
+# (40 / 88: 451 SASS instructions a tile against 433) and at 48 / 80: the default (registers capped at 208: 9
+# programs a multiprocessor) against the tile uncapped (8, the default until 2026-12-04 evening) and capped at 192
+# (the same code), each at the builder's split count, and 16 x 1 x 4 (12-04 18:40: equal to 16 x 1 x 3 uncapped).
+TUNE_LONG_CASE = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 16384, rank_multiple=8)
+TUNE_LONG_TILE_EXACT_CASE = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 16384)
 TUNE_LONG_VARIANTS = [{}, dict(decode_registers=255), dict(decode_registers=192), dict(num_splits=8),
                       dict(decode_block_n=16, decode_warps=1, decode_stages=4)]
 
@@ -330,6 +332,7 @@ def tune_runs(only: list[str] | None = None) -> list[list[tuple[Case, str, dict]
     runs.append([(TUNE_FP8_CASE, "fp8", v) for v in TUNE_FP8_VARIANTS])
     runs.append([(TUNE_SERVED_CASE, "auto", v) for v in TUNE_SERVED_VARIANTS])
     runs.append([(TUNE_LONG_CASE, "auto", v) for v in TUNE_LONG_VARIANTS])
+    runs.append([(TUNE_LONG_TILE_EXACT_CASE, "auto", v) for v in TUNE_LONG_VARIANTS])
     if only:
         runs = [run for run in runs
                 if any(part in run[0][0].name + ("" if run[0][1] == "auto" else " fp8 latents") for part in only)]

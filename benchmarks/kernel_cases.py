@@ -35,6 +35,9 @@ class Case:
     query_len: int = 1
     k_fraction: float = 0.3125
     latent_layout: str = "split"  # or "shared": one latent of the split row's width, both K and V
+    # K rank rounded to this (half up): 16 gives tile-exact ranks (Llama-3-8B kv 0.5: 48 / 80); 8 the converter's
+    # default --rank-multiple, i.e. the served benchmark's checkpoints (40 / 88, which the kernel pads to 48 / 96).
+    rank_multiple: int = 16
 
     @property
     def ranks(self) -> tuple[int, int]:
@@ -42,13 +45,16 @@ class Case:
         total = self.kv_ratio * 2 * width
         if self.latent_layout == "shared":
             return int(total), int(total)
-        rank_k = max(16, int(total * self.k_fraction / 16 + 0.5) * 16)
+        multiple = self.rank_multiple
+        rank_k = max(multiple, int(total * self.k_fraction / multiple + 0.5) * multiple)
         return rank_k, int(total - rank_k)
 
     @property
     def name(self) -> str:
         layout = " shared" if self.latent_layout == "shared" else ""
-        return f"{self.model} kv {self.kv_ratio} gs {self.group_size}{layout} b{self.batch} {self.context // 1024}K"
+        ranks = "" if self.rank_multiple == 16 else " ranks {}/{}".format(*self.ranks)
+        return (f"{self.model} kv {self.kv_ratio} gs {self.group_size}{layout} b{self.batch} "
+                f"{self.context // 1024}K{ranks}")
 
     def palu_bytes(self, latent: str = "auto") -> float:
         rank_k, rank_v = self.ranks

@@ -200,9 +200,11 @@ def test_tune_runs_only_the_cases_asked_for():
     from benchmarks import attention_kernels
 
     runs = attention_kernels.tune_runs(["gs 1 b16 16K", "fp8 latents"])
-    assert [(run[0][0].name, run[0][1]) for run in runs] == [(attention_kernels.TUNE_FP8_CASE.name, "fp8"),
-                                                            (attention_kernels.TUNE_LONG_CASE.name, "auto")]
+    assert [(run[0][0].name, run[0][1]) for run in runs] == [
+        (attention_kernels.TUNE_FP8_CASE.name, "fp8"), ("llama3-8b kv 0.5 gs 1 b16 16K ranks 40/88", "auto"),
+        ("llama3-8b kv 0.5 gs 1 b16 16K", "auto")]  # the served checkpoint's ranks, then tile-exact ones
+    assert attention_kernels.TUNE_LONG_TILE_EXACT_CASE.ranks == (48, 80)
     assert all(run[0][2] == {} for run in runs)
-    assert len(attention_kernels.tune_runs()) == len(attention_kernels.TUNE_CASES) + 4
+    assert len(attention_kernels.tune_runs()) == len(attention_kernels.TUNE_CASES) + 5
     with pytest.raises(ValueError, match="no tune case"):
         attention_kernels.tune_runs(["gs 3"])
