@@ -803,7 +803,7 @@ def test_launchers_read_no_device_tensor(monkeypatch, latent_format, latent_layo
     rank_v = 24 if latent_layout == "split" else 16
     case = make_case(Shape([40, 70, 9], [1, 1, 9], 4, 2, 1, 32, 16, 24, 16), torch.float32, seed=13)
     plan = ops.plan_layer(case["k_up"], None, case["cos_sin_cache"], False, 4, rank_v, 0.2, latent_format,
-                          latent_layout=latent_layout)
+                          KernelConfig(decode_registers=208), latent_layout=latent_layout)
     row = row_bytes(16, rank_v, latent_format, 1, latent_layout)  # values for auto
     meta = lambda *shape, dtype=torch.float32: torch.empty(*shape, dtype=dtype, device="meta")  # noqa: E731
     cache = meta(20, 2, 16, row, dtype=torch.float32 if latent_format == "auto" else torch.uint8)
@@ -814,8 +814,12 @@ def test_launchers_read_no_device_tensor(monkeypatch, latent_format, latent_layo
     ops.decode_attention(plan, query, cache, qsl, seq_lens, table, out, 2, 4,
                          ops.DecodeScratch(meta(2 * 4 * 4 * 32), meta(64), meta(4, dtype=torch.int32)))
     ops.prefill_attention(plan, query, cache, qsl, seq_lens, table, out, ops.PrefillBatch(2, 1, 2, 9, 291))
-    decode_grid = kernels["decode_attention_kernel"].launches[0][0]
+    decode_grid, _, decode_options = kernels["decode_attention_kernel"].launches[0]
     assert decode_grid == (2, 2, 4)  # the splits combine inside it: one launch
+    # The plan's launch options reach the launch as the JIT takes them (the register cap as maxnreg).
+    assert decode_options["maxnreg"] == 208
+    assert (decode_options["num_warps"], decode_options["num_stages"]) == (plan.decode["num_warps"],
+                                                                         plan.decode["num_stages"])
     assert len(kernels["prefill_attention_kernel"].launches) == len(kernels["rebuild_context_kernel"].launches)
     write = kernels["write_latents_kernel" if latent_format == "auto" else "write_quantized_latents_kernel"]
     assert write.launches[0][2]["SHARED"] == (latent_layout == "shared")
