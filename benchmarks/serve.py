@@ -865,6 +865,9 @@ def plot(data: dict, path: Path) -> None:
     configs = [c for c in dict.fromkeys(r["config"] for r in rows) if CONFIGS[c].baseline]
     workloads = [w for w, _, _, _ in TARGETS if any((c, w) in by_key for c in configs)]
     capacity = {r["config"]: r["kv_capacity_tokens"] for r in rows}
+    every = list(dict.fromkeys(r["config"] for r in rows))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    color = {config: cycle[index % len(cycle)] for index, config in enumerate(every)}  # one per config, both panels
     figure, (speed_axis, tpot_axis) = plt.subplots(1, 2, figsize=(13, 4.8))
     width = 0.8 / max(1, len(configs))
     for index, config in enumerate(configs):
@@ -875,7 +878,7 @@ def plot(data: dict, path: Path) -> None:
                 continue
             mine, base = (by_key.get((c, workload), {}).get(metric) for c in (config, CONFIGS[config].baseline))
             speeds.append((mine / base if sense == ">=" else base / mine) if mine and base else 0)
-        speed_axis.bar([w + offset for w in range(len(workloads))], speeds, width,
+        speed_axis.bar([w + offset for w in range(len(workloads))], speeds, width, color=color[config],
                        label=f"{config} vs {CONFIGS[config].baseline}")
     for position, (workload, _, sense, bound) in enumerate(t for t in TARGETS if t[0] in workloads):
         target = bound if sense == ">=" else 1 / bound
@@ -887,13 +890,12 @@ def plot(data: dict, path: Path) -> None:
     speed_axis.legend(fontsize=8)
     decode = [w for w in dict.fromkeys(r["workload"] for r in rows) if any(r.get("decode_tpot_ms") for r in rows
                                                                             if r["workload"] == w)]
-    every = list(dict.fromkeys(r["config"] for r in rows))
     width = 0.8 / max(1, len(every))
     for index, config in enumerate(every):
         offset = (index - (len(every) - 1) / 2) * width
         tpot_axis.bar([w + offset for w in range(len(decode))],
                       [by_key.get((config, w), {}).get("decode_tpot_ms") or 0 for w in decode], width,
-                      label=f"{config} (KV {capacity[config]:,} tokens)")
+                      color=color[config], label=f"{config} (KV {capacity[config]:,} tokens)")
     tpot_axis.set_xticks(range(len(decode)), decode)
     tpot_axis.set_ylabel("decode time per output token, ms (lower is better)")
     tpot_axis.legend(fontsize=8)
