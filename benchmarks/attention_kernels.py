@@ -231,10 +231,12 @@ TUNE_SERVED_VARIANTS = [{}, dict(num_splits=1), dict(num_splits=2), dict(num_spl
 # 75% of its floor on 12-04 18:40, with ranks 48 / 80; its target needs ~5% off), at the served checkpoint's ranks
 # (40 / 88: 451 SASS instructions a tile against 433) and at 48 / 80: the default (registers capped at 208: 9
 # programs a multiprocessor) against the tile uncapped (8, the default until 2026-12-04 evening) and capped at 192
-# (the same code), each at the builder's split count, and 16 x 1 x 4 (12-04 18:40: equal to 16 x 1 x 3 uncapped).
+# (the same code), two stages at 192 (10 programs of 22,016 B, one tile in flight each: SASS 430 instructions, no
+# spill), each at the builder's split count, and 16 x 1 x 4 (12-04 18:40: equal to 16 x 1 x 3 uncapped).
 TUNE_LONG_CASE = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 16384, rank_multiple=8)
 TUNE_LONG_TILE_EXACT_CASE = Case("llama3-8b", 32, 8, 128, 0.5, 1, 16, 16384)
 TUNE_LONG_VARIANTS = [{}, dict(decode_registers=255), dict(decode_registers=192), dict(num_splits=8),
+                      dict(decode_block_n=16, decode_warps=1, decode_stages=2, decode_registers=192),
                       dict(decode_block_n=16, decode_warps=1, decode_stages=4)]
 
 
