@@ -28,8 +28,8 @@ from triton.compiler import ASTSource
 
 from vllm_palu.attention import kernels, ops
 
-POINTERS = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "scale_ptr": "*fp16", "k_up_ptr": "*bf16",
-            "k_up_scale_ptr": "*fp32", "k_bias_ptr": "*bf16",
+POINTERS = {"q_ptr": "*bf16", "cache_ptr": "*bf16", "v_cache_ptr": "*bf16", "scale_ptr": "*fp16",
+            "k_up_ptr": "*bf16", "k_up_scale_ptr": "*fp32", "k_bias_ptr": "*bf16",
             "cos_sin_ptr": "*fp16", "block_table_ptr": "*i32", "seq_lens_ptr": "*i32", "query_start_ptr": "*i32",
             "out_ptr": "*bf16", "partial_ptr": "*fp32", "stats_ptr": "*fp32", "arrivals_ptr": "*i32"}
 # Row strides the kernel takes as constexprs (16-bit rows of 48 + 80 latents; quantized pages differ, which moves
@@ -145,7 +145,7 @@ def main() -> None:
     rank_k, rank_v = map(int, args.ranks.split(","))
     row = rank_k if args.layout == "shared" else rank_k + rank_v
     STRIDE_CONSTEXPRS.update(STRIDE_CN=row, STRIDE_SN=row)
-    POINTERS["cache_ptr"] = "*u8" if args.latent != "auto" else f"*{args.cache_dtype}"
+    POINTERS["cache_ptr"] = POINTERS["v_cache_ptr"] = "*u8" if args.latent != "auto" else f"*{args.cache_dtype}"
     if args.fp8_mma:
         POINTERS["k_up_ptr"] = "*fp8e4nv"
     for tile in args.tiles.split(","):

@@ -96,7 +96,7 @@ def build_inputs(case: Case, dtype, device, latent: str = "auto") -> dict:
                         generator=generator)
     if latent != "auto":  # the same latents as fp8/int4 rows (quantized in slices: bounded temporaries)
         cache = torch.cat([rows_to_pages(quantize_rows(part[..., :rank_k], part[..., rank_k:], latent, layout),
-                                         latent, layout) for part in cache.split(4096)])
+                                         rank_k, latent, layout) for part in cache.split(4096)])
     block_table = torch.randperm(case.batch * blocks_per_seq, device=device, generator=generator
                                  ).view(case.batch, blocks_per_seq).to(torch.int32)
     query = torch.randn(case.batch * case.query_len, case.heads, case.head_dim, device=device, dtype=dtype,
@@ -146,7 +146,7 @@ def refcheck(case: Case, device, latent: str = "auto", config: KernelConfig = Ke
     inputs = build_inputs(small, torch.bfloat16, device, latent)
     oracle = dict(inputs, latent_format="auto")
     if latent != "auto":
-        rows = pages_to_rows(inputs["kv_cache"], latent, small.latent_layout)
+        rows = pages_to_rows(inputs["kv_cache"], small.ranks[0], latent, small.latent_layout)
         latents = dequantize_rows(rows, *small.ranks, latent, small.latent_layout)
         oracle["kv_cache"] = latents[0] if small.latent_layout == "shared" else torch.cat(latents, dim=-1)
     expected = reference.paged_latent_attention(**oracle)

@@ -519,7 +519,7 @@ def quantized_case(shape, latent_format, dtype, seed=5):
         rows = quantize_rows(latents[..., :rank_k], latents[..., rank_k:], latent_format)
         dequantized = dict(case, kv_cache=torch.cat(dequantize_rows(rows, rank_k, rank_v, latent_format), dim=-1))
     quantized = {name: value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
-                 for name, value in dict(case, kv_cache=rows_to_pages(rows, latent_format, layout)).items()}
+                 for name, value in dict(case, kv_cache=rows_to_pages(rows, rank_k, latent_format, layout)).items()}
     quantized["cos_sin_cache"] = case["cos_sin_cache"]
     return quantized, dequantized
 
@@ -581,12 +581,12 @@ def test_write_latents_quantizes_rows(latent_format, ranks, dtype, latent_layout
     v_latent = (torch.randn(4, 2, ranks[1], generator=generator) * magnitude + 1).to(dtype).to(DEVICE)
     rows = quantize_rows(k_latent, v_latent, latent_format, latent_layout)
     cache = torch.randint(0, 255, (6, 2, 16, rows.shape[-1]), dtype=torch.uint8, generator=generator).to(DEVICE)
-    expected = pages_to_rows(cache, latent_format, latent_layout)
+    expected = pages_to_rows(cache, ranks[0], latent_format, latent_layout)
     slots = torch.tensor([3, -1, 17, 95], dtype=torch.int64, device=DEVICE)
     expected[slots[[0, 2, 3]] // 16, :, slots[[0, 2, 3]] % 16] = rows[[0, 2, 3]]
     ops.write_latents(cache, slots, k_latent, v_latent, latent_format=latent_format, latent_layout=latent_layout)
-    assert torch.equal(pages_to_rows(cache, latent_format, latent_layout), expected)
-    reference_cache = rows_to_pages(pages_to_rows(cache, latent_format, latent_layout), latent_format, latent_layout)
+    assert torch.equal(pages_to_rows(cache, ranks[0], latent_format, latent_layout), expected)
+    reference_cache = rows_to_pages(expected, ranks[0], latent_format, latent_layout)
     reference.write_latents(reference_cache, slots, k_latent, v_latent, latent_format, latent_layout)
     assert torch.equal(reference_cache, cache)
 
@@ -605,7 +605,7 @@ def test_write_latents_rounds_ties_to_even(latent_format):
     rows = quantize_rows(k_latent, v_latent, latent_format)
     cache = torch.zeros(1, 1, 16, rows.shape[-1], dtype=torch.uint8, device=DEVICE)
     ops.write_latents(cache, torch.tensor([5], device=DEVICE), k_latent, v_latent, latent_format=latent_format)
-    assert torch.equal(pages_to_rows(cache, latent_format)[0, 0, 5], rows[0, 0])
+    assert torch.equal(pages_to_rows(cache, 8, latent_format)[0, 0, 5], rows[0, 0])
     k_back, _ = dequantize_rows(rows[0, 0], 8, 8, latent_format)
     expected = [448, 128, 10, -10, 2 ** -8, -120, 0, 7] if latent_format == "fp8" else [0, 15, 2, 4, 4, 14, 0, 1]
     assert k_back.tolist() == expected

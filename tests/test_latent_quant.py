@@ -137,17 +137,26 @@ def test_paged_attention_on_quantized_rows_equals_attention_on_dequantized_laten
 
 
 @pytest.mark.parametrize("latent_format", ["fp8", "int4"])
-def test_page_layout_puts_payload_rows_first_then_scale_rows(latent_format):
+def test_page_layout_puts_k_payload_rows_then_key_major_v_payloads_then_scale_rows(latent_format):
+    """A page holds its K payload rows ``[G, block_size, Pk]``, then its V payloads key-major ``[G, Pv,
+    block_size]`` (byte j of every token's V side by side, for P.V's wide loads), then its scale rows."""
     k, v = torch.randn(3, 2, 16, 24), torch.randn(3, 2, 16, 40)  # [blocks, groups, block_size, rank]
     rows = quantize_rows(k.flatten(0, 1), v.flatten(0, 1), latent_format).view(3, 2, 16, -1)
-    pages = rows_to_pages(rows, latent_format)
-    payload_bytes = rows.shape[-1] - (4 if latent_format == "fp8" else 8)
+    pages = rows_to_pages(rows, 24, latent_format)
+    k_bytes, v_bytes = (24, 40) if latent_format == "fp8" else (12, 20)
+    payload = k_bytes + v_bytes
     flat = pages.view(3, -1)
-    assert torch.equal(flat[:, :2 * 16 * payload_bytes], rows[..., :payload_bytes].reshape(3, -1))
-    assert torch.equal(flat[:, 2 * 16 * payload_bytes:], rows[..., payload_bytes:].reshape(3, -1))
-    assert torch.equal(pages_to_rows(pages, latent_format), rows)
+    k_end, v_end = 2 * 16 * k_bytes, 2 * 16 * payload
+    assert torch.equal(flat[:, :k_end], rows[..., :k_bytes].reshape(3, -1))
+    assert torch.equal(flat[:, k_end:v_end], rows[..., k_bytes:payload].transpose(-1, -2).reshape(3, -1))
+    assert torch.equal(flat[:, v_end:], rows[..., payload:].reshape(3, -1))
+    assert torch.equal(pages_to_rows(pages, 24, latent_format), rows)
+    k_view, v_view, scale_view = page_views(pages, 24, latent_format)
+    assert (k_view.shape, v_view.shape, scale_view.shape) == ((3, 2, 16, k_bytes), (3, 2, v_bytes, 16),
+                                                               (3, 2, 16, rows.shape[-1] - payload))
+    assert torch.equal(v_view[1, 0, :, 7], rows[1, 0, 7, k_bytes:payload])  # token 7's V bytes, 16 apart
     with pytest.raises(ValueError, match="contiguous uint8"):
-        page_views(pages.transpose(1, 2), latent_format)
+        page_views(pages.transpose(1, 2), 24, latent_format)
 
 
 # The shared layout: one latent per row, both the K and the V latent (rank_k == rank_v == r).
@@ -208,13 +217,14 @@ def test_shared_layouts_by_hand():
 def test_shared_page_layout_puts_payload_rows_first_then_scale_rows(latent_format):
     z = torch.randn(3, 2, 16, 24)  # [blocks, groups, block_size, r]
     rows = quantize_rows(z.flatten(0, 1), None, latent_format, "shared").view(3, 2, 16, -1)
-    pages = rows_to_pages(rows, latent_format, "shared")
+    pages = rows_to_pages(rows, 24, latent_format, "shared")
     payload_bytes = 24 if latent_format == "fp8" else 12
     flat = pages.view(3, -1)
     assert torch.equal(flat[:, :2 * 16 * payload_bytes], rows[..., :payload_bytes].reshape(3, -1))
     assert torch.equal(flat[:, 2 * 16 * payload_bytes:], rows[..., payload_bytes:].reshape(3, -1))
-    assert torch.equal(pages_to_rows(pages, latent_format, "shared"), rows)
-    assert page_views(pages, latent_format, "shared")[1].shape[-1] == scale_bytes(latent_format, "shared")
+    assert torch.equal(pages_to_rows(pages, 24, latent_format, "shared"), rows)
+    k_view, v_view, scale_view = page_views(pages, 24, latent_format, "shared")
+    assert v_view is None and scale_view.shape[-1] == scale_bytes(latent_format, "shared")
 
 
 def _attention_inputs(groups=2, heads=4, head_dim=16):

@@ -74,10 +74,11 @@ def _round_to_e4m3(x):
 
 
 @triton.jit
-def _quantize_latent(x_ptr, payload_row, scale_row, RANK: tl.constexpr, PAD: tl.constexpr, INT4: tl.constexpr):
+def _quantize_latent(x_ptr, payload_row, scale_row, RANK: tl.constexpr, PAD: tl.constexpr, INT4: tl.constexpr,
+                     STEP: tl.constexpr):
     """Quantize one token's K or V latent (``vllm_palu.attention.latent_quant``'s contract, bit for bit: IEEE
-    divisions, scales rounded to fp16 before use, round-half-even codes) and store its payload bytes and fp16
-    scale (and minimum) at the given row pointers."""
+    divisions, scales rounded to fp16 before use, round-half-even codes) and store its payload bytes ``STEP`` apart
+    (1: a row; the page's block size: a key-major V payload) and fp16 scale (and minimum) at the given pointers."""
     if INT4:  # byte j holds codes j (low nibble) and j + RANK/2 (high nibble)
         half = tl.arange(0, PAD // 2)
         in_half = half < RANK // 2
@@ -95,7 +96,7 @@ def _quantize_latent(x_ptr, payload_row, scale_row, RANK: tl.constexpr, PAD: tl.
         high_code = tl.minimum(tl.maximum(_round_half_even(tl.math.div_rn(high_x - minimum32, scale32)), 0.0),
                                15.0)
         packed = low_code.to(tl.uint8) | (high_code.to(tl.uint8) << 4)
-        tl.store(payload_row + half, packed, mask=in_half)
+        tl.store(payload_row + half * STEP, packed, mask=in_half)
         tl.store(scale_row, scale)
         tl.store(scale_row + 1, minimum)
     else:  # fp8 e4m3, symmetric
@@ -106,22 +107,22 @@ def _quantize_latent(x_ptr, payload_row, scale_row, RANK: tl.constexpr, PAD: tl.
         scale = scale.to(tl.float16)
         scaled = tl.minimum(tl.maximum(tl.math.div_rn(x, scale.to(tl.float32)), -448.0), 448.0)
         codes = _round_to_e4m3(scaled).to(tl.float8e4nv)
-        tl.store(payload_row + index, codes.to(tl.uint8, bitcast=True), mask=inside)
+        tl.store(payload_row + index * STEP, codes.to(tl.uint8, bitcast=True), mask=inside)
         tl.store(scale_row, scale)
 
 
 @triton.jit
 def write_quantized_latents_kernel(
-    k_ptr, v_ptr, payload_ptr, scale_ptr, slot_ptr,
+    k_ptr, v_ptr, payload_ptr, v_payload_ptr, scale_ptr, slot_ptr,
     stride_kt, stride_kg, stride_vt, stride_vg,
-    stride_pb, stride_pg, stride_pn, stride_sb, stride_sg, stride_sn,
+    stride_pb, stride_pg, stride_pn, stride_vpb, stride_vpg, stride_sb, stride_sg, stride_sn,
     BLOCK_SIZE: tl.constexpr, RANK_K: tl.constexpr, RANK_V: tl.constexpr,
     PAD_K: tl.constexpr, PAD_V: tl.constexpr, INT4: tl.constexpr, SHARED: tl.constexpr,
 ):
-    """Quantize a token's K and V latents of one group into its cache slot: payload bytes (K then V) in the
-    page's payload rows, fp16 scales (and minima for int4: K scale, K min, V scale, V min) in its scale rows.
-    ``SHARED``: the one latent (K's) and its one scale set only. One launch instead of the PyTorch quantization
-    plus two scatters."""
+    """Quantize a token's K and V latents of one group into its cache slot: K payload bytes in the page's K
+    payload rows, V payload bytes in its key-major V payloads (byte j at ``j * BLOCK_SIZE`` past the slot), fp16
+    scales (and minima for int4: K scale, K min, V scale, V min) in its scale rows. ``SHARED``: the one latent
+    (K's) and its one scale set only. One launch instead of the PyTorch quantization plus two scatters."""
     token = tl.program_id(0)
     group = tl.program_id(1)
     slot = tl.load(slot_ptr + token).to(tl.int64)
@@ -131,12 +132,12 @@ def write_quantized_latents_kernel(
     position = slot % BLOCK_SIZE
     payload_row = payload_ptr + page * stride_pb + group * stride_pg + position * stride_pn
     scale_row = scale_ptr + page * stride_sb + group * stride_sg + position * stride_sn
-    k_bytes: tl.constexpr = RANK_K // 2 if INT4 else RANK_K
     scales_per_latent: tl.constexpr = 2 if INT4 else 1
-    _quantize_latent(k_ptr + token * stride_kt + group * stride_kg, payload_row, scale_row, RANK_K, PAD_K, INT4)
+    _quantize_latent(k_ptr + token * stride_kt + group * stride_kg, payload_row, scale_row, RANK_K, PAD_K, INT4, 1)
     if not SHARED:
-        _quantize_latent(v_ptr + token * stride_vt + group * stride_vg, payload_row + k_bytes,
-                         scale_row + scales_per_latent, RANK_V, PAD_V, INT4)
+        _quantize_latent(v_ptr + token * stride_vt + group * stride_vg,
+                         v_payload_ptr + page * stride_vpb + group * stride_vpg + position,
+                         scale_row + scales_per_latent, RANK_V, PAD_V, INT4, BLOCK_SIZE)
 
 
 @triton.jit
@@ -166,17 +167,19 @@ def _rebuild(latent_0, latent_1, up_0, up_1, SPLIT_K: tl.constexpr, ACC_DTYPE: t
 def _load_tile(token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K: tl.constexpr, RANK_V: tl.constexpr,
                K0_LIMIT: tl.constexpr, V0_LIMIT: tl.constexpr, SPLIT_K: tl.constexpr, SPLIT_V: tl.constexpr,
                LATENT: tl.constexpr, V_OFFSET: tl.constexpr, V_SCALE: tl.constexpr, KEY_DTYPE: tl.constexpr,
-               K_CODES: tl.constexpr):
+               K_CODES: tl.constexpr, v_codes_0, v_codes_1):
     """A KV tile's latents, K as [BLOCK_N, rank chunk] (dequantized, key dtype) and V transposed as
     [rank chunk, BLOCK_N], plus V's per-token scale and minimum (quantized V is dequantized inside P.V) and K's
     per-token scale. ``K_CODES`` (fp8): K stays e4m3 codes, for fp8 tensor-core products scaled afterwards.
+    ``v_codes_0`` / ``v_codes_1``: a quantized split layout's V payload bytes [rank chunk, BLOCK_N], which the
+    caller loads from the key-major V payloads (``_load_v_pages``, or gathered); unused otherwise.
 
     LATENT 0: rows of 16-bit values. 1 (fp8): e4m3 bytes; scale rows hold fp16 scales. 2 (int4): rank/2 bytes per
     latent, byte j holding codes j (low nibble) and j + rank/2 (high); scale rows hold fp16 scale, min pairs
-    (vllm_palu.attention.latent_quant). K sits at the start of a row and of its scale row; V at ``V_OFFSET``
-    (values, or payload bytes) and scale slot ``V_SCALE``. 0 means the shared layout: V is the K latent, and its
-    tiles are the K tiles already loaded, transposed in registers (equal ranks give equal tile shapes), its scales
-    K's: the latent is read from memory once."""
+    (vllm_palu.attention.latent_quant). K sits at the start of a row and of its scale row; V at ``V_OFFSET`` of a
+    16-bit row (quantized V payloads are key-major: ``v_codes_*``) and scale slot ``V_SCALE``. ``V_OFFSET`` 0 means
+    the shared layout: V is the K latent, and its tiles are the K tiles already loaded, transposed in registers
+    (equal ranks give equal tile shapes), its scales K's: the latent is read from memory once."""
     rows_k = token_ptrs[:, None]
     rows_v = token_ptrs[None, :]
     k_mask_0 = in_range[:, None] & (rk0[None, :] < K0_LIMIT)
@@ -193,7 +196,7 @@ def _load_tile(token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K: tl.
         if V_OFFSET == 0:  # shared: the K codes
             v_codes = tl.trans(k_codes)
         else:
-            v_codes = tl.load(rows_v + V_OFFSET + rv0[:, None], mask=v_mask_0, other=0)
+            v_codes = v_codes_0
         if V_SCALE == 0:
             v_scale = k_scale
             v_min = k_min
@@ -212,12 +215,15 @@ def _load_tile(token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K: tl.
             v_1 = v_0
             if SPLIT_V:
                 v_1 = tl.trans(latent_1)
-        else:
+        elif LATENT == 0:
             v_0 = tl.load(rows_v + V_OFFSET + rv0[:, None], mask=v_mask_0, other=0)
             v_1 = v_0
             if SPLIT_V:
                 v_1 = tl.load(rows_v + V_OFFSET + rv1[:, None], mask=in_range[None, :] & (rv1[:, None] < RANK_V),
                               other=0)
+        else:
+            v_0 = v_codes_0
+            v_1 = v_codes_1
         if LATENT == 1:
             k_scale = tl.load(scale_rows, mask=in_range, other=0.0).to(tl.float32)
             if V_SCALE == 0:
@@ -248,6 +254,30 @@ def _tile_pages(kv_tile, valid, table_row, col_page, BLOCK_N: tl.constexpr, BLOC
     else:  # several tiles per page
         page_index = col_page + kv_tile * BLOCK_N // BLOCK_SIZE
     return tl.load(table_row + page_index, mask=valid, other=0)
+
+
+@triton.jit
+def _load_v_pages(v_group, pages, in_range, rv0, rv1, stride_vb, slot_base, RANK_V: tl.constexpr,
+                  V0_LIMIT: tl.constexpr, SPLIT_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+    """A KV tile's quantized V payload bytes as [rank chunk, BLOCK_N], from the key-major V payloads (byte j of a
+    page's tokens side by side) page by page: ``[rank, pages, slots]`` tiles, whose slots are consecutive bytes, so
+    the loads are wide. (A tile of per-key addresses loads byte by byte: Triton cannot tell that 16 keys share a
+    page.) ``pages``: the tile's block-table entry of each key, 0 past the context."""
+    SLOTS: tl.constexpr = BLOCK_N if BLOCK_N < BLOCK_SIZE else BLOCK_SIZE
+    PAGES: tl.constexpr = BLOCK_N // SLOTS
+    page_ids = tl.max(tl.reshape(pages, [PAGES, SLOTS]), axis=1)  # the page of each run of SLOTS keys
+    bases = v_group + page_ids.to(tl.int64) * stride_vb + slot_base
+    slot_bytes = bases[None, :, None] + tl.arange(0, SLOTS)[None, None, :]
+    valid = tl.reshape(in_range, [PAGES, SLOTS])[None, :, :]
+    codes_0 = tl.load(slot_bytes + rv0[:, None, None] * BLOCK_SIZE, mask=valid & (rv0[:, None, None] < V0_LIMIT),
+                      other=0)
+    codes_0 = tl.reshape(codes_0, [rv0.shape[0], BLOCK_N])
+    codes_1 = codes_0
+    if SPLIT_V:
+        codes_1 = tl.load(slot_bytes + rv1[:, None, None] * BLOCK_SIZE, mask=valid & (rv1[:, None, None] < RANK_V),
+                          other=0)
+        codes_1 = tl.reshape(codes_1, [rv1.shape[0], BLOCK_N])
+    return codes_0, codes_1
 
 
 @triton.jit
@@ -303,7 +333,7 @@ def _score_head(latent_0, latent_1, up_0, up_1, k_scale, up_scale, bias_lo, bias
 def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_up_ptr, k_up_scale_ptr, k_bias_ptr,
                  first_kv_head, row_kv, cols, dims, rk0, rk1, rv0, rv1,
                  row_valid, slot_offset, scale_slot_offset, rope_offset, cos_offsets, sin_offsets, cache_group,
-                 scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
+                 v_group, scale_group, cos_sin_ptr, stride_cb, stride_vb, stride_sb, scale,
                  STRIDE_CN: tl.constexpr, STRIDE_SN: tl.constexpr, STRIDE_CS: tl.constexpr,
                  HEADS: tl.constexpr, HEAD_DIM: tl.constexpr,
                  HALF: tl.constexpr, RANK_K: tl.constexpr, RANK_V: tl.constexpr, K0_LIMIT: tl.constexpr,
@@ -330,9 +360,14 @@ def _attend_tile(kv_tile, pages, kv_end, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_u
     pages = pages.to(tl.int64)
     token_ptrs = cache_group + pages * stride_cb + (slot_offset + slot_base * STRIDE_CN)
     scale_rows = scale_group + pages * stride_sb + (scale_slot_offset + slot_base * STRIDE_SN)
+    v_codes_0 = in_range  # a 16-bit or shared layout's V comes with the rows (_load_tile)
+    v_codes_1 = in_range
+    if LATENT != 0 and V_OFFSET != 0:
+        v_codes_0, v_codes_1 = _load_v_pages(v_group, pages, in_range, rv0, rv1, stride_vb, slot_base, RANK_V,
+                                             V0_LIMIT, SPLIT_V, BLOCK_N, BLOCK_SIZE)
     latent_0, latent_1, v_0, v_1, v_scale, v_min, k_scale = _load_tile(
         token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V,
-        LATENT, V_OFFSET, V_SCALE, REBUILD_DTYPE, FP8_MMA)
+        LATENT, V_OFFSET, V_SCALE, REBUILD_DTYPE, FP8_MMA, v_codes_0, v_codes_1)
     if ROPE_SHIFT:
         start_row = cos_sin_ptr + tile_start.to(tl.int64) * STRIDE_CS + dims[:, None]
         start_cos = tl.load(start_row).to(KEY_DTYPE)
@@ -404,11 +439,11 @@ def _split_range(seq_len, split, num_splits, BLOCK_N: tl.constexpr):
 
 @triton.jit
 def decode_attention_kernel(
-    q_ptr, cache_ptr, scale_ptr, k_up_ptr, k_up_scale_ptr, k_bias_ptr, cos_sin_ptr, block_table_ptr, seq_lens_ptr,
-    query_start_ptr,
+    q_ptr, cache_ptr, v_cache_ptr, scale_ptr, k_up_ptr, k_up_scale_ptr, k_bias_ptr, cos_sin_ptr, block_table_ptr,
+    seq_lens_ptr, query_start_ptr,
     out_ptr, partial_ptr, stats_ptr, arrivals_ptr, scale,
     stride_qt, stride_qh,
-    stride_cb, stride_cg, STRIDE_CN: tl.constexpr,
+    stride_cb, stride_cg, STRIDE_CN: tl.constexpr, stride_vb, stride_vg,
     stride_sb, stride_sg, STRIDE_SN: tl.constexpr,
     stride_bt, STRIDE_CS: tl.constexpr,
     stride_ot, stride_oh,
@@ -476,6 +511,7 @@ def decode_attention_kernel(
     acc_0 = tl.zeros([RV0, BLOCK_M], tl.float32)
     acc_1 = tl.zeros([RV1, BLOCK_M], tl.float32)
     cache_group = cache_ptr + group.to(tl.int64) * stride_cg
+    v_group = v_cache_ptr + group.to(tl.int64) * stride_vg  # quantized split layouts' key-major V payloads
     scale_group = scale_ptr + group.to(tl.int64) * stride_sg
     table_row = block_table_ptr + request.to(tl.int64) * stride_bt
     # Loop-invariant parts of the tile addressing: each column's page within the tile and slot within its page.
@@ -507,7 +543,8 @@ def decode_attention_kernel(
             kv_tile, pages, seq_len, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_up_ptr, k_up_scale_ptr, k_bias_ptr,
             first_kv_head,
             row_kv, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset, rope_offset,
-            cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
+            cos_offsets, sin_offsets, cache_group, v_group, scale_group, cos_sin_ptr, stride_cb, stride_vb,
+            stride_sb, scale,
             STRIDE_CN, STRIDE_SN, STRIDE_CS, HEADS, HEAD_DIM, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K,
             SPLIT_V, LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, REBUILD_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS,
             False, ROPE_SHIFT, DOT_PRECISION, FP8_MMA, JOIN_HALVES, PAIRED_CVT)
@@ -520,7 +557,8 @@ def decode_attention_kernel(
             kv_tile, pages, seq_len, m_i, l_i, acc_0, acc_1, q_lo, q_hi, k_up_ptr, k_up_scale_ptr, k_bias_ptr,
             first_kv_head,
             row_kv, cols, dims, rk0, rk1, rv0, rv1, row_valid, slot_offset, scale_slot_offset, rope_offset,
-            cos_offsets, sin_offsets, cache_group, scale_group, cos_sin_ptr, stride_cb, stride_sb, scale,
+            cos_offsets, sin_offsets, cache_group, v_group, scale_group, cos_sin_ptr, stride_cb, stride_vb,
+            stride_sb, scale,
             STRIDE_CN, STRIDE_SN, STRIDE_CS, HEADS, HEAD_DIM, HALF, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K,
             SPLIT_V, LATENT, V_OFFSET, V_SCALE, KEY_DTYPE, REBUILD_DTYPE, ACC_DTYPE, BLOCK_N, BLOCK_SIZE, HAS_BIAS,
             True, False, DOT_PRECISION, FP8_MMA, JOIN_HALVES, PAIRED_CVT)

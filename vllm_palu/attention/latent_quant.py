@@ -31,10 +31,13 @@ int4 (asymmetric, per token, group, and latent): min = fp16(min(x)) clamped to t
      is exact, so an FMA gives the same result).
      Packing "halves": byte j (0 <= j < r/2) = code[j] | code[j + r/2] << 4.
 Page layout (what the paged cache holds): a layer's cache is ``uint8 [blocks, G, block_size, row]``, but within
-each page (block) the payload parts of all (group, token) rows come first, ``[G, block_size, P]`` with
-``P = row - scale bytes`` (:func:`scale_bytes`), then their scale parts, ``[G, block_size, S]`` (:func:`page_views`).
+each page (block) the K payloads of all (group, token) rows come first, ``[G, block_size, Pk]``, then (split) the V
+payloads key-major, ``[G, Pv, block_size]`` (byte j of every token's V payload side by side), then the scale parts,
+``[G, block_size, S]`` (:func:`page_views`; ``Pk``, ``Pv``: the latents' payload bytes, ``S`` :func:`scale_bytes`).
 Inline scales would make a row 132 bytes for ranks 48 + 80 and cost payload rows the 16-byte alignment that wide
-GPU loads need; the page size, and so vLLM's capacity, is the same either way.
+GPU loads need. Key-major V puts the bytes that P.V multiplies together (one V element of consecutive keys) side by
+side, so the decode kernel loads them whole instead of byte by byte. The page size, and so vLLM's capacity, is the
+same either way.
 Requirements: split fp8 needs rk + rv even (2-byte aligned scales); split int4 needs rk and rv even; shared needs
 rk == rv, and r even for fp8 and int4. Quantization always reads the latent as produced by the model (its dtype),
 converted to fp32.
@@ -223,33 +226,51 @@ def dequantize_rows(rows: torch.Tensor, rank_k: int, rank_v: int, latent_format:
     return k, v
 
 
-def page_views(kv_cache: torch.Tensor, latent_format: LatentFormat,
-               latent_layout: LatentLayout = LatentLayout.SPLIT) -> tuple[torch.Tensor, torch.Tensor]:
-    """A quantized layer cache ``uint8 [blocks, G, block_size, row]`` as two views of the same memory: payload rows
-    ``[blocks, G, block_size, P]`` and scale rows ``[blocks, G, block_size, S]`` (the page layout, module doc)."""
+def payload_bytes(rank: int, latent_format: LatentFormat) -> int:
+    """Payload bytes of one quantized latent of ``rank`` values (fp8: one a value; int4: two values a byte)."""
+    return rank if latent_format == "fp8" else rank // 2
+
+
+def page_views(kv_cache: torch.Tensor, rank_k: int, latent_format: LatentFormat,
+               latent_layout: LatentLayout = LatentLayout.SPLIT) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                           torch.Tensor]:
+    """A quantized layer cache ``uint8 [blocks, G, block_size, row]`` as three views of the same memory (the page
+    layout, module doc): K payload rows ``[blocks, G, block_size, Pk]``, V payloads key-major ``[blocks, G, Pv,
+    block_size]`` (None in the shared layout, whose one payload is the K view's) and scale rows ``[blocks, G,
+    block_size, S]``."""
     if kv_cache.dtype != torch.uint8 or not kv_cache.is_contiguous():
         raise ValueError(f"{latent_format} latents need a contiguous uint8 cache, got {kv_cache.dtype} with strides "
                          f"{tuple(kv_cache.stride())}")
     blocks, groups, block_size, row = kv_cache.shape
     scales = scale_bytes(latent_format, latent_layout)
-    payload_bytes = row - scales
+    payload = row - scales
+    k_bytes = payload if is_shared(latent_layout) else payload_bytes(rank_k, latent_format)
     flat = kv_cache.view(blocks, groups * block_size * row)
-    split = groups * block_size * payload_bytes
-    return (flat[:, :split].view(blocks, groups, block_size, payload_bytes),
-            flat[:, split:].view(blocks, groups, block_size, scales))
+    k_end = groups * block_size * k_bytes
+    v_end = groups * block_size * payload
+    v_view = None
+    if not is_shared(latent_layout):
+        v_view = flat[:, k_end:v_end].view(blocks, groups, payload - k_bytes, block_size)
+    return (flat[:, :k_end].view(blocks, groups, block_size, k_bytes), v_view,
+            flat[:, v_end:].view(blocks, groups, block_size, scales))
 
 
-def rows_to_pages(rows: torch.Tensor, latent_format: LatentFormat,
+def rows_to_pages(rows: torch.Tensor, rank_k: int, latent_format: LatentFormat,
                   latent_layout: LatentLayout = LatentLayout.SPLIT) -> torch.Tensor:
     """Rows ``uint8 [blocks, G, block_size, row]`` in token order -> the same data in the page layout."""
     pages = torch.empty_like(rows, memory_format=torch.contiguous_format)
-    payload, scales = page_views(pages, latent_format, latent_layout)
-    payload.copy_(rows[..., :payload.shape[-1]])
-    scales.copy_(rows[..., payload.shape[-1]:])
+    k_payload, v_payload, scales = page_views(pages, rank_k, latent_format, latent_layout)
+    k_bytes, payload = k_payload.shape[-1], rows.shape[-1] - scales.shape[-1]
+    k_payload.copy_(rows[..., :k_bytes])
+    if v_payload is not None:
+        v_payload.copy_(rows[..., k_bytes:payload].transpose(-1, -2))
+    scales.copy_(rows[..., payload:])
     return pages
 
 
-def pages_to_rows(kv_cache: torch.Tensor, latent_format: LatentFormat,
+def pages_to_rows(kv_cache: torch.Tensor, rank_k: int, latent_format: LatentFormat,
                   latent_layout: LatentLayout = LatentLayout.SPLIT) -> torch.Tensor:
     """Inverse of :func:`rows_to_pages`."""
-    return torch.cat(page_views(kv_cache, latent_format, latent_layout), dim=-1)
+    k_payload, v_payload, scales = page_views(kv_cache, rank_k, latent_format, latent_layout)
+    parts = [k_payload] + ([] if v_payload is None else [v_payload.transpose(-1, -2)]) + [scales]
+    return torch.cat(parts, dim=-1)

@@ -412,13 +412,14 @@ def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: 
             BLOCK_SIZE=kv_cache.shape[2], RANK_K=rank_k, RANK_V=rank_v, PAD_K=_pow2(rank_k, 1),
             PAD_V=_pow2(rank_v, 1), SHARED=shared)
         return
-    payload, scales = _cache_views(kv_cache, latent_format, latent_layout)
+    payload, v_payload, scales = _cache_views(kv_cache, rank_k, latent_format, latent_layout)
     launch_write_quantized_latents(
         (num_tokens, groups),
-        k_latent, v_latent, payload, scales, slot_mapping,
+        k_latent, v_latent, payload, v_payload, scales, slot_mapping,
         k_latent.stride(0), k_latent.stride(1), v_latent.stride(0), v_latent.stride(1),
-        payload.stride(0), payload.stride(1), payload.stride(2), scales.stride(0), scales.stride(1),
-        scales.stride(2), BLOCK_SIZE=kv_cache.shape[2], RANK_K=rank_k, RANK_V=rank_v,
+        payload.stride(0), payload.stride(1), payload.stride(2), v_payload.stride(0), v_payload.stride(1),
+        scales.stride(0), scales.stride(1), scales.stride(2), BLOCK_SIZE=kv_cache.shape[2], RANK_K=rank_k,
+        RANK_V=rank_v,
         PAD_K=_pow2(rank_k, 2), PAD_V=_pow2(rank_v, 2), INT4=latent_format == "int4", SHARED=shared)
 
 
@@ -427,13 +428,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _cache_views(kv_cache: torch.Tensor, latent_format: str,
-                 latent_layout: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(latent rows, fp16 scale rows); the scale view is the cache itself (unused) for 16-bit latents."""
+def _cache_views(kv_cache: torch.Tensor, rank_k: int, latent_format: str,
+                 latent_layout: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(latent rows, key-major V payloads, fp16 scale rows) of the page layout (latent_quant); for 16-bit latents
+    (V in the rows) and shared latents (no V payload) the unused views are the first one."""
     if latent_format == "auto":
-        return kv_cache, kv_cache
-    payload, scales = page_views(kv_cache, latent_format, latent_layout)
-    return payload, scales.view(torch.float16)
+        return kv_cache, kv_cache, kv_cache
+    payload, v_payload, scales = page_views(kv_cache, rank_k, latent_format, latent_layout)
+    return payload, payload if v_payload is None else v_payload, scales.view(torch.float16)
 
 
 def kernel_query(plan: LayerPlan, query: torch.Tensor) -> torch.Tensor:
@@ -453,17 +455,18 @@ def decode_attention(plan: LayerPlan, query: torch.Tensor, kv_cache: torch.Tenso
     if not 1 <= num_splits <= MAX_SPLITS:
         raise ValueError(f"a decode launch takes 1 to {MAX_SPLITS} KV splits, got {num_splits}")
     query = kernel_query(plan, query)
-    payload, scales = _cache_views(kv_cache, plan.latent_format, plan.latent_layout)
+    payload, v_payload, scales = _cache_views(kv_cache, plan.rank_k, plan.latent_format, plan.latent_layout)
     bias = plan.k_bias if plan.k_bias is not None else plan.k_up  # unused when HAS_BIAS is false
     fp8_mma = plan.decode["FP8_MMA"]
     k_up = plan.k_up_fp8 if fp8_mma else plan.k_up
     k_up_scale = plan.k_up_scale if fp8_mma else plan.fp32_placeholder  # unused without FP8_MMA
     kernel = launch_decode(
         (num_requests, plan.decode_programs, num_splits),
-        query, payload, scales, k_up, k_up_scale, bias, plan.rotary, block_table, seq_lens, query_start_loc,
-        out, scratch.partial, scratch.stats, scratch.arrivals, plan.scale, query.stride(0), query.stride(1),
-        payload.stride(0), payload.stride(1), payload.stride(2), scales.stride(0), scales.stride(1),
-        scales.stride(2), block_table.stride(0), plan.rotary.stride(0), out.stride(0), out.stride(1),
+        query, payload, v_payload, scales, k_up, k_up_scale, bias, plan.rotary, block_table, seq_lens,
+        query_start_loc, out, scratch.partial, scratch.stats, scratch.arrivals, plan.scale, query.stride(0),
+        query.stride(1), payload.stride(0), payload.stride(1), payload.stride(2), v_payload.stride(0),
+        v_payload.stride(1), scales.stride(0), scales.stride(1), scales.stride(2), block_table.stride(0),
+        plan.rotary.stride(0), out.stride(0), out.stride(1),
         BLOCK_SIZE=payload.shape[2], **plan.decode)
     return kernel
 
@@ -550,14 +553,14 @@ def rebuild_context(plan: LayerPlan, kv_cache: torch.Tensor, query_start_loc: to
     part, keys, values, window_start = workspace.part(window_index)
     block_n = plan.prefill_tile[1]
     tiles = triton.cdiv(batch.max_query_len, block_n) if part == NEW_TOKENS else workspace.window // block_n
-    payload, scales = _cache_views(kv_cache, plan.latent_format, plan.latent_layout)
+    payload, v_payload, scales = _cache_views(kv_cache, plan.rank_k, plan.latent_format, plan.latent_layout)
     bias = plan.k_bias if plan.k_bias is not None else plan.k_up  # unused when HAS_BIAS is false
     width, key_width = values.shape[-1], keys.shape[-1]
     launch_rebuild_context(
         (tiles, batch.num_requests, plan.kv_heads),
-        payload, scales, plan.k_up, bias, plan.rotary, block_table, seq_lens, query_start_loc, keys, values,
-        batch.first_request, batch.first_token, window_start, workspace.window, part,
-        payload.stride(0), payload.stride(1), payload.stride(2),
+        payload, v_payload, scales, plan.k_up, bias, plan.rotary, block_table, seq_lens, query_start_loc, keys,
+        values, batch.first_request, batch.first_token, window_start, workspace.window, part,
+        payload.stride(0), payload.stride(1), payload.stride(2), v_payload.stride(0), v_payload.stride(1),
         scales.stride(0), scales.stride(1), scales.stride(2), block_table.stride(0), plan.rotary.stride(0),
         keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
         GROUP_SIZE=plan.group_size, HEAD_DIM=plan.head_dim, HALF=plan.head_dim // 2, KEY_WIDTH=key_width,

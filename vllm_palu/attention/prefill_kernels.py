@@ -59,10 +59,10 @@ def _part_range(seq_len, q_start, q_len, local_request, first_token, window_star
 
 @triton.jit(do_not_specialize=["first_request", "first_token", "window_start", "window_tokens", "part"])
 def rebuild_context_kernel(
-    cache_ptr, scale_ptr, k_up_ptr, k_bias_ptr, cos_sin_ptr, block_table_ptr, seq_lens_ptr, query_start_ptr,
-    keys_ptr, values_ptr,
+    cache_ptr, v_cache_ptr, scale_ptr, k_up_ptr, k_bias_ptr, cos_sin_ptr, block_table_ptr, seq_lens_ptr,
+    query_start_ptr, keys_ptr, values_ptr,
     first_request, first_token, window_start, window_tokens, part,
-    stride_cb, stride_cg, stride_cn,
+    stride_cb, stride_cg, stride_cn, stride_vb, stride_vg,
     stride_sb, stride_sg, stride_sn,
     stride_bt, stride_cs,
     stride_kr, stride_kh, stride_vr, stride_vh,
@@ -110,9 +110,19 @@ def rebuild_context_kernel(
     rk1 = K1_OFFSET + tl.arange(0, RK1)
     rv0 = tl.arange(0, RV0)
     rv1 = V1_OFFSET + tl.arange(0, RV1)
+    v_codes_0 = in_range  # a 16-bit or shared layout's V comes with the rows (_load_tile)
+    v_codes_1 = in_range
+    if LATENT != 0 and V_OFFSET != 0:  # key-major V payloads, gathered: this pass is cheap
+        v_bytes = (v_cache_ptr + group.to(tl.int64) * stride_vg + pages * stride_vb + slots)[None, :]
+        v_codes_0 = tl.load(v_bytes + rv0[:, None] * BLOCK_SIZE, mask=in_range[None, :] & (rv0[:, None] < V0_LIMIT),
+                            other=0)
+        v_codes_1 = v_codes_0
+        if SPLIT_V:
+            v_codes_1 = tl.load(v_bytes + rv1[:, None] * BLOCK_SIZE,
+                                mask=in_range[None, :] & (rv1[:, None] < RANK_V), other=0)
     latent_0, latent_1, v_0, v_1, v_scale, v_min, _ = _load_tile(
         token_ptrs, scale_rows, in_range, rk0, rk1, rv0, rv1, RANK_K, RANK_V, K0_LIMIT, V0_LIMIT, SPLIT_K, SPLIT_V,
-        LATENT, V_OFFSET, V_SCALE, OPERAND_DTYPE, False)
+        LATENT, V_OFFSET, V_SCALE, OPERAND_DTYPE, False, v_codes_0, v_codes_1)
     rows = row + tile * BLOCK_N + cols
 
     # Keys: rebuilt with fp32 accumulation (this pass is cheap), rotated in fp32, stored in the workspace dtype.

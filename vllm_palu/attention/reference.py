@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 
-from vllm_palu.attention.latent_quant import dequantize_rows, is_shared, page_views, quantize_rows, rank_v_of_row
+from vllm_palu.attention.latent_quant import (dequantize_rows, is_shared, page_views, pages_to_rows, quantize_rows,
+                                              rank_v_of_row)
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
@@ -55,9 +56,12 @@ def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: 
     blocks, offsets = slots // block_size, slots % block_size
     if latent_format != "auto":
         rows = quantize_rows(k_latent[valid], None if shared else v_latent[valid], latent_format, latent_layout)
-        payload, scales = page_views(kv_cache, latent_format, latent_layout)
-        payload[blocks, :, offsets, :] = rows[..., :payload.shape[-1]]
-        scales[blocks, :, offsets, :] = rows[..., payload.shape[-1]:]
+        k_payload, v_payload, scales = page_views(kv_cache, rank_k, latent_format, latent_layout)
+        k_bytes, payload = k_payload.shape[-1], rows.shape[-1] - scales.shape[-1]
+        k_payload[blocks, :, offsets, :] = rows[..., :k_bytes]
+        if v_payload is not None:  # key-major: [blocks, G, Pv, block_size]
+            v_payload[blocks, :, :, offsets] = rows[..., k_bytes:payload]
+        scales[blocks, :, offsets, :] = rows[..., payload:]
         return
     kv_cache[blocks, :, offsets, :rank_k] = k_latent[valid].to(kv_cache.dtype)
     if not shared:
@@ -91,6 +95,9 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
     num_groups, _, rank_k = k_up.shape
     rank_v = rank_v_of_row(kv_cache.shape[-1], rank_k, latent_format, latent_layout)
     output = query.new_zeros(num_tokens, num_heads, rank_v, dtype=torch.float32)
+    # Quantized pages as rows in token order (the page layout keeps V key-major).
+    cache_rows = kv_cache if latent_format == "auto" else pages_to_rows(kv_cache, rank_k, latent_format,
+                                                                        latent_layout)
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     for request, seq_len in enumerate(lens):
         start, end = starts[request], starts[request + 1]
@@ -100,8 +107,7 @@ def paged_latent_attention(query: torch.Tensor, kv_cache: torch.Tensor, k_up: to
             rows = gather_latents(kv_cache, block_table[request], seq_len).float()
             k_latent, v_latent = (rows, rows) if is_shared(latent_layout) else rows.split([rank_k, rank_v], dim=-1)
         else:
-            rows = torch.cat([gather_latents(view, block_table[request], seq_len)
-                              for view in page_views(kv_cache, latent_format, latent_layout)], dim=-1)
+            rows = gather_latents(cache_rows, block_table[request], seq_len)
             k_latent, v_latent = dequantize_rows(rows, rank_k, rank_v, latent_format, latent_layout)
         keys = reconstruct_keys(k_latent, k_up.float(), None if k_bias is None else k_bias.float(), head_dim)
         positions = torch.arange(seq_len, device=query.device)
