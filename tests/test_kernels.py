@@ -526,8 +526,10 @@ def quantized_case(shape, latent_format, dtype, seed=5):
 
 @pytest.mark.parametrize("latent_format", ["fp8", "int4"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", SMALL[1:4] + SHARED_SMALL[1:4] + gpu_shapes(FULL + SHARED_FULL))
+@pytest.mark.parametrize("shape", SMALL[1:5] + SHARED_SMALL[1:4] + gpu_shapes(FULL + SHARED_FULL))
 def test_quantized_latents_match_dequantizing_reference(shape, latent_format, dtype):
+    """Quantized pages (fp8 / int4, V payloads key-major) against the oracle on the dequantized latents; SMALL[4]'s
+    64-token pages hold two of the interpreter's 32-key decode tiles each (a V tile within one page)."""
     quantized, dequantized = quantized_case(shape, latent_format, dtype)
     check(quantized, oracle=dequantized, latent_format=latent_format)
 
