@@ -70,6 +70,11 @@ def scale_bytes(latent_format: LatentFormat, latent_layout: LatentLayout = Laten
     return LATENT_SCALE_BYTES[latent_format] * (1 if is_shared(latent_layout) else 2)
 
 
+def payload_bytes(rank: int, latent_format: LatentFormat) -> int:
+    """Payload bytes of one quantized latent of ``rank`` values (fp8: one a value; int4: two values a byte)."""
+    return rank if latent_format == "fp8" else rank // 2
+
+
 def check_ranks(rank_k: int, rank_v: int, latent_format: LatentFormat,
                 latent_layout: LatentLayout = LatentLayout.SPLIT) -> str | None:
     """Why ``latent_format`` / ``latent_layout`` cannot store latents of these ranks, or None if they can."""
@@ -104,8 +109,7 @@ def row_bytes(rank_k: int, rank_v: int, latent_format: LatentFormat, dtype_bytes
     values = rank_k if is_shared(latent_layout) else rank_k + rank_v
     if latent_format == "auto":
         return values * dtype_bytes
-    per_byte = 1 if latent_format == "fp8" else 2
-    return values // per_byte + scale_bytes(latent_format, latent_layout)
+    return payload_bytes(values, latent_format) + scale_bytes(latent_format, latent_layout)
 
 
 def rank_v_of_row(row: int, rank_k: int, latent_format: LatentFormat,
@@ -214,21 +218,15 @@ def dequantize_rows(rows: torch.Tensor, rank_k: int, rank_v: int, latent_format:
     if rows.shape[-1] != expected:
         raise ValueError(f"{latent_format} {latent_layout} rows of rank_k {rank_k} + rank_v {rank_v} are {expected} "
                          f"bytes, got {rows.shape[-1]}")
-    per_byte = 1 if latent_format == "fp8" else 2  # values per payload byte
-    k_end = rank_k // per_byte
+    k_end = payload_bytes(rank_k, latent_format)
     latent_scales = LATENT_SCALE_BYTES[latent_format]
     if is_shared(latent_layout):
         k = _dequantize_one(rows[..., :k_end], rows[..., k_end:], latent_format)
         return k, k
-    v_end = k_end + rank_v // per_byte
+    v_end = k_end + payload_bytes(rank_v, latent_format)
     k = _dequantize_one(rows[..., :k_end], rows[..., v_end:v_end + latent_scales], latent_format)
     v = _dequantize_one(rows[..., k_end:v_end], rows[..., v_end + latent_scales:], latent_format)
     return k, v
-
-
-def payload_bytes(rank: int, latent_format: LatentFormat) -> int:
-    """Payload bytes of one quantized latent of ``rank`` values (fp8: one a value; int4: two values a byte)."""
-    return rank if latent_format == "fp8" else rank // 2
 
 
 def page_views(kv_cache: torch.Tensor, rank_k: int, latent_format: LatentFormat,
@@ -255,16 +253,28 @@ def page_views(kv_cache: torch.Tensor, rank_k: int, latent_format: LatentFormat,
             flat[:, v_end:].view(blocks, groups, block_size, scales))
 
 
+def row_parts(rows: torch.Tensor, rank_k: int, latent_format: LatentFormat,
+              latent_layout: LatentLayout = LatentLayout.SPLIT) -> tuple[torch.Tensor, torch.Tensor | None,
+                                                                          torch.Tensor]:
+    """Quantized rows ``uint8 [..., row]`` as slices: K payload, V payload (None in the shared layout) and scale
+    bytes, the parts a page holds apart (:func:`page_views`)."""
+    payload = rows.shape[-1] - scale_bytes(latent_format, latent_layout)
+    if is_shared(latent_layout):
+        return rows[..., :payload], None, rows[..., payload:]
+    k_end = payload_bytes(rank_k, latent_format)
+    return rows[..., :k_end], rows[..., k_end:payload], rows[..., payload:]
+
+
 def rows_to_pages(rows: torch.Tensor, rank_k: int, latent_format: LatentFormat,
                   latent_layout: LatentLayout = LatentLayout.SPLIT) -> torch.Tensor:
     """Rows ``uint8 [blocks, G, block_size, row]`` in token order -> the same data in the page layout."""
     pages = torch.empty_like(rows, memory_format=torch.contiguous_format)
     k_payload, v_payload, scales = page_views(pages, rank_k, latent_format, latent_layout)
-    k_bytes, payload = k_payload.shape[-1], rows.shape[-1] - scales.shape[-1]
-    k_payload.copy_(rows[..., :k_bytes])
+    k_rows, v_rows, scale_rows = row_parts(rows, rank_k, latent_format, latent_layout)
+    k_payload.copy_(k_rows)
     if v_payload is not None:
-        v_payload.copy_(rows[..., k_bytes:payload].transpose(-1, -2))
-    scales.copy_(rows[..., payload:])
+        v_payload.copy_(v_rows.transpose(-1, -2))
+    scales.copy_(scale_rows)
     return pages
 
 

@@ -252,6 +252,7 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
     if group_size % heads:
         raise ValueError(f"{heads} KV heads per decode program do not divide latent groups of {group_size}")
     row = rank_k if is_shared(latent_layout) else rank_k + rank_v
+    registers = None  # a thread's register cap (maxnreg); None: all it may take
     if latent_format == "auto" and (group_size > 1 or is_shared(latent_layout)):
         # Joint groups and shared latents: more key-rebuild work per byte, four-warp 64-key tiles (wgmma); two-warp
         # 32-key tiles where a 64-key tile's buffers do not fit beside the up-projection (rows over 512). H200,
@@ -259,15 +260,14 @@ def plan_layer(k_up: torch.Tensor, k_bias: torch.Tensor | None, cos_sin_cache: t
         # program 573 us (1 head: 602; one-warp 16-key tiles: 747); shared per head 694 (1042).
         block_n, warps, stages = (64, 4, 2) if row <= 512 else (32, 2, 2)
         block_n = block_n if on_gpu else 32
-        registers = None
     elif latent_format == "auto":
         wide = heads_per_kv > 1 and (rank_k if is_shared(latent_layout) else rank_k + rank_v) >= 128
         block_n = 16 if wide and on_gpu and rotary_is_shiftable(rotary, 16) else 32
         warps, stages = 1, 3
-        registers = DECODE_PER_HEAD_REGISTERS if block_n == 16 else None
+        if block_n == 16:
+            registers = DECODE_PER_HEAD_REGISTERS
     else:
         block_n, warps, stages = 64 if on_gpu else 32, 2, 2
-        registers = None
     if (config.decode_block_n, config.decode_warps, config.decode_stages) != (None, None, None):
         registers = None  # the cap was measured on the default tile only
     registers = config.decode_registers or registers

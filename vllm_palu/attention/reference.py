@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from vllm_palu.attention.latent_quant import (dequantize_rows, is_shared, page_views, pages_to_rows, quantize_rows,
-                                              rank_v_of_row)
+                                              rank_v_of_row, row_parts)
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
@@ -57,11 +57,11 @@ def write_latents(kv_cache: torch.Tensor, slot_mapping: torch.Tensor, k_latent: 
     if latent_format != "auto":
         rows = quantize_rows(k_latent[valid], None if shared else v_latent[valid], latent_format, latent_layout)
         k_payload, v_payload, scales = page_views(kv_cache, rank_k, latent_format, latent_layout)
-        k_bytes, payload = k_payload.shape[-1], rows.shape[-1] - scales.shape[-1]
-        k_payload[blocks, :, offsets, :] = rows[..., :k_bytes]
+        k_rows, v_rows, scale_rows = row_parts(rows, rank_k, latent_format, latent_layout)
+        k_payload[blocks, :, offsets, :] = k_rows
         if v_payload is not None:  # key-major: [blocks, G, Pv, block_size]
-            v_payload[blocks, :, :, offsets] = rows[..., k_bytes:payload]
-        scales[blocks, :, offsets, :] = rows[..., payload:]
+            v_payload[blocks, :, :, offsets] = v_rows
+        scales[blocks, :, offsets, :] = scale_rows
         return
     kv_cache[blocks, :, offsets, :rank_k] = k_latent[valid].to(kv_cache.dtype)
     if not shared:
